@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 __all__ = ["atomic_output", "fsync_dir"]
 
+_FILE_MODE = 0o644
+
 
 def fsync_dir(folder: str | os.PathLike) -> None:
     """fsync a folder so a rename or new file in it survives a crash (no-op where unsupported)."""
@@ -42,6 +44,7 @@ def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; outputs are for other programs to read
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

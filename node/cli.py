@@ -1,0 +1,183 @@
+"""The ``dicom-node`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
+
+__all__ = ["main"]
+
+log = logging.getLogger("node.cli")
+
+# Options whose values may start with "-" (a negative window centre, a negative clip bound).
+_SIGNED_VALUE_OPTIONS = ("--window", "--clip")
+_NEGATIVE_VALUE = re.compile(r"^-\d")
+
+
+def _join_signed_values(argv: Sequence[str]) -> list[str]:
+    """Turn ``--window -600,1500`` into ``--window=-600,1500`` so argparse does not see an option."""
+    out: list[str] = []
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if item in _SIGNED_VALUE_OPTIONS and index + 1 < len(items) and _NEGATIVE_VALUE.match(items[index + 1]):
+            out.append(f"{item}={items[index + 1]}")
+            index += 2
+        else:
+            out.append(item)
+            index += 1
+    return out
+
+
+def _parse_clip(text: str) -> Clip:
+    low, sep, high = text.partition(",")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--clip {text!r}: write MIN,MAX (either may be empty)")
+    try:
+        clip = Clip(float(low) if low.strip() else None, float(high) if high.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clip {text!r}: MIN and MAX must be numbers") from None
+    if clip.min is None and clip.max is None:
+        raise argparse.ArgumentTypeError("--clip: give MIN, MAX or both")
+    if clip.min is not None and clip.max is not None and clip.min >= clip.max:
+        raise argparse.ArgumentTypeError(f"--clip {text!r}: MIN must be below MAX")
+    return clip
+
+
+def _window_arg(text: str):
+    try:
+        return parse_window(text)
+    except PipelineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_process_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "process",
+        help="process DICOM files or folders into Secondary Captures or PNGs",
+        description="Read DICOM files (folders recursively), group them into series, window or "
+        "equalise them, and write Secondary Capture DICOM or PNG files under --out as "
+        "STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--window", action="append", type=_window_arg, default=[], metavar="PRESET|C,W|file",
+        help="window: a preset (brain, subdural, stroke, brain_bone, brain_soft, lungs, mediastinum, "
+        "abdomen_soft, liver, spine_soft, spine_bone), CENTER,WIDTH, or 'file' (file:N for the Nth); "
+        "repeat for colour channels",
+    )
+    p.add_argument("--equalise", action="store_true", help="histogram equalisation (fastai hist_scaled)")
+    p.add_argument("--bins", type=int, default=100, help="equalisation bins (default 100)")
+    p.add_argument("--per", choices=("image", "series"), default="image", help="equalise per image or series")
+    p.add_argument("--clip", type=_parse_clip, metavar="MIN,MAX", help="clamp modality values first")
+    p.add_argument("--no-rescale", action="store_true", help="skip the Modality LUT (rescale) step")
+    p.add_argument("--grey", action="store_true", help="convert colour images to grey first")
+    p.add_argument(
+        "--format", choices=[f.value for f in OutputFormat], default="sc",
+        help="sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit (default sc)",
+    )
+    p.set_defaults(func=_run_process)
+
+
+def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
+    if not 1 <= args.bins <= 100_000:
+        raise PipelineError(f"--bins must be from 1 to 100000, got {args.bins}")
+    equalise = Equalise(bins=args.bins, per=args.per) if args.equalise else None
+    display = None
+    if len(args.window) + (equalise is not None) > 1:
+        if len(args.window) + (equalise is not None) > 3:
+            raise PipelineError("at most 3 channels (RGB): --window given too often")
+        display = Channels(tuple(args.window), equalise)
+    elif args.window:
+        display = args.window[0]
+    elif equalise:
+        display = equalise
+    return Pipeline(
+        name="cli",
+        output=OutputFormat(args.format),
+        grey=args.grey,
+        rescale=not args.no_rescale,
+        clip=args.clip,
+        display=display,
+    )
+
+
+def _run_process(args: argparse.Namespace) -> int:
+    from node.imaging.source import NotDicom
+    from node.process import process_series
+    from node.series import find_files, group_series, open_images
+
+    pipeline = _pipeline_from_args(args)
+    log.info("pipeline: %s", pipeline.describe())
+    try:
+        paths = list(find_files(args.inputs))
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("%d files found", len(paths))
+    images, failures = open_images(paths)
+    named = {Path(item) for item in args.inputs}
+    not_dicom = [f for f in failures if isinstance(f, NotDicom) and f.path not in named]
+    failures = [f for f in failures if f not in not_dicom]
+    for skipped in not_dicom:
+        log.warning("skipped %s", skipped)
+    for failure in failures:
+        log.error("failed %s", failure)
+    now = datetime.datetime.now().astimezone()
+    written = 0
+    all_series = group_series(images)
+    for number, series in enumerate(all_series, start=1):
+        log.info(
+            "series %d/%d %s: %d instances, %d frames",
+            number, len(all_series), series.series_uid, len(series.images), series.frames,
+        )
+        result = process_series(series, pipeline, args.out, now=now)
+        written += len(result.outputs)
+        failures.extend(result.failures)
+        log.info(
+            "series %s -> %s: %d outputs, %d failed, %.1f s",
+            series.series_uid, result.derived_series_uid, len(result.outputs), len(result.failures), result.seconds,
+        )
+    log.info(
+        "done: %d outputs in %s; %d files failed, %d not DICOM skipped, of %d",
+        written, args.out, len(failures), len(not_dicom), len(paths),
+    )
+    return 1 if failures else 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM processing node.")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_process_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-node`` command; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # pydicom both logs and warns about damaged files; its log line is the one we keep.
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""What a pipeline does, as data: parsed once from the config file or the command line.
+
+A pipeline is a fixed order of stages, each optional::
+
+    grey -> rescale (Modality LUT) -> clip -> display (window | equalise | channels) -> output
+
+The config file lists steps (``[{ op = "rescale" }, { op = "window", preset = "brain" }]``); they
+are checked here and turned into a :class:`Pipeline`, with errors that name the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from node.imaging.voi import WINDOWS, VOIFunction, Window, as_voi_function
+
+__all__ = [
+    "Channels",
+    "Clip",
+    "Equalise",
+    "OutputFormat",
+    "Pipeline",
+    "PipelineError",
+    "WindowSpec",
+    "parse_steps",
+    "parse_window",
+]
+
+
+class PipelineError(ValueError):
+    """A pipeline definition that cannot work; the message names the step and the value."""
+
+
+class OutputFormat(str, Enum):
+    """What a pipeline writes: Secondary Capture (8/16-bit) or PNG (8/16-bit)."""
+
+    SC = "sc"
+    SC16 = "sc16"
+    PNG = "png"
+    PNG16 = "png16"
+
+    @property
+    def bits(self) -> int:
+        """Bits per grey sample (colour output is always 8)."""
+        return 16 if self in (OutputFormat.SC16, OutputFormat.PNG16) else 8
+
+    @property
+    def is_dicom(self) -> bool:
+        """Whether the output is a DICOM Secondary Capture."""
+        return self in (OutputFormat.SC, OutputFormat.SC16)
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Where a window comes from: a named preset, explicit centre/width, or the file itself.
+
+    ``from_file`` uses the file's VOI LUT Sequence if it has one, else its Window Center/Width
+    value number ``index`` (pydicom's ``prefer_lut`` order).
+    """
+
+    window: Window | None = None
+    name: str | None = None
+    from_file: bool = False
+    index: int = 0
+
+    def describe(self) -> str:
+        """Text for DerivationDescription and logs."""
+        if self.from_file:
+            return f"file window {self.index + 1}" if self.index else "file window"
+        assert self.window is not None
+        label = f"{self.name} " if self.name else ""
+        return f"{label}{self.window.describe()}"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Clamp modality values to ``[min, max]`` before display (fastai's ``min_px``/``max_px``)."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def describe(self) -> str:
+        """Text for DerivationDescription and logs."""
+        return f"clip [{_fmt(self.min)}, {_fmt(self.max)}]"
+
+
+@dataclass(frozen=True)
+class Equalise:
+    """Histogram equalisation with fastai's ``freqhist_bins``/``hist_scaled``."""
+
+    bins: int = 100
+    per: str = "image"  # "image" or "series": one set of bins for the whole series
+
+    def describe(self) -> str:
+        """Text for DerivationDescription and logs."""
+        return f"equalise {self.bins} bins per {self.per}"
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Several windows (and optionally the equalised image) as the R, G, B channels."""
+
+    windows: tuple[WindowSpec, ...]
+    equalise: Equalise | None = None
+
+    def describe(self) -> str:
+        """Text for DerivationDescription and logs."""
+        parts = [w.describe() for w in self.windows]
+        if self.equalise:
+            parts.append(self.equalise.describe())
+        return "channels RGB = " + " | ".join(parts)
+
+
+Display = WindowSpec | Equalise | Channels
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A checked pipeline definition."""
+
+    name: str
+    output: OutputFormat = OutputFormat.SC
+    grey: bool = False
+    rescale: bool = True
+    clip: Clip | None = None
+    display: Display | None = None
+    steps: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.display, Channels) and self.output.bits == 16:
+            raise PipelineError(
+                f"pipeline {self.name!r}: channels make RGB, which is 8-bit only; use output sc or png"
+            )
+
+    @property
+    def equalise(self) -> Equalise | None:
+        """The equalisation step, alone or as a channel."""
+        if isinstance(self.display, Equalise):
+            return self.display
+        if isinstance(self.display, Channels):
+            return self.display.equalise
+        return None
+
+    def describe(self) -> str:
+        """What was done, for DerivationDescription (0008,2111): e.g. ``rescale; brain window ...``."""
+        parts = []
+        if self.grey:
+            parts.append("colour to grey")
+        if self.rescale:
+            parts.append("modality rescale")
+        if self.clip:
+            parts.append(self.clip.describe())
+        if self.display is not None:
+            parts.append(self.display.describe())
+        parts.append(f"{self.output.bits}-bit")
+        return "; ".join(parts)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of what the pipeline does (not its name): part of derived UIDs."""
+        text = f"{self.describe()}|{self.output.value}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fmt(value: float | None) -> str:
+    return "-inf" if value is None else f"{value:g}"
+
+
+def parse_window(text: str) -> WindowSpec:
+    """A window as written on the command line: ``PRESET``, ``C,W`` or ``file`` (``file:2``).
+
+    Raises
+    ------
+    PipelineError
+        Unknown preset, or numbers that do not parse.
+    """
+    text = text.strip()
+    if text.lower() == "file" or text.lower().startswith("file:"):
+        index = text.partition(":")[2] or "1"
+        if not index.isdigit() or int(index) < 1:
+            raise PipelineError(f"window {text!r}: write file or file:N with N >= 1")
+        return WindowSpec(from_file=True, index=int(index) - 1)
+    if text.lower() in WINDOWS:
+        return WindowSpec(window=WINDOWS[text.lower()], name=text.lower())
+    center, sep, width = text.partition(",")
+    if sep:
+        return WindowSpec(window=_window(center, width, "LINEAR", f"window {text!r}"))
+    raise PipelineError(
+        f"window {text!r}: not a preset ({', '.join(WINDOWS)}), 'file', or CENTER,WIDTH"
+    )
+
+
+def _window(center: Any, width: Any, function: Any, where: str) -> Window:
+    try:
+        c, w = float(center), float(width)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{where}: center and width must be numbers, got {center!r}, {width!r}") from None
+    try:
+        fn = as_voi_function(function)
+    except ValueError as exc:
+        raise PipelineError(f"{where}: {exc}") from None
+    if not (math.isfinite(c) and math.isfinite(w)):
+        raise PipelineError(f"{where}: center and width must be finite")
+    if w < 1 if fn is VOIFunction.LINEAR else w <= 0:
+        raise PipelineError(f"{where}: width {w:g} is too small for {fn.value}")
+    return Window(c, w, fn)
+
+
+def _window_from_mapping(step: Mapping[str, Any], where: str) -> WindowSpec:
+    keys = set(step) - {"op"}
+    if "preset" in step:
+        name = str(step["preset"]).lower()
+        if name not in WINDOWS:
+            raise PipelineError(f"{where}: unknown preset {step['preset']!r}; known: {', '.join(WINDOWS)}")
+        _no_extra(keys, {"preset"}, where)
+        return WindowSpec(window=WINDOWS[name], name=name)
+    if step.get("from") == "file":
+        _no_extra(keys, {"from", "index"}, where)
+        index = step.get("index", 0)
+        if not isinstance(index, int) or index < 0:
+            raise PipelineError(f"{where}: index must be a whole number >= 0, got {index!r}")
+        return WindowSpec(from_file=True, index=index)
+    if "center" in step and "width" in step:
+        _no_extra(keys, {"center", "width", "function"}, where)
+        return WindowSpec(window=_window(step["center"], step["width"], step.get("function", "LINEAR"), where))
+    raise PipelineError(f"{where}: give preset = NAME, center + width, or from = \"file\"")
+
+
+def _no_extra(keys: set[str], allowed: set[str], where: str) -> None:
+    extra = keys - allowed
+    if extra:
+        raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _equalise_from_mapping(step: Mapping[str, Any], where: str) -> Equalise:
+    _no_extra(set(step) - {"op"}, {"bins", "per"}, where)
+    bins = step.get("bins", 100)
+    per = step.get("per", "image")
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100_000:
+        raise PipelineError(f"{where}: bins must be a whole number from 1 to 100000, got {bins!r}")
+    if per not in ("image", "series"):
+        raise PipelineError(f"{where}: per must be \"image\" or \"series\", got {per!r}")
+    return Equalise(bins=bins, per=per)
+
+
+def _clip_from_mapping(step: Mapping[str, Any], where: str) -> Clip:
+    _no_extra(set(step) - {"op"}, {"min", "max"}, where)
+    low, high = step.get("min"), step.get("max")
+    for name, value in (("min", low), ("max", high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PipelineError(f"{where}: {name} must be a number, got {value!r}")
+    if low is None and high is None:
+        raise PipelineError(f"{where}: give min, max or both")
+    if low is not None and high is not None and low >= high:
+        raise PipelineError(f"{where}: min {low} must be below max {high}")
+    return Clip(None if low is None else float(low), None if high is None else float(high))
+
+
+def _channels_from_mapping(step: Mapping[str, Any], where: str) -> Channels:
+    _no_extra(set(step) - {"op"}, {"windows", "equalise"}, where)
+    windows = step.get("windows")
+    if not isinstance(windows, Sequence) or isinstance(windows, str) or not windows:
+        raise PipelineError(f"{where}: windows must be a list of presets, \"C,W\" or tables")
+    specs = tuple(
+        parse_window(w) if isinstance(w, str) else _window_from_mapping(w, f"{where} window {i + 1}")
+        for i, w in enumerate(windows)
+    )
+    eq = step.get("equalise")
+    equalise = None
+    if eq:
+        equalise = _equalise_from_mapping(eq if isinstance(eq, Mapping) else {}, f"{where} equalise")
+    if not 1 <= len(specs) + (equalise is not None) <= 3:
+        raise PipelineError(f"{where}: 1 to 3 channels (RGB), got {len(specs) + (equalise is not None)}")
+    return Channels(specs, equalise)
+
+
+def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc") -> Pipeline:
+    """Check a list of steps from the config file and build the :class:`Pipeline`.
+
+    Parameters
+    ----------
+    name : str
+        The pipeline's name, used in messages.
+    steps : sequence of mappings
+        ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels", ...}``.
+    output : str
+        ``sc``, ``sc16``, ``png`` or ``png16``.
+
+    Raises
+    ------
+    PipelineError
+        The message names the pipeline, the step number and the key at fault.
+    """
+    try:
+        fmt = OutputFormat(output)
+    except ValueError:
+        raise PipelineError(
+            f"pipeline {name!r}: output {output!r} is not one of {', '.join(f.value for f in OutputFormat)}"
+        ) from None
+    found: dict[str, Any] = {"grey": False, "rescale": False, "clip": None, "display": None}
+    order = ["grey", "rescale", "clip", "display"]
+    last = -1
+    for number, step in enumerate(steps, start=1):
+        where = f"pipeline {name!r} step {number}"
+        if not isinstance(step, Mapping) or "op" not in step:
+            raise PipelineError(f"{where}: a step is a table with an op key, got {step!r}")
+        op = step["op"]
+        if op in ("grey", "rescale"):
+            _no_extra(set(step) - {"op"}, set(), where)
+            slot, value = op, True
+        elif op == "clip":
+            slot, value = "clip", _clip_from_mapping(step, where)
+        elif op == "window":
+            slot, value = "display", _window_from_mapping(step, where)
+        elif op == "equalise":
+            slot, value = "display", _equalise_from_mapping(step, where)
+        elif op == "channels":
+            slot, value = "display", _channels_from_mapping(step, where)
+        else:
+            raise PipelineError(
+                f"{where}: unknown op {op!r}; known: grey, rescale, clip, window, equalise, channels"
+            )
+        position = order.index(slot)
+        if found[slot] not in (None, False):
+            raise PipelineError(f"{where}: only one {slot if slot != 'display' else 'window/equalise/channels'} step")
+        if position < last:
+            raise PipelineError(f"{where}: {op} must come before {order[last]}; order is {' -> '.join(order)}")
+        found[slot], last = value, position
+    return Pipeline(name=name, output=fmt, steps=tuple(steps), **found)

@@ -1,0 +1,203 @@
+"""Process one series through one pipeline into output files.
+
+This is the whole offline path (``dicom-node process``) and the worker step of the service: it
+reads the source images, renders them (:mod:`node.render`), and writes Secondary Captures or PNGs
+in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
+from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from node.imaging.source import ImageFile, UnsupportedImage
+from node.pipeline import Pipeline
+from node.render import FrameRenderer, series_bins
+from node.series import InputSeries
+from node.writers.png import write_png
+from node.writers.secondary_capture import (
+    DerivedSeries,
+    SourceImage,
+    secondary_capture_header,
+    write_secondary_capture,
+)
+from node.writers.uids import derived_uid
+
+__all__ = ["SeriesResult", "derived_series_uid", "process_series"]
+
+log = logging.getLogger(__name__)
+
+_LO_MAX = 64
+_PROGRESS_SECONDS = 5.0
+
+
+@dataclass
+class SeriesResult:
+    """What processing one series produced."""
+
+    study_uid: str
+    series_uid: str
+    derived_series_uid: str
+    outputs: list[Path] = field(default_factory=list)
+    failures: list[UnsupportedImage] = field(default_factory=list)
+    instances: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+
+def derived_series_uid(series_uid: str, pipeline: Pipeline) -> str:
+    """The UID of the series *pipeline* derives from *series_uid* (the same every time)."""
+    return derived_uid(series_uid, "series", pipeline.fingerprint())
+
+
+def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
+    first = series.images[0].header
+    try:
+        number = int(first.get("SeriesNumber") or 0) + 1000
+    except (TypeError, ValueError):
+        number = 1000
+    description = f"{first.get('SeriesDescription') or 'series'} [{pipeline.name}]"
+    return DerivedSeries(
+        series_instance_uid=derived_series_uid(series.series_uid, pipeline),
+        series_number=number,
+        series_description=description[-_LO_MAX:],
+        derivation_description=pipeline.describe(),
+    )
+
+
+def process_series(
+    series: InputSeries,
+    pipeline: Pipeline,
+    out_dir: Path,
+    *,
+    now: datetime.datetime,
+    on_output: Callable[[Path], None] | None = None,
+) -> SeriesResult:
+    """Render every image of *series* and write the outputs under *out_dir*.
+
+    Parameters
+    ----------
+    series : InputSeries
+        Checked source images of one series, in order.
+    pipeline : Pipeline
+        What to do and what to write.
+    out_dir : pathlib.Path
+        Root of the output layout.
+    now : datetime.datetime
+        Content date/time written into Secondary Captures (injected so output is reproducible).
+    on_output : callable, optional
+        Called with each output path as soon as it is written.
+
+    Returns
+    -------
+    SeriesResult
+        Outputs and per-image failures; a failing image never stops the others.
+    """
+    started = time.monotonic()
+    derived = _derived_series(series, pipeline)
+    result = SeriesResult(series.study_uid, series.series_uid, derived.series_instance_uid)
+    bins, failed = series_bins(pipeline, series.images)
+    result.failures.extend(failed)
+    failed_paths = {f.path for f in failed}
+    folder = out_dir / series.study_uid / derived.series_instance_uid
+    todo = [image for image in series.images if image.path not in failed_paths]
+    last_report = time.monotonic()
+    for number, image in enumerate(todo, start=1):
+        try:
+            written = _process_image(image, pipeline, derived, folder, bins, now)
+        except UnsupportedImage as exc:
+            log.error("%s", exc)
+            result.failures.append(exc)
+            continue
+        except OSError as exc:  # the output side: disk full, permissions
+            failure = UnsupportedImage(image.path, f"cannot write output under {folder}: {exc}")
+            log.error("%s", failure)
+            result.failures.append(failure)
+            continue
+        result.outputs.extend(written)
+        result.instances += 1
+        result.frames += image.number_of_frames
+        for path in written:
+            if on_output:
+                on_output(path)
+        if time.monotonic() - last_report > _PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _process_image(
+    image: ImageFile,
+    pipeline: Pipeline,
+    derived: DerivedSeries,
+    folder: Path,
+    bins: np.ndarray | None,
+    now: datetime.datetime,
+) -> list[Path]:
+    renderer = FrameRenderer(pipeline, image, bins)
+    source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
+    sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
+    folder.mkdir(parents=True, exist_ok=True)
+    if pipeline.output.is_dicom:
+        return [_write_sc(image, renderer, derived, folder / f"{sop_uid}.dcm", sop_uid, now)]
+    return _write_pngs(image, renderer, folder, sop_uid)
+
+
+def _write_sc(
+    image: ImageFile,
+    renderer: FrameRenderer,
+    derived: DerivedSeries,
+    path: Path,
+    sop_uid: str,
+    now: datetime.datetime,
+) -> Path:
+    header = image.header
+    source = SourceImage(
+        sop_class_uid=str(header.get("SOPClassUID", "")),
+        sop_instance_uid=str(header.get("SOPInstanceUID", "")),
+        series_instance_uid=str(header.get("SeriesInstanceUID", "")) or None,
+    )
+    try:
+        instance_number = int(header.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        instance_number = 1
+    sc = secondary_capture_header(
+        header,
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+        number_of_frames=image.number_of_frames,
+        samples_per_pixel=3 if renderer.colour_out else 1,
+        bits_allocated=renderer.bits,
+        series=derived,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        source_images=[source],
+        content_datetime=now,
+        multi_frame=image.number_of_frames > 1,
+    )
+    return write_secondary_capture(path, sc, renderer.render_all())
+
+
+def _write_pngs(image: ImageFile, renderer: FrameRenderer, folder: Path, sop_uid: str) -> list[Path]:
+    written: list[Path] = []
+    multi = image.number_of_frames > 1
+    try:
+        for index, frame in enumerate(renderer.render_all(), start=1):
+            name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
+            written.append(write_png(folder / name, frame))
+    except UnsupportedImage:
+        for path in written:  # no half-written multi-frame output
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    return written
+

@@ -1,0 +1,1 @@
+"""Writers for the node's outputs (derived DICOM Secondary Captures, ...)."""

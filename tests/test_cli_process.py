@@ -1,0 +1,178 @@
+"""`dicom-node process` end to end, as a user runs it, on real files; outputs checked by real tools."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from node.imaging import WINDOWS, to_hu
+from node.imaging.voi import window_scaled
+from tests.conftest import bundled, dciodvfy_errors, run_cli, tool
+
+
+def outputs(folder: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in folder.rglob(f"*{suffix}") if not p.name.startswith("."))
+
+
+def test_ct_series_to_sc_valid_and_identical_to_dcm2pnm(ct_series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("process", str(ct_series_dir), "--out", str(out), "--window", "brain")
+    assert result.returncode == 0, result.stderr
+    files = outputs(out, ".dcm")
+    assert len(files) == 28
+    sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in ct_series_dir.glob("*.dcm")}
+    derived_series = set()
+    for path in files[::9]:
+        errors, report = dciodvfy_errors(path)
+        assert not errors, report
+    for path in files[::7]:
+        sc = pydicom.dcmread(path)
+        derived_series.add(sc.SeriesInstanceUID)
+        source_path = sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        source = pydicom.dcmread(source_path)
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
+        assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+        assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert "brain window C=40 W=80" in sc.DerivationDescription
+        # pixels identical to dcmtk rendering the source with the same window
+        pgm = tmp_path / "ref.pgm"
+        subprocess.run([tool("dcm2pnm"), "+op", "+Ww", "40", "80", str(source_path), str(pgm)], check=True)
+        assert np.array_equal(sc.pixel_array, np.array(Image.open(pgm)))
+    assert len(derived_series) == 1
+
+
+def test_processing_twice_gives_the_same_uids(tmp_path: Path) -> None:
+    src = bundled("CT_small.dcm")
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        assert run_cli("process", str(src), "--out", str(out), "--window=-600,1500").returncode == 0
+    names = lambda root: sorted(p.relative_to(root) for p in outputs(root, ".dcm"))  # noqa: E731
+    assert names(first) == names(second) and len(names(first)) == 1
+    # a different pipeline derives a different series
+    other = tmp_path / "c"
+    assert run_cli("process", str(src), "--out", str(other), "--window", "lungs").returncode == 0
+    assert names(other) != names(first)
+
+
+def test_negative_window_centre_both_spellings(tmp_path: Path) -> None:
+    src = bundled("CT_small.dcm")
+    for args in (["--window=-600,1500"], ["--window", "-600,1500"]):
+        out = tmp_path / str(len(args))
+        result = run_cli("process", str(src), "--out", str(out), "--format", "png", *args)
+        assert result.returncode == 0, result.stderr
+        (png,) = outputs(out, ".png")
+        hu = to_hu(pydicom.dcmread(src))
+        expected = np.floor(window_scaled(hu, -600, 1500, out_max=255)).astype(np.uint8)
+        assert np.array_equal(np.array(Image.open(png)), expected)
+
+
+def test_png16_and_equalised_series(ct_series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eq"
+    result = run_cli("process", str(ct_series_dir), "--out", str(out), "--equalise", "--per", "series", "--format", "png16")
+    assert result.returncode == 0, result.stderr
+    pngs = outputs(out, ".png")
+    assert len(pngs) == 28
+    arrays = [np.array(Image.open(p)) for p in pngs]
+    assert all(a.dtype == np.uint16 for a in arrays)
+    volume = np.stack(arrays)
+    counts, _ = np.histogram(volume, bins=10, range=(0, 65536))
+    assert counts.min() > 0.04 * volume.size, counts  # spread over the whole range
+
+
+def test_channels_sc_is_valid_rgb(ct_series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rgb"
+    result = run_cli("process", str(ct_series_dir / "10.dcm"), "--out", str(out),
+                     "--window", "brain", "--window", "subdural", "--window", "brain_bone")
+    assert result.returncode == 0, result.stderr
+    (path,) = outputs(out, ".dcm")
+    errors, report = dciodvfy_errors(path)
+    assert not errors, report
+    sc = pydicom.dcmread(path)
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape == (512, 512, 3)
+    hu = to_hu(pydicom.dcmread(ct_series_dir / "10.dcm"))
+    for channel, name in enumerate(("brain", "subdural", "brain_bone")):
+        w = WINDOWS[name]
+        assert np.array_equal(sc.pixel_array[..., channel], np.floor(window_scaled(hu, w.center, w.width, out_max=255)))
+
+
+def test_multiframe_to_sc_and_png_frames(data_dir: Path, tmp_path: Path) -> None:
+    src = data_dir / "multiframe" / "emri_small.dcm"
+    result = run_cli("process", str(src), "--out", str(tmp_path / "sc"), "--equalise", "--format", "sc16")
+    assert result.returncode == 0, result.stderr
+    (path,) = outputs(tmp_path / "sc", ".dcm")
+    errors, report = dciodvfy_errors(path)
+    assert not errors, report
+    sc = pydicom.dcmread(path)
+    assert sc.NumberOfFrames == 10 and sc.BitsAllocated == 16
+    result = run_cli("process", str(src), "--out", str(tmp_path / "png"), "--format", "png")
+    assert result.returncode == 0, result.stderr
+    assert len(outputs(tmp_path / "png", ".png")) == 10
+
+
+def test_monochrome1_is_inverted_for_display(data_dir: Path, tmp_path: Path) -> None:
+    src = data_dir / "mono1" / "RG3_J2KR.dcm"
+    result = run_cli("process", str(src), "--out", str(tmp_path), "--window", "file", "--format", "png")
+    assert result.returncode == 0, result.stderr
+    (png,) = outputs(tmp_path, ".png")
+    ours = np.array(Image.open(png)).astype(int)
+    ds = pydicom.dcmread(src)
+    windowed = window_scaled(ds.pixel_array, 550, 1024, out_max=255)
+    assert np.array_equal(ours, np.floor(255 - windowed))  # minimum stored value shown white
+    # identical to dcm2pnm (which has no JPEG 2000 decoder: give it an uncompressed copy)
+    ds.decompress()
+    ds.save_as(tmp_path / "mono1_native.dcm")
+    pgm = tmp_path / "ref.pgm"
+    subprocess.run([tool("dcm2pnm"), "+op", "+Wi", "1", str(tmp_path / "mono1_native.dcm"), str(pgm)], check=True)
+    assert np.array_equal(ours, np.array(Image.open(pgm)))
+
+
+def test_colour_passes_through_or_turns_grey(data_dir: Path, tmp_path: Path) -> None:
+    src = data_dir / "color" / "US1_UNCR.dcm"
+    result = run_cli("process", str(src), "--out", str(tmp_path / "rgb"))
+    assert result.returncode == 0, result.stderr
+    (path,) = outputs(tmp_path / "rgb", ".dcm")
+    assert np.array_equal(pydicom.dcmread(path).pixel_array, pydicom.dcmread(src).pixel_array)
+    errors, report = dciodvfy_errors(path)
+    assert not errors, report
+    result = run_cli("process", str(src), "--out", str(tmp_path / "grey"), "--grey", "--equalise", "--format", "png")
+    assert result.returncode == 0, result.stderr
+    (png,) = outputs(tmp_path / "grey", ".png")
+    assert np.array(Image.open(png)).ndim == 2
+    result = run_cli("process", str(src), "--out", str(tmp_path / "refused"), "--window", "brain")
+    assert result.returncode == 1
+    assert "colour image (RGB)" in result.stderr and "--grey" in result.stderr
+
+
+def test_every_bad_file_gets_one_line_and_the_exit_code_says_so(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(bundled("CT_small.dcm"), folder / "good.dcm")
+    shutil.copy(bundled("MR_truncated.dcm"), folder / "truncated.dcm")
+    shutil.copy(bundled("rtplan.dcm"), folder / "plan.dcm")
+    shutil.copy(data_dir / "broken" / "emri_small_jpeg_2k_lossless_too_short.dcm", folder / "j2k_short.dcm")
+    (folder / "README.txt").write_text("not DICOM")
+    result = run_cli("process", str(folder), "--out", str(tmp_path / "out"), "--window", "brain")
+    assert result.returncode == 1
+    assert len(outputs(tmp_path / "out", ".dcm")) == 1
+    lines = result.stderr.splitlines()
+    for name, why in (("truncated.dcm", "truncated"), ("plan.dcm", "is not an image"), ("j2k_short.dcm", "cut short")):
+        matching = [line for line in lines if name in line and "ERROR" in line]
+        assert len(matching) == 1 and why in matching[0], (name, result.stderr)
+    assert "README.txt: not a DICOM file" in result.stderr
+    assert "3 files failed" in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    result = run_cli("process", str(bundled("CT_small.dcm")), "--out", str(tmp_path), "--window", "nope")
+    assert result.returncode == 2 and "not a preset" in result.stderr
+    result = run_cli("process", str(tmp_path / "missing"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "no such file or folder" in result.stderr
+    result = run_cli("process", str(bundled("CT_small.dcm")), "--out", str(tmp_path), "--window", "brain",
+                     "--window", "lungs", "--format", "png16")
+    assert result.returncode == 2 and "8-bit only" in result.stderr
