@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from node.config import ConfigError
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
 __all__ = ["main"]
@@ -155,11 +156,72 @@ def _run_process(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_service_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the node: receive, process, deliver")
+    serve.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    serve.set_defaults(func=_run_serve)
+    status = sub.add_parser("status", help="series and deliveries from the job store")
+    status.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    status.add_argument("--limit", type=int, default=20, help="how many recent series to list")
+    status.set_defaults(func=_run_status)
+    retry = sub.add_parser("retry", help="retry failed series (deliveries, or processing)")
+    retry.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("job", nargs="?", type=int, help="series job id (see dicom-node status)")
+    which.add_argument("--all-failed", action="store_true", help="every failed series")
+    retry.set_defaults(func=_run_retry)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.service import NodeService
+
+    config = load_config(args.config)
+    log.info("config: %s", config.source)
+    NodeService(config).run_forever()
+    return 0
+
+
+def _open_jobs(args: argparse.Namespace):
+    from node.config import load_config
+    from node.jobstore import JobStore
+
+    config = load_config(args.config)
+    return JobStore(config.node.data_dir / "jobs.sqlite")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    jobs = _open_jobs(args)
+    try:
+        counts = jobs.counts()
+        print("series by state: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+        for row in jobs.list_series(limit=args.limit):
+            line = (f"{row['id']:>6}  {row['state']:<10}  {row['instances']:>5} inst  "
+                    f"{row['modality'] or '-':<3}  {row['series_uid']}")
+            if row["error"]:
+                line += f"  error: {row['error']}"
+            print(line)
+    finally:
+        jobs.close()
+    return 0
+
+
+def _run_retry(args: argparse.Namespace) -> int:
+    jobs = _open_jobs(args)
+    try:
+        count = jobs.retry(None if args.all_failed else [args.job])
+    finally:
+        jobs.close()
+    print(f"{count} series queued again (a running node picks them up)")
+    return 0 if count or args.all_failed else 1
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM processing node.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_process_parser(sub)
+    _add_service_parsers(sub)
     return parser
 
 
@@ -170,11 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.log_level != "DEBUG":  # pynetdicom narrates every PDU at INFO; our own lines say what matters
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom both logs and warns about damaged files; its log line is the one we keep.
     warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     try:
         return args.func(args)
-    except PipelineError as exc:
+    except (PipelineError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
 

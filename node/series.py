@@ -10,7 +10,7 @@ from pathlib import Path
 
 from node.imaging.source import ImageFile, UnsupportedImage
 
-__all__ = ["InputSeries", "find_files", "group_series", "open_images"]
+__all__ = ["InputSeries", "find_files", "group_series", "instance_order", "open_images"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def open_images(paths: Iterable[Path]) -> tuple[list[ImageFile], list[Unsupporte
     return images, failures
 
 
-def _instance_order(image: ImageFile) -> tuple[int, str]:
+def instance_order(image: ImageFile) -> tuple[int, str]:
+    """Sort key: Instance Number (0020,0013), then SOP Instance UID."""
     number = image.header.get("InstanceNumber")
     try:
         position = int(number) if number not in (None, "") else 0
@@ -80,5 +81,5 @@ def group_series(images: Iterable[ImageFile]) -> list[InputSeries]:
         series = str(image.header.get("SeriesInstanceUID", ""))
         groups.setdefault((study, series), InputSeries(study, series)).images.append(image)
     for group in groups.values():
-        group.images.sort(key=_instance_order)
+        group.images.sort(key=instance_order)
     return list(groups.values())

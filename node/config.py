@@ -1,0 +1,1062 @@
+"""The service configuration: one TOML file, checked once at start-up into frozen dataclasses.
+
+Every error names the file, the line and the key, e.g.::
+
+    config/node.toml:23: destinations[1] (name "pacs").port: must be a whole number 1-65535, got "abc"
+
+Items of ``[[pipelines]]``, ``[[destinations]]``, ``[[routes]]`` and of lists are counted from 1, as
+they appear in the file. :mod:`tomllib` gives no line numbers, so :class:`_Lines` finds them in the
+text; a key that is missing is reported at the line of its table's header.
+
+The settings in ``[node]``, ``[http]`` and ``[delivery]`` are optional, each defaulting to the value in
+the embedded default (``node/default.toml``; ``node.workers``: the number of CPUs, at most 4). In
+``[[pipelines]]``, ``[[destinations]]`` and ``[[routes]]`` every key is required except
+``output``, ``calling_ae_title``, ``auth`` and ``timeout_seconds``. A file without routes is
+valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
+typo is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn
+from urllib.parse import urlsplit
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
+from pydicom.multival import MultiValue
+
+from node.pipeline import OutputFormat, Pipeline, PipelineError, parse_steps
+
+__all__ = [
+    "EMBEDDED_SOURCE",
+    "BasicAuth",
+    "BearerAuth",
+    "Config",
+    "ConfigError",
+    "DeliverySettings",
+    "Destination",
+    "DicomDestination",
+    "DicomWebDestination",
+    "FolderDestination",
+    "HttpSettings",
+    "NodeSettings",
+    "Route",
+    "load_config",
+]
+
+EMBEDDED_SOURCE = "<embedded default>"
+"""The :attr:`Config.source` of the configuration built into the package (``node/default.toml``)."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message starts with ``FILE:LINE: KEY:``."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM listener and the node's own storage.
+
+    Attributes
+    ----------
+    ae_title : str
+        The node's AE title (also the default calling AE title towards DICOM destinations).
+    host : str
+        Address the DICOM listener binds to.
+    port : int
+        DICOM listener port; 0 means no plain (non-TLS) listener.
+    data_dir : Path
+        Absolute folder for the spool, the job store and the default output.
+    allowed_calling_aets : tuple of str
+        Calling AE titles that may associate; empty means any.
+    max_associations : int
+        Concurrent associations accepted.
+    settle_seconds : float
+        Quiet time after the last instance of a series before the series is processed.
+    workers : int
+        Processing workers.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+    data_dir: Path
+    allowed_calling_aets: tuple[str, ...]
+    max_associations: int
+    settle_seconds: float
+    workers: int
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP (status/API) listener.
+
+    Attributes
+    ----------
+    host : str
+        Address to bind to.
+    port : int
+        Port, 1-65535.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Retries of failed deliveries: exponential backoff with a ceiling.
+
+    Attributes
+    ----------
+    max_attempts : int
+        Attempts in all, the first one included (>= 1).
+    backoff_seconds : float
+        Delay before the first retry; it doubles with each further attempt.
+    max_backoff_seconds : float
+        The longest delay between two attempts.
+    """
+
+    max_attempts: int = 8
+    backoff_seconds: float = 2.0
+    max_backoff_seconds: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number *attempt* (counted from 1).
+
+        Parameters
+        ----------
+        attempt : int
+            The attempt that just failed, 1 for the first.
+
+        Returns
+        -------
+        float
+            ``min(max_backoff_seconds, backoff_seconds * 2 ** (attempt - 1))``.
+        """
+        exponent = max(0, attempt - 1)
+        if exponent > 1000:  # 2.0 ** 1024 overflows; the ceiling has long been reached
+            return self.max_backoff_seconds
+        return min(self.max_backoff_seconds, self.backoff_seconds * 2.0**exponent)
+
+
+def _read_env(name: str, what: str, where: str) -> str:
+    value = os.environ.get(name)
+    prefix = f"{where}: " if where else ""
+    if value is None:
+        raise ConfigError(f"{prefix}environment variable {name} ({what}) is not set")
+    if value == "":
+        raise ConfigError(f"{prefix}environment variable {name} ({what}) is empty")
+    return value
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic authentication; the password is read from the environment when used.
+
+    Attributes
+    ----------
+    username : str
+        The user name.
+    password_env : str
+        Name of the environment variable that holds the password.
+    where : str
+        ``FILE:LINE: KEY`` of the ``password_env`` key, for messages (not compared).
+    """
+
+    username: str
+    password_env: str
+    where: str = field(default="", compare=False, repr=False)
+
+    def resolve(self) -> tuple[str, str]:
+        """Read the password now.
+
+        Returns
+        -------
+        tuple of str
+            ``(username, password)``.
+
+        Raises
+        ------
+        ConfigError
+            The variable is unset or empty; the message names it.
+        """
+        return self.username, _read_env(self.password_env, "password for basic auth", self.where)
+
+
+@dataclass(frozen=True)
+class BearerAuth:
+    """HTTP bearer-token authentication; the token is read from the environment when used.
+
+    Attributes
+    ----------
+    token_env : str
+        Name of the environment variable that holds the token.
+    where : str
+        ``FILE:LINE: KEY`` of the ``token_env`` key, for messages (not compared).
+    """
+
+    token_env: str
+    where: str = field(default="", compare=False, repr=False)
+
+    def resolve(self) -> str:
+        """Read the token now.
+
+        Returns
+        -------
+        str
+            The bearer token.
+
+        Raises
+        ------
+        ConfigError
+            The variable is unset or empty; the message names it.
+        """
+        return _read_env(self.token_env, "bearer token", self.where)
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    """A DICOM peer reached with C-STORE.
+
+    Attributes
+    ----------
+    name : str
+        Name used by routes.
+    host : str
+        Peer host name or address.
+    port : int
+        Peer port, 1-65535.
+    ae_title : str
+        The peer's (called) AE title.
+    calling_ae_title : str
+        Our AE title towards this peer (default: ``node.ae_title``).
+    """
+
+    kind: ClassVar[str] = "dicom"
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str
+
+
+@dataclass(frozen=True)
+class DicomWebDestination:
+    """A DICOMweb server reached with STOW-RS.
+
+    Attributes
+    ----------
+    name : str
+        Name used by routes.
+    url : str
+        The service root, ``http://`` or ``https://``.
+    auth : BasicAuth or BearerAuth or None
+        How to authenticate, if at all.
+    timeout_seconds : float
+        Timeout of one HTTP request.
+    """
+
+    kind: ClassVar[str] = "dicomweb"
+    name: str
+    url: str
+    auth: BasicAuth | BearerAuth | None = None
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class FolderDestination:
+    """A folder the output files are copied into.
+
+    Attributes
+    ----------
+    name : str
+        Name used by routes.
+    path : Path
+        Absolute folder.
+    """
+
+    kind: ClassVar[str] = "folder"
+    name: str
+    path: Path
+
+
+Destination = DicomDestination | DicomWebDestination | FolderDestination
+"""Any destination."""
+
+
+def _element_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which series go through which pipeline to which destinations.
+
+    Attributes
+    ----------
+    match : tuple of (keyword, patterns)
+        Every keyword must match one of its :func:`fnmatch.fnmatchcase` patterns; empty matches all.
+    pipeline : str
+        Name of the pipeline.
+    destinations : tuple of str
+        Names of the destinations (an empty tuple sends nowhere).
+    """
+
+    match: tuple[tuple[str, tuple[str, ...]], ...]
+    pipeline: str
+    destinations: tuple[str, ...]
+
+    def matches(self, ds: Dataset) -> bool:
+        """Whether *ds* (any instance of the series) is taken by this route.
+
+        Each element's ``str(value)`` (values of a multi-valued element joined with ``\\``) is
+        compared case-sensitively with the glob patterns; an attribute that is absent matches
+        only the pattern ``""``.
+
+        Parameters
+        ----------
+        ds : pydicom.Dataset
+            The dataset to test.
+
+        Returns
+        -------
+        bool
+            True when every keyword matches one of its patterns.
+        """
+        for keyword, patterns in self.match:
+            if keyword not in ds:
+                if "" not in patterns:
+                    return False
+                continue
+            text = _element_text(ds[keyword].value)
+            if not any(fnmatchcase(text, pattern) for pattern in patterns):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole checked configuration.
+
+    Attributes
+    ----------
+    node : NodeSettings
+        The DICOM listener and storage.
+    http : HttpSettings
+        The HTTP listener.
+    delivery : DeliverySettings
+        Retry policy.
+    pipelines : Mapping of str to Pipeline
+        Pipelines by name (read-only, in file order).
+    destinations : Mapping of str to Destination
+        Destinations by name (read-only, in file order).
+    routes : tuple of Route
+        Routes in file order; the first that matches wins.
+    source : str
+        The file the configuration came from, or ``"<embedded default>"``.
+    """
+
+    node: NodeSettings
+    http: HttpSettings
+    delivery: DeliverySettings
+    pipelines: Mapping[str, Pipeline]
+    destinations: Mapping[str, Destination]
+    routes: tuple[Route, ...]
+    source: str
+
+    def route_for(self, ds: Dataset) -> Route | None:
+        """The first route that matches *ds*, or None.
+
+        Parameters
+        ----------
+        ds : pydicom.Dataset
+            The dataset to route.
+
+        Returns
+        -------
+        Route or None
+            The route, or None when no route matches.
+        """
+        for route in self.routes:
+            if route.matches(ds):
+                return route
+        return None
+
+
+# --------------------------------------------------------------------------- line numbers
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", "e": "\x1b", '"': '"', "\\": "\\"}
+
+_KeyPath = tuple[str | int, ...]
+
+
+class _Lines:
+    """Line numbers of the tables, keys and array items of a TOML text that tomllib accepted.
+
+    Paths are tuples of keys and 0-based array indices, as in the parsed data:
+    ``("destinations", 0, "port")``, ``("routes", 1, "match", "Modality", 2)``.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.line = 1
+        self.found: dict[_KeyPath, int] = {}
+        self._tables_arrays: dict[_KeyPath, int] = {}  # [[x]] path -> index of its last table
+        try:
+            self._document()
+        except (IndexError, ValueError):  # never expected after tomllib; keep what was found
+            pass
+
+    def line_of(self, path: Iterable[str | int]) -> int:
+        """The line of *path*, else of its nearest enclosing table or key, else 1."""
+        key = tuple(path)
+        while key:
+            if key in self.found:
+                return self.found[key]
+            key = key[:-1]
+        return 1
+
+    # scanning ---------------------------------------------------------------
+
+    def _peek(self, n: int = 1) -> str:
+        return self.text[self.pos : self.pos + n]
+
+    def _advance(self, n: int = 1) -> None:
+        self.line += self.text.count("\n", self.pos, self.pos + n)
+        self.pos += n
+
+    def _skip(self, newlines: bool) -> None:
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char in " \t":
+                self._advance()
+            elif char == "#":
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end
+            elif newlines and char in "\r\n":
+                self._advance()
+            else:
+                return
+
+    def _record(self, path: _KeyPath, line: int) -> None:
+        for n in range(1, len(path) + 1):
+            self.found.setdefault(path[:n], line)
+
+    def _document(self) -> None:
+        table: _KeyPath = ()
+        while True:
+            self._skip(newlines=True)
+            if self.pos >= len(self.text):
+                return
+            start, line = self.pos, self.line
+            if self._peek(2) == "[[":
+                self._advance(2)
+                keys = self._key()
+                self._skip(newlines=False)
+                self._advance(2)
+                array = self._resolve(keys[:-1]) + (keys[-1],)
+                index = self._tables_arrays.get(array, -1) + 1
+                self._tables_arrays[array] = index
+                table = array + (index,)
+                self._record(table, line)
+                self.found[table] = line
+            elif self._peek() == "[":
+                self._advance()
+                keys = self._key()
+                self._skip(newlines=False)
+                self._advance()
+                table = self._resolve(keys)
+                self._record(table, line)
+                self.found[table] = line  # the header, even if [table.sub] came first
+            else:
+                self._key_value(table)
+            if self.pos == start:
+                raise ValueError("no progress")
+
+    def _resolve(self, keys: Sequence[str]) -> _KeyPath:
+        path: _KeyPath = ()
+        for key in keys:
+            path = path + (key,)
+            if path in self._tables_arrays:
+                path = path + (self._tables_arrays[path],)
+        return path
+
+    def _key(self) -> list[str]:
+        keys = []
+        while True:
+            self._skip(newlines=False)
+            char = self._peek()
+            if char in ('"', "'"):
+                keys.append(self._string())
+            else:
+                match = _BARE_KEY.match(self.text, self.pos)
+                if not match:
+                    raise ValueError("not a key")
+                keys.append(match.group())
+                self._advance(match.end() - self.pos)
+            self._skip(newlines=False)
+            if self._peek() != ".":
+                return keys
+            self._advance()
+
+    def _key_value(self, table: _KeyPath) -> None:
+        line = self.line
+        path = table + tuple(self._key())
+        self._skip(newlines=False)
+        if self._peek() != "=":
+            raise ValueError("no =")
+        self._advance()
+        self._skip(newlines=False)
+        self._record(path, line)
+        self._value(path)
+
+    def _string(self) -> str:
+        """Skip a string; return its value (single-line strings only, for keys)."""
+        quote = self._peek()
+        if self._peek(3) == quote * 3:
+            self._advance(3)
+            while self.pos < len(self.text):
+                if quote == '"' and self._peek() == "\\":
+                    self._advance(2)
+                elif self._peek(3) == quote * 3:
+                    self._advance(3)
+                    extra = 0
+                    while extra < 2 and self._peek() == quote:
+                        self._advance()
+                        extra += 1
+                    return ""
+                else:
+                    self._advance()
+            return ""
+        self._advance()
+        out = []
+        while self.pos < len(self.text):
+            char = self._peek()
+            if char == quote:
+                self._advance()
+                return "".join(out)
+            if char == "\\" and quote == '"':
+                code = self.text[self.pos + 1]
+                if code in "uU":
+                    digits = 4 if code == "u" else 8
+                    out.append(chr(int(self.text[self.pos + 2 : self.pos + 2 + digits], 16)))
+                    self._advance(2 + digits)
+                    continue
+                out.append(_ESCAPES.get(code, code))
+                self._advance(2)
+                continue
+            out.append(char)
+            self._advance()
+        return "".join(out)
+
+    def _value(self, path: _KeyPath) -> None:
+        char = self._peek()
+        if char in ('"', "'"):
+            self._string()
+        elif char == "[":
+            self._advance()
+            index = 0
+            while True:
+                self._skip(newlines=True)
+                if self.pos >= len(self.text) or self._peek() == "]":
+                    self._advance()
+                    return
+                start = self.pos
+                self._record(path + (index,), self.line)
+                self._value(path + (index,))
+                index += 1
+                self._skip(newlines=True)
+                if self._peek() == ",":
+                    self._advance()
+                elif self.pos == start:
+                    raise ValueError("no progress")
+        elif char == "{":
+            self._advance()
+            while True:
+                self._skip(newlines=True)
+                if self.pos >= len(self.text) or self._peek() == "}":
+                    self._advance()
+                    return
+                start = self.pos
+                self._key_value(path)
+                self._skip(newlines=True)
+                if self._peek() == ",":
+                    self._advance()
+                elif self.pos == start:
+                    raise ValueError("no progress")
+        else:  # number, bool, date-time: up to the next delimiter
+            end = self.pos
+            while end < len(self.text) and self.text[end] not in ",]}#\r\n":
+                end += 1
+            self._advance(end - self.pos)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+_REQUIRED: Any = object()
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOP_KEYS = ("node", "http", "delivery", "pipelines", "destinations", "routes")
+_NODE_KEYS = (
+    "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
+    "settle_seconds", "workers",
+)
+_DESTINATION_KEYS = {
+    "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title"),
+    "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds"),
+    "folder": ("name", "kind", "path"),
+}
+_AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
+_UNMATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+
+def _show(value: Any) -> str:
+    """A value much as TOML would write it (strings in double quotes), for messages."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _ae_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, got {_show(value)}"
+    if not value:
+        return "must not be empty"
+    if len(value) > 16:
+        return f"must be at most 16 characters, got {len(value)}: {_show(value)}"
+    if not value.strip(" "):
+        return "must not be all spaces"
+    if "\\" in value:
+        return f"must not contain a backslash, got {_show(value)}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"must not contain control characters, got {_show(value)}"
+    if not value.isascii():
+        return f"must be ASCII, got {_show(value)}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Checker:
+    """Turns the parsed TOML into a :class:`Config`, failing with ``FILE:LINE: KEY: message``."""
+
+    def __init__(self, source: str, text: str, data: dict[str, Any], base: Path) -> None:
+        self.source = source
+        self.text = text
+        self.data = data
+        self.base = base
+        self._lines: _Lines | None = None
+
+    # messages ---------------------------------------------------------------
+
+    def line(self, path: _KeyPath) -> int:
+        if self._lines is None:
+            self._lines = _Lines(self.text)
+        return self._lines.line_of(path)
+
+    def where(self, path: _KeyPath) -> str:
+        """``destinations[1] (name "pacs").port``: 1-based items, named when they have a name."""
+        out = ""
+        for n, part in enumerate(path):
+            if isinstance(part, int):
+                out += f"[{part + 1}]"
+                if n == 1 and path[0] in ("pipelines", "destinations"):
+                    item = self.data.get(path[0])
+                    item = item[part] if isinstance(item, list) and part < len(item) else None
+                    name = item.get("name") if isinstance(item, dict) else None
+                    if isinstance(name, str):
+                        out += f" (name {_show(name)})"
+            else:
+                key = part if _BARE_KEY.fullmatch(part) else _show(part)
+                out += f".{key}" if out else key
+        return out
+
+    def located(self, path: _KeyPath) -> str:
+        return f"{self.source}:{self.line(path)}: {self.where(path)}"
+
+    def fail(self, path: _KeyPath, message: str) -> NoReturn:
+        raise ConfigError(f"{self.located(path)}: {message}")
+
+    # generic checks ---------------------------------------------------------
+
+    def table(
+        self, parent: Mapping[str, Any], path: _KeyPath, key: str, required: bool = True
+    ) -> dict[str, Any] | None:
+        if key not in parent:
+            if required:
+                self.fail(path + (key,), f"missing table [{self.where(path + (key,))}]")
+            return None
+        value = parent[key]
+        if not isinstance(value, dict):
+            self.fail(path + (key,), f"must be a table, got {_show(value)}")
+        return value
+
+    def keys(self, table: Mapping[str, Any], path: _KeyPath, allowed: Sequence[str], required: Sequence[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                did = f" (did you mean {hint[0]!r}?)" if hint else ""
+                self.fail(path + (key,), f"unknown key{did}; allowed keys: {', '.join(allowed)}")
+        for key in required:
+            if key not in table:
+                self.fail(path + (key,), "missing (required)")
+
+    def value(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> Any:
+        if key in table:
+            return table[key]
+        if default is _REQUIRED:
+            self.fail(path + (key,), "missing (required)")
+        return default
+
+    def integer(self, table: Mapping[str, Any], path: _KeyPath, key: str, low: int, high: int | None = None,
+                default: Any = _REQUIRED, note: str = "") -> int:
+        value = self.value(table, path, key, default)
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            span = f"{low}-{high}" if high is not None else f">= {low}"
+            self.fail(path + (key,), f"must be a whole number {span}{note}, got {_show(value)}")
+        return value
+
+    def number(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED,
+               above: float | None = None, at_least: float | None = None) -> float:
+        value = self.value(table, path, key, default)
+        bad = not _is_number(value)
+        if not bad and above is not None and value <= above:
+            bad = True
+        if not bad and at_least is not None and value < at_least:
+            bad = True
+        if bad:
+            limit = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+            self.fail(path + (key,), f"must be a number{limit}, got {_show(value)}")
+        return float(value)
+
+    def string(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> str:
+        value = self.value(table, path, key, default)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(path + (key,), f"must be a non-empty string, got {_show(value)}")
+        return value
+
+    def ae_title(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> str:
+        value = self.value(table, path, key, default)
+        problem = _ae_problem(value)
+        if problem:
+            self.fail(path + (key,), f"not a valid AE title: {problem}")
+        return value.strip(" ")
+
+    def folder(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> Path:
+        text = self.string(table, path, key, default)
+        folder = Path(text).expanduser()
+        return folder if folder.is_absolute() else self.base / folder
+
+    def name(self, table: Mapping[str, Any], path: _KeyPath, seen: dict[str, _KeyPath]) -> str:
+        value = self.value(table, path, "name")
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            self.fail(path + ("name",), "must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                      f"letter or digit, got {_show(value)}")
+        if value in seen:
+            self.fail(path + ("name",), f"duplicate name {_show(value)} (also at line {self.line(seen[value])})")
+        seen[value] = path + ("name",)
+        return value
+
+    def tables_array(self, key: str) -> list[dict[str, Any]]:
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            self.fail((key,), f"must be an array of tables ([[{key}]]), got {_show(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                self.fail((key, index), f"must be a table, got {_show(item)}")
+        return value
+
+    # sections ---------------------------------------------------------------
+
+    def check(self) -> Config:
+        self.keys(self.data, (), _TOP_KEYS, ())
+        node = self.node_settings()
+        http = self.http_settings()
+        delivery = self.delivery_settings()
+        pipelines = self.pipelines()
+        destinations = self.destinations(node)
+        routes = self.routes(pipelines, destinations)
+        return Config(
+            node=node,
+            http=http,
+            delivery=delivery,
+            pipelines=MappingProxyType(pipelines),
+            destinations=MappingProxyType(destinations),
+            routes=routes,
+            source=self.source,
+        )
+
+    def node_settings(self) -> NodeSettings:
+        path: _KeyPath = ("node",)
+        table = self.table(self.data, (), "node", required=False) or {}
+        self.keys(table, path, _NODE_KEYS, ())
+        ae_title = self.ae_title(table, path, "ae_title", "DICOMNODE")
+        host = self.string(table, path, "host", "0.0.0.0")
+        port = self.integer(table, path, "port", 0, 65535, default=11112, note=" (0: no plain listener)")
+        data_dir = self.folder(table, path, "data_dir", "var")
+        aets = self.value(table, path, "allowed_calling_aets", [])
+        if not isinstance(aets, list):
+            self.fail(path + ("allowed_calling_aets",), f"must be a list of AE titles, got {_show(aets)}")
+        allowed = []
+        for index, aet in enumerate(aets):
+            problem = _ae_problem(aet)
+            if problem:
+                self.fail(path + ("allowed_calling_aets", index), f"not a valid AE title: {problem}")
+            allowed.append(aet.strip(" "))
+        return NodeSettings(
+            ae_title=ae_title,
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            allowed_calling_aets=tuple(allowed),
+            max_associations=self.integer(table, path, "max_associations", 1, default=10),
+            settle_seconds=self.number(table, path, "settle_seconds", 10.0, above=0),
+            workers=self.integer(table, path, "workers", 1, default=min(4, os.cpu_count() or 1)),
+        )
+
+    def http_settings(self) -> HttpSettings:
+        path: _KeyPath = ("http",)
+        table = self.table(self.data, (), "http", required=False) or {}
+        self.keys(table, path, ("host", "port"), ())
+        return HttpSettings(
+            host=self.string(table, path, "host", "127.0.0.1"),
+            port=self.integer(table, path, "port", 1, 65535, default=8080),
+        )
+
+    def delivery_settings(self) -> DeliverySettings:
+        path: _KeyPath = ("delivery",)
+        table = self.table(self.data, (), "delivery", required=False) or {}
+        self.keys(table, path, ("max_attempts", "backoff_seconds", "max_backoff_seconds"), ())
+        default = DeliverySettings()
+        settings = DeliverySettings(
+            max_attempts=self.integer(table, path, "max_attempts", 1, default=default.max_attempts),
+            backoff_seconds=self.number(table, path, "backoff_seconds", default.backoff_seconds, above=0),
+            max_backoff_seconds=self.number(table, path, "max_backoff_seconds", default.max_backoff_seconds, above=0),
+        )
+        if settings.max_backoff_seconds < settings.backoff_seconds:
+            self.fail(path + ("max_backoff_seconds",), f"must be >= backoff_seconds "
+                      f"({settings.backoff_seconds:g}), got {settings.max_backoff_seconds:g}")
+        return settings
+
+    def pipelines(self) -> dict[str, Pipeline]:
+        out: dict[str, Pipeline] = {}
+        seen: dict[str, _KeyPath] = {}
+        formats = [f.value for f in OutputFormat]
+        for index, table in enumerate(self.tables_array("pipelines")):
+            path: _KeyPath = ("pipelines", index)
+            self.keys(table, path, ("name", "steps", "output"), ("name", "steps"))
+            name = self.name(table, path, seen)
+            steps = table["steps"]
+            if not isinstance(steps, list):
+                self.fail(path + ("steps",), f"must be a list of steps ({{ op = ... }} tables), got {_show(steps)}")
+            output = self.value(table, path, "output", "sc")
+            if output not in formats:
+                self.fail(path + ("output",), f"must be one of {', '.join(formats)}, got {_show(output)}")
+            try:
+                out[name] = parse_steps(name, steps, output)
+            except PipelineError as exc:
+                self.fail(path + ("steps",), str(exc))
+        return out
+
+    def destinations(self, node: NodeSettings) -> dict[str, Destination]:
+        out: dict[str, Destination] = {}
+        seen: dict[str, _KeyPath] = {}
+        kinds = ", ".join(_DESTINATION_KEYS)
+        every_key = tuple(dict.fromkeys(k for keys in _DESTINATION_KEYS.values() for k in keys))
+        for index, table in enumerate(self.tables_array("destinations")):
+            path: _KeyPath = ("destinations", index)
+            if "kind" not in table:
+                self.keys(table, path, every_key, ())  # a misspelt "kind" is reported as such
+            kind = self.value(table, path, "kind")
+            if kind not in _DESTINATION_KEYS:
+                self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
+            allowed = _DESTINATION_KEYS[kind]
+            optional = {"calling_ae_title", "auth", "timeout_seconds"}
+            self.keys(table, path, allowed, [k for k in allowed if k not in optional])
+            name = self.name(table, path, seen)
+            destination: Destination
+            if kind == "dicom":
+                destination = DicomDestination(
+                    name=name,
+                    host=self.string(table, path, "host"),
+                    port=self.integer(table, path, "port", 1, 65535),
+                    ae_title=self.ae_title(table, path, "ae_title"),
+                    calling_ae_title=self.ae_title(table, path, "calling_ae_title", node.ae_title),
+                )
+            elif kind == "dicomweb":
+                url = self.string(table, path, "url")
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+                destination = DicomWebDestination(
+                    name=name,
+                    url=url,
+                    auth=self.auth(table, path),
+                    timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                )
+            else:
+                destination = FolderDestination(name=name, path=self.folder(table, path, "path"))
+            out[name] = destination
+        return out
+
+    def auth(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> BasicAuth | BearerAuth | None:
+        table = self.table(parent, parent_path, "auth", required=False)
+        if table is None:
+            return None
+        path = parent_path + ("auth",)
+        if "kind" not in table:
+            self.keys(table, path, tuple(dict.fromkeys(k for keys in _AUTH_KEYS.values() for k in keys)), ())
+        kind = self.value(table, path, "kind")
+        if kind not in _AUTH_KEYS:
+            self.fail(path + ("kind",), f"must be one of {', '.join(_AUTH_KEYS)}, got {_show(kind)}")
+        self.keys(table, path, _AUTH_KEYS[kind], _AUTH_KEYS[kind])
+        if kind == "basic":
+            username = self.string(table, path, "username")
+            if ":" in username:
+                self.fail(path + ("username",), f"must not contain ':' (basic auth), got {_show(username)}")
+            env = self.env_name(table, path, "password_env")
+            return BasicAuth(username, env, where=self.located(path + ("password_env",)))
+        env = self.env_name(table, path, "token_env")
+        return BearerAuth(env, where=self.located(path + ("token_env",)))
+
+    def env_name(self, table: Mapping[str, Any], path: _KeyPath, key: str) -> str:
+        value = self.value(table, path, key)
+        if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+            self.fail(path + (key,), "must name an environment variable (letters, digits, '_', "
+                      f"not starting with a digit), got {_show(value)}")
+        return value
+
+    def routes(self, pipelines: Mapping[str, Pipeline], destinations: Mapping[str, Destination]) -> tuple[Route, ...]:
+        routes = []
+        for index, table in enumerate(self.tables_array("routes")):
+            path: _KeyPath = ("routes", index)
+            self.keys(table, path, ("match", "pipeline", "destinations"), ("match", "pipeline", "destinations"))
+            match = self.match(table, path)
+            pipeline = self.value(table, path, "pipeline")
+            if not isinstance(pipeline, str) or pipeline not in pipelines:
+                known = ", ".join(pipelines) or "none"
+                self.fail(path + ("pipeline",), f"unknown pipeline {_show(pipeline)}; defined: {known}")
+            names = self.value(table, path, "destinations")
+            if not isinstance(names, list):
+                self.fail(path + ("destinations",), f"must be a list of destination names, got {_show(names)}")
+            for n, name in enumerate(names):
+                if not isinstance(name, str) or name not in destinations:
+                    known = ", ".join(destinations) or "none"
+                    self.fail(path + ("destinations", n), f"unknown destination {_show(name)}; defined: {known}")
+                if name in names[:n]:
+                    self.fail(path + ("destinations", n), f"destination {_show(name)} is listed twice")
+            routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names)))
+        return tuple(routes)
+
+    def match(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        table = self.table(parent, parent_path, "match")
+        assert table is not None
+        path = parent_path + ("match",)
+        out = []
+        for keyword, value in table.items():
+            if tag_for_keyword(keyword) is None:
+                hint = difflib.get_close_matches(keyword, keyword_dict, n=1)
+                did = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.fail(path + (keyword,), f"{_show(keyword)} is not a DICOM keyword{did}")
+            vr = dictionary_VR(tag_for_keyword(keyword))
+            if vr in _UNMATCHABLE_VRS:
+                self.fail(path + (keyword,), f"cannot match on {keyword}: its VR {vr} has no text value")
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and not value:
+                self.fail(path + (keyword,), "an empty list matches nothing; give a pattern or a list of them")
+            patterns = []
+            for n, item in enumerate(items):
+                item_path = path + (keyword, n) if isinstance(value, list) else path + (keyword,)
+                if isinstance(item, str):
+                    patterns.append(item)
+                elif _is_int(item):
+                    patterns.append(str(item))
+                else:
+                    self.fail(item_path, f"must be a string (glob pattern), a whole number or a list of "
+                              f"them, got {_show(item)}")
+            out.append((keyword, tuple(patterns)))
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _syntax_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    found = re.search(r"\(at line (\d+), column \d+\)", message)
+    if found:
+        line = int(found.group(1))
+    elif "end of document" in message:
+        line = text.count("\n") + 1
+    else:
+        line = 1
+    return ConfigError(f"{source}:{line}: TOML syntax error: {message}")
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and check the configuration.
+
+    Parameters
+    ----------
+    path : str or os.PathLike or None
+        The TOML file; None for the embedded default (``node/default.toml``). Relative paths
+        in the file resolve against the file's folder; in the embedded default, against the
+        current working directory.
+
+    Returns
+    -------
+    Config
+        The checked configuration.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, is not TOML, or is not a valid configuration. The message
+        starts with ``FILE:LINE: KEY:``.
+    """
+    if path is None:
+        source = EMBEDDED_SOURCE
+        text = importlib.resources.files("node").joinpath("default.toml").read_text(encoding="utf-8")
+        base = Path.cwd()
+    else:
+        source = os.fspath(path)
+        try:
+            text = Path(source).read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read the configuration: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            line = Path(source).read_bytes()[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{source}:{line}: not UTF-8 text: {exc.reason}") from None
+        base = Path(os.path.abspath(source)).parent
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(source, text, exc) from None
+    return _Checker(source, text, data, base).check()

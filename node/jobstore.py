@@ -1,0 +1,505 @@
+"""The job store: every series, instance and delivery, and the state each is in (SQLite, WAL).
+
+Series move through::
+
+    receiving -> queued -> processing -> delivering -> delivered
+                                    \\-> unrouted     \\-> failed   (kept; ``dicom-node retry``)
+
+An instance that arrives for a series in any state re-opens it (back to ``receiving``); one that
+arrives while the series is being processed bumps its *generation*, and the worker's result for the
+older generation then schedules nothing, so the series settles and is processed again whole.
+
+The store is the hand-off between series assembly and processing: workers claim queued series
+with one atomic UPDATE, so nothing in the pipeline depends on running in the receiver's process.
+The spool stays the source of truth for received instances: :meth:`JobStore.reconcile` re-records
+any spooled file the database does not know (after a crash between the two writes).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Delivery", "JobStore", "SeriesJob", "SeriesState", "DeliveryState"]
+
+
+class SeriesState(str, Enum):
+    """Where a series is in its life."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    UNROUTED = "unrouted"
+
+
+class DeliveryState(str, Enum):
+    """Where one series' delivery to one destination is."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    instances INTEGER NOT NULL DEFAULT 0,
+    modality TEXT,
+    calling_ae TEXT,
+    first_received REAL,
+    last_received REAL,
+    route TEXT,
+    pipeline TEXT,
+    output_dir TEXT,
+    outputs INTEGER,
+    error TEXT,
+    processing_seconds REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_id INTEGER NOT NULL REFERENCES series(id),
+    sop_class_uid TEXT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    series_id INTEGER NOT NULL REFERENCES series(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    delivered_at REAL,
+    updated_at REAL NOT NULL,
+    UNIQUE(series_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    series_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_series ON events(series_id);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """A series claimed for processing."""
+
+    id: int
+    study_uid: str
+    series_uid: str
+    generation: int
+    instance_paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One series to send to one destination."""
+
+    id: int
+    series_id: int
+    study_uid: str
+    series_uid: str
+    destination: str
+    attempts: int
+    generation: int
+    output_dir: Path
+
+
+class JobStore:
+    """SQLite job store in one file; safe to share between threads of one process.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The database file (created with its folder when absent).
+    clock : callable, optional
+        Returns the current time in seconds (``time.time``); injected by tests.
+    """
+
+    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _event(self, db: sqlite3.Connection, series_id: int, state: str, detail: str | None = None) -> None:
+        db.execute(
+            "INSERT INTO events(series_id, at, state, detail) VALUES (?, ?, ?, ?)",
+            (series_id, self._clock(), state, detail),
+        )
+
+    # -- ingest ---------------------------------------------------------------------------------
+
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        size: int,
+        modality: str | None = None,
+        calling_ae: str | None = None,
+        received_at: float | None = None,
+    ) -> bool:
+        """Record a spooled instance and (re-)open its series; True if the instance is new."""
+        now = self._clock() if received_at is None else received_at
+        with self._transaction() as db:
+            row = db.execute("SELECT id, state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None:
+                series_id = db.execute(
+                    "INSERT INTO series(study_uid, series_uid, state, modality, calling_ae, first_received,"
+                    " last_received, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now),
+                ).lastrowid
+                self._event(db, series_id, SeriesState.RECEIVING.value, f"first instance from {calling_ae}")
+            else:
+                series_id = row["id"]
+                state = row["state"]
+                if state == SeriesState.PROCESSING.value:
+                    new_state = state  # the worker sees the generation change and lets it settle again
+                else:
+                    new_state = SeriesState.RECEIVING.value
+                    if state != new_state:
+                        self._event(db, series_id, new_state, f"re-opened from {state} by a new instance")
+                db.execute(
+                    "UPDATE series SET state = ?, generation = generation + 1, last_received = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (new_state, now, now, series_id),
+                )
+            known = db.execute("SELECT series_id FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+            db.execute(
+                "INSERT INTO instances(sop_uid, series_id, sop_class_uid, path, size, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET"
+                " path = excluded.path, size = excluded.size, received_at = excluded.received_at",
+                (sop_uid, series_id, sop_class_uid, str(path), size, now),
+            )
+            if known is None:
+                db.execute("UPDATE series SET instances = instances + 1 WHERE id = ?", (series_id,))
+            return known is None
+
+    def known_paths(self) -> set[str]:
+        """Every instance path recorded (for reconciling with the spool)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT path FROM instances")}
+
+    # -- series assembly ------------------------------------------------------------------------
+
+    def settle(self, settle_seconds: float) -> list[int]:
+        """Queue every receiving series quiet for *settle_seconds*; returns their ids."""
+        now = self._clock()
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, instances FROM series WHERE state = ? AND last_received <= ?",
+                (SeriesState.RECEIVING.value, now - settle_seconds),
+            ).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE series SET state = ?, updated_at = ? WHERE id = ?",
+                    (SeriesState.QUEUED.value, now, row["id"]),
+                )
+                self._event(db, row["id"], SeriesState.QUEUED.value, f"settled with {row['instances']} instances")
+        return [row["id"] for row in rows]
+
+    def claim_next(self) -> SeriesJob | None:
+        """Take the oldest queued series for processing (atomic); None when there is none."""
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, study_uid, series_uid, generation FROM series WHERE state = ?"
+                " ORDER BY last_received LIMIT 1",
+                (SeriesState.QUEUED.value,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE id = ?",
+                (SeriesState.PROCESSING.value, now, row["id"]),
+            )
+            self._event(db, row["id"], SeriesState.PROCESSING.value)
+            paths = tuple(
+                Path(r[0]) for r in db.execute(
+                    "SELECT path FROM instances WHERE series_id = ? ORDER BY path", (row["id"],)
+                )
+            )
+        return SeriesJob(row["id"], row["study_uid"], row["series_uid"], row["generation"], paths)
+
+    def _still_current(self, db: sqlite3.Connection, job: SeriesJob) -> bool:
+        row = db.execute("SELECT generation, state FROM series WHERE id = ?", (job.id,)).fetchone()
+        current = row["generation"] == job.generation and row["state"] == SeriesState.PROCESSING.value
+        if not current:
+            now = self._clock()
+            db.execute(
+                "UPDATE series SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (SeriesState.RECEIVING.value, now, job.id, SeriesState.PROCESSING.value),
+            )
+            self._event(db, job.id, SeriesState.RECEIVING.value, "new instances arrived while processing")
+        return current
+
+    def processed(
+        self,
+        job: SeriesJob,
+        *,
+        route: str,
+        pipeline: str,
+        output_dir: Path,
+        outputs: int,
+        destinations: Sequence[str],
+        seconds: float,
+        error: str | None = None,
+    ) -> bool:
+        """Record a finished processing and schedule its deliveries (all at once).
+
+        Returns False (and schedules nothing) when newer instances arrived meanwhile.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            if not self._still_current(db, job):
+                return False
+            db.execute(
+                "UPDATE series SET state = ?, route = ?, pipeline = ?, output_dir = ?, outputs = ?,"
+                " processing_seconds = ?, error = ?, updated_at = ? WHERE id = ?",
+                (SeriesState.DELIVERING.value, route, pipeline, str(output_dir), outputs, seconds, error, now, job.id),
+            )
+            for name in destinations:
+                db.execute(
+                    "INSERT INTO deliveries(series_id, destination, state, generation, attempts, next_attempt_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(series_id, destination) DO UPDATE SET"
+                    " state = excluded.state, generation = excluded.generation, attempts = 0,"
+                    " next_attempt_at = excluded.next_attempt_at, last_error = NULL, updated_at = excluded.updated_at",
+                    (job.id, name, DeliveryState.PENDING.value, job.generation, now, now),
+                )
+            detail = f"{outputs} outputs by {pipeline} for {', '.join(destinations)}"
+            self._event(db, job.id, SeriesState.DELIVERING.value, detail + (f"; {error}" if error else ""))
+        return True
+
+    def set_outcome(self, job: SeriesJob, state: SeriesState, reason: str) -> bool:
+        """End processing as ``unrouted`` or ``failed`` with *reason* (unless newer instances came)."""
+        now = self._clock()
+        with self._transaction() as db:
+            if not self._still_current(db, job):
+                return False
+            db.execute(
+                "UPDATE series SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                (state.value, reason, now, job.id),
+            )
+            self._event(db, job.id, state.value, reason)
+        return True
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def claim_due_deliveries(self, limit: int = 16) -> list[Delivery]:
+        """Take pending deliveries whose time has come (marked ``sending``)."""
+        now = self._clock()
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT d.id, d.series_id, d.destination, d.attempts, d.generation, s.study_uid, s.series_uid,"
+                " s.output_dir FROM deliveries d JOIN series s ON s.id = d.series_id"
+                " WHERE d.state = ? AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
+                (DeliveryState.PENDING.value, now, limit),
+            ).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE deliveries SET state = ?, updated_at = ? WHERE id = ?",
+                    (DeliveryState.SENDING.value, now, row["id"]),
+                )
+        return [
+            Delivery(r["id"], r["series_id"], r["study_uid"], r["series_uid"], r["destination"], r["attempts"],
+                     r["generation"], Path(r["output_dir"]))
+            for r in rows
+        ]
+
+    def delivered(self, delivery: Delivery) -> None:
+        """Record a successful delivery; the series is delivered when all of its are."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = NULL,"
+                " updated_at = ? WHERE id = ? AND state = ?",
+                (DeliveryState.DELIVERED.value, now, now, delivery.id, DeliveryState.SENDING.value),
+            )
+            self._event(db, delivery.series_id, "delivered-to", delivery.destination)
+            self._update_series_after_delivery(db, delivery.series_id, now)
+
+    def delivery_failed(
+        self, delivery: Delivery, reason: str, *, permanent: bool, max_attempts: int, retry_in: float
+    ) -> bool:
+        """Record a failed attempt: retried after *retry_in* seconds, or failed for good.
+
+        Returns True when the delivery is now failed for good.
+        """
+        now = self._clock()
+        attempts = delivery.attempts + 1
+        final = permanent or attempts >= max_attempts
+        state = DeliveryState.FAILED if final else DeliveryState.PENDING
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+                " updated_at = ? WHERE id = ? AND state = ?",
+                (state.value, attempts, now + retry_in, reason, now, delivery.id, DeliveryState.SENDING.value),
+            )
+            what = "failed" if final else f"attempt {attempts} failed, retry in {retry_in:.0f} s"
+            self._event(db, delivery.series_id, "delivery-" + ("failed" if final else "retry"),
+                        f"{delivery.destination}: {what}: {reason}")
+            self._update_series_after_delivery(db, delivery.series_id, now)
+        return final
+
+    def _update_series_after_delivery(self, db: sqlite3.Connection, series_id: int, now: float) -> None:
+        states = [r[0] for r in db.execute("SELECT state FROM deliveries WHERE series_id = ?", (series_id,))]
+        series_state = db.execute("SELECT state FROM series WHERE id = ?", (series_id,)).fetchone()[0]
+        if series_state != SeriesState.DELIVERING.value:
+            return  # re-opened meanwhile: the next processing decides
+        if states and all(s == DeliveryState.DELIVERED.value for s in states):
+            new, error = SeriesState.DELIVERED, None
+        elif any(s == DeliveryState.FAILED.value for s in states) and not any(
+            s in (DeliveryState.PENDING.value, DeliveryState.SENDING.value) for s in states
+        ):
+            failed = db.execute(
+                "SELECT destination, last_error FROM deliveries WHERE series_id = ? AND state = ?",
+                (series_id, DeliveryState.FAILED.value),
+            ).fetchall()
+            new, error = SeriesState.FAILED, "; ".join(f"{r[0]}: {r[1]}" for r in failed)
+        else:
+            return
+        db.execute("UPDATE series SET state = ?, error = ?, updated_at = ? WHERE id = ?", (new.value, error, now, series_id))
+        self._event(db, series_id, new.value, error)
+
+    # -- recovery and operators -----------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """After a restart: work that was in flight goes back to its queue. Returns counts."""
+        now = self._clock()
+        with self._transaction() as db:
+            requeued = db.execute(
+                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
+                (SeriesState.QUEUED.value, now, SeriesState.PROCESSING.value),
+            ).rowcount
+            resent = db.execute(
+                "UPDATE deliveries SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ?",
+                (DeliveryState.PENDING.value, now, now, DeliveryState.SENDING.value),
+            ).rowcount
+        return {"series_requeued": requeued, "deliveries_resumed": resent}
+
+    def retry(self, series_ids: Iterable[int] | None = None) -> int:
+        """Retry failed series (all failed ones when *series_ids* is None); returns how many.
+
+        Failed deliveries are sent again; a series that failed before delivery is processed again.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            if series_ids is None:
+                ids = [r[0] for r in db.execute("SELECT id FROM series WHERE state = ?", (SeriesState.FAILED.value,))]
+            else:
+                ids = list(series_ids)
+            count = 0
+            for series_id in ids:
+                row = db.execute("SELECT state FROM series WHERE id = ?", (series_id,)).fetchone()
+                if row is None or row[0] not in (SeriesState.FAILED.value, SeriesState.UNROUTED.value):
+                    continue
+                failed_deliveries = db.execute(
+                    "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
+                    " WHERE series_id = ? AND state = ?",
+                    (DeliveryState.PENDING.value, now, now, series_id, DeliveryState.FAILED.value),
+                ).rowcount
+                state = SeriesState.DELIVERING if failed_deliveries else SeriesState.QUEUED
+                db.execute("UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE id = ?",
+                           (state.value, now, series_id))
+                self._event(db, series_id, state.value, "retry asked by operator")
+                count += 1
+        return count
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def series(self, series_id: int) -> dict[str, Any] | None:
+        """One series with its deliveries and events, as plain data."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
+            if row is None:
+                return None
+            result = dict(row)
+            result["deliveries"] = [dict(r) for r in self._db.execute(
+                "SELECT destination, state, attempts, last_error, delivered_at, next_attempt_at FROM deliveries"
+                " WHERE series_id = ? ORDER BY destination", (series_id,))]
+            result["events"] = [dict(r) for r in self._db.execute(
+                "SELECT at, state, detail FROM events WHERE series_id = ? ORDER BY id", (series_id,))]
+        return result
+
+    def list_series(self, *, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
+        """The most recently updated series, newest first."""
+        query = "SELECT * FROM series"
+        args: list[Any] = []
+        if state:
+            query += " WHERE state = ?"
+            args.append(state)
+        query += " ORDER BY updated_at DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            return [dict(r) for r in self._db.execute(query, args)]
+
+    def counts(self) -> dict[str, int]:
+        """How many series are in each state."""
+        with self._lock:
+            return {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state")}
+
+    def get_value(self, key: str) -> Any:
+        """A small JSON value kept by name (e.g. a poll watermark), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_value(self, key: str, value: Any) -> None:
+        """Keep a small JSON value by name."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                       (key, json.dumps(value)))

@@ -1,0 +1,273 @@
+"""``dicom-node serve``: the node as one process.
+
+Threads, each with one job, all talking through the job store:
+
+- the pynetdicom SCP (ingest: spool + record, then Success);
+- the assembler (receiving series quiet for ``settle_seconds`` become queued);
+- processing workers (claim a queued series, run its route's pipeline, write outputs);
+- the delivery loop (sends due deliveries, retries with backoff).
+
+Start-up first removes half-written spool files, re-records spooled instances the database does not
+know, and puts in-flight work back in its queue, so a SIGKILL at any moment loses nothing that was
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+
+from node.config import Config, FolderDestination
+from node.imaging.source import UnsupportedImage
+from node.ingest import StoreHandler, build_application_entity
+from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
+from node.process import process_series
+from node.senders import DeliveryError, Sender, sender_for
+from node.series import InputSeries, instance_order, open_images
+from node.spool import Spool
+
+__all__ = ["NodeService"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeService:
+    """The running node: SCP, assembler, workers and delivery, over one spool and job store.
+
+    Parameters
+    ----------
+    config : Config
+        The checked configuration.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        data_dir = config.node.data_dir
+        self.spool = Spool(data_dir / "spool")
+        self.outputs = data_dir / "outputs"
+        self.jobs = JobStore(data_dir / "jobs.sqlite")
+        self.senders: dict[str, Sender] = {
+            name: sender_for(dest) for name, dest in config.destinations.items()
+        }
+        self._stop = threading.Event()
+        self._work = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover, then start the SCP and the background threads; returns at once."""
+        self._recover()
+        for destination in self.config.destinations.values():
+            if isinstance(destination, FolderDestination):
+                try:
+                    destination.path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # delivery retries it; say so now
+                    log.warning("folder destination %s: %s", destination.name, exc)
+        node = self.config.node
+        if node.port:
+            ae = build_application_entity(
+                node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations
+            )
+            handler = StoreHandler(self.spool, self.jobs)
+            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
+            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        self._spawn("assembler", self._assemble_loop)
+        for number in range(node.workers):
+            self._spawn(f"worker-{number + 1}", self._work_loop)
+        self._spawn("delivery", self._delivery_loop)
+        log.info(
+            "node started: data in %s, %d workers, %d routes, destinations: %s",
+            node.data_dir, node.workers, len(self.config.routes),
+            ", ".join(s.describe() for s in self.senders.values()) or "none",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, let running work finish its current step, and close the store."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        with self._work:
+            self._work.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._send_pool.shutdown(wait=True)
+        self.jobs.close()
+        log.info("node stopped")
+
+    def run_forever(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT."""
+        self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def _spawn(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        removed = self.spool.remove_temporaries()
+        known = self.jobs.known_paths()
+        recorded = 0
+        for item in self.spool.walk():
+            if str(item.path) in known:
+                continue
+            try:
+                header = pydicom.dcmread(item.path, stop_before_pixels=True)
+            except Exception as exc:  # a spooled file we cannot read again: keep it, say so
+                log.error("spool file %s cannot be read: %s", item.path, exc)
+                continue
+            self.jobs.record_instance(
+                study_uid=item.study_uid, series_uid=item.series_uid, sop_uid=item.sop_uid,
+                sop_class_uid=str(header.get("SOPClassUID", "")), path=item.path, size=item.size,
+                modality=str(header.get("Modality") or "") or None, received_at=item.path.stat().st_mtime,
+            )
+            recorded += 1
+        counts = self.jobs.recover()
+        log.info(
+            "recovery: %d temporary files removed, %d spooled instances re-recorded, %d series re-queued, "
+            "%d deliveries resumed", removed, recorded, counts["series_requeued"], counts["deliveries_resumed"],
+        )
+
+    # -- series assembly --------------------------------------------------------------------------
+
+    def _assemble_loop(self) -> None:
+        settle = self.config.node.settle_seconds
+        interval = min(1.0, settle / 4)
+        while not self._stop.wait(interval):
+            try:
+                ready = self.jobs.settle(settle)
+            except Exception:
+                log.exception("series assembly failed; retrying")
+                continue
+            if ready:
+                log.info("%d series settled and queued", len(ready))
+                self._wake()
+
+    # -- processing -----------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs.claim_next()
+            except Exception:
+                log.exception("cannot claim work from the job store")
+                job = None
+            if job is None:
+                with self._work:
+                    self._work.wait(timeout=1.0)
+                continue
+            try:
+                self.process(job)
+            except Exception as exc:  # a bug must not kill the worker: the series fails, visibly
+                log.exception("series %s: processing crashed", job.series_uid)
+                self._fail(job, f"processing crashed: {type(exc).__name__}: {exc}")
+
+    def process(self, job: SeriesJob) -> None:
+        """Route, process and schedule delivery of one claimed series."""
+        images, failures = open_images(job.instance_paths)
+        for failure in failures:
+            log.error("series %s: %s", job.series_uid, failure)
+        if not images:
+            reason = "; ".join(f.reason for f in failures[:3]) or "no instances"
+            self._fail(job, f"no processable instance: {reason}")
+            return
+        route = self.config.route_for(images[0].header)
+        if route is None:
+            first = images[0].header
+            reason = f"no route matches (Modality {first.get('Modality')}, SOP Class {first.get('SOPClassUID')})"
+            log.warning("series %s kept unrouted: %s", job.series_uid, reason)
+            self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
+            return
+        pipeline = self.config.pipelines[route.pipeline]
+        series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
+        log.info("series %s: %d instances -> pipeline %s", job.series_uid, len(series.images), pipeline.name)
+        result = process_series(series, pipeline, self.outputs, now=datetime.datetime.now().astimezone())
+        failures.extend(result.failures)
+        if not result.outputs:
+            reason = "; ".join(f.reason for f in failures[:3])
+            self._fail(job, f"no output: {reason}")
+            return
+        error = f"{len(failures)} instances failed: {failures[0].reason}" if failures else None
+        scheduled = self.jobs.processed(
+            job, route=route.pipeline, pipeline=pipeline.name,
+            output_dir=self.outputs / job.study_uid / result.derived_series_uid,
+            outputs=len(result.outputs), destinations=route.destinations, seconds=result.seconds, error=error,
+        )
+        log.info(
+            "series %s -> %s: %d outputs in %.2f s%s", job.series_uid, result.derived_series_uid,
+            len(result.outputs), result.seconds, "" if scheduled else " (new instances came: will run again)",
+        )
+
+    def _fail(self, job: SeriesJob, reason: str) -> None:
+        log.error("series %s failed: %s", job.series_uid, reason)
+        self.jobs.set_outcome(job, SeriesState.FAILED, reason)
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _delivery_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                due = self.jobs.claim_due_deliveries()
+            except Exception:
+                log.exception("cannot read deliveries from the job store")
+                continue
+            for future in [self._send_pool.submit(self.deliver, d) for d in due]:
+                future.result()
+
+    def deliver(self, delivery: Delivery) -> None:
+        """One attempt at one delivery, recorded in the job store."""
+        sender = self.senders.get(delivery.destination)
+        if sender is None:
+            self.jobs.delivery_failed(delivery, f"destination {delivery.destination!r} is not configured",
+                                      permanent=True, max_attempts=1, retry_in=0)
+            return
+        files = sorted(
+            p for p in delivery.output_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+        ) if delivery.output_dir.is_dir() else []
+        if not files:
+            self.jobs.delivery_failed(delivery, f"no output files in {delivery.output_dir}",
+                                      permanent=True, max_attempts=1, retry_in=0)
+            return
+        try:
+            sender.send(files, study_uid=delivery.study_uid, series_uid=delivery.output_dir.name)
+        except DeliveryError as exc:
+            policy = self.config.delivery
+            final = self.jobs.delivery_failed(
+                delivery, exc.reason, permanent=exc.permanent, max_attempts=policy.max_attempts,
+                retry_in=policy.delay(delivery.attempts + 1),
+            )
+            level = logging.ERROR if final else logging.WARNING
+            log.log(level, "delivery of %s to %s %s: %s", delivery.series_uid, delivery.destination,
+                    "failed for good" if final else "failed, will retry", exc.reason)
+            return
+        except Exception as exc:  # an unexpected sender bug is retried like a transient failure
+            log.exception("delivery of %s to %s crashed", delivery.series_uid, delivery.destination)
+            self.jobs.delivery_failed(delivery, f"{type(exc).__name__}: {exc}", permanent=False,
+                                      max_attempts=self.config.delivery.max_attempts,
+                                      retry_in=self.config.delivery.delay(delivery.attempts + 1))
+            return
+        self.jobs.delivered(delivery)
+        log.info("series %s delivered to %s: %d files", delivery.series_uid, delivery.destination, len(files))
+

@@ -1,0 +1,107 @@
+"""The on-disk spool: every received instance, durable before it is acknowledged.
+
+Layout: ``<data_dir>/spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.  Each file is written
+to a temporary name, fsync'd, renamed into place and its folder fsync'd, so after a crash a file
+is either whole or absent.  UIDs are checked before they become path components: a UID such as
+``../../x`` is refused and nothing is written outside the spool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.fsutil import atomic_output
+
+__all__ = ["InvalidUID", "Spool", "SpooledInstance", "check_uid"]
+
+# PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a valid DICOM UID (so it is never used as a file name)."""
+
+
+def check_uid(value: object, keyword: str) -> str:
+    """Return *value* as a UID string, or raise :class:`InvalidUID` naming *keyword*."""
+    text = str(value or "").strip().rstrip("\x00")
+    if not text or len(text) > 64 or not _UID.match(text):
+        raise InvalidUID(f"{keyword} {text[:80]!r} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """Where one received instance lives in the spool."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    path: Path
+    size: int
+
+
+class Spool:
+    """The spool folder under *root*; thread-safe (each write is its own temporary file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The spool path of an instance; every UID is checked first."""
+        return (
+            self.root
+            / check_uid(study_uid, "Study Instance UID (0020,000D)")
+            / check_uid(series_uid, "Series Instance UID (0020,000E)")
+            / f"{check_uid(sop_uid, 'SOP Instance UID (0008,0018)')}.dcm"
+        )
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> SpooledInstance:
+        """Write an instance durably (fsync'd, atomic rename) and return where it is.
+
+        Raises
+        ------
+        InvalidUID
+            A UID that cannot be a file name.
+        OSError
+            The disk refused (full, read-only): nothing is left behind.
+        """
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        size = 0
+        with atomic_output(path) as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                size += len(chunk)
+        return SpooledInstance(study_uid, series_uid, sop_uid, path, size)
+
+    def series_folder(self, study_uid: str, series_uid: str) -> Path:
+        """The folder holding one series."""
+        return self.root / check_uid(study_uid, "Study Instance UID") / check_uid(series_uid, "Series Instance UID")
+
+    def walk(self) -> Iterator[SpooledInstance]:
+        """Every instance file in the spool (for reconciling the job store after a crash)."""
+        for study in sorted(self.root.iterdir()) if self.root.exists() else ():
+            if not study.is_dir():
+                continue
+            for series in sorted(study.iterdir()):
+                if not series.is_dir():
+                    continue
+                for entry in sorted(series.iterdir()):
+                    if entry.suffix == ".dcm" and not entry.name.startswith("."):
+                        yield SpooledInstance(study.name, series.name, entry.stem, entry, entry.stat().st_size)
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a crash left half-written; returns how many."""
+        removed = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass
+        return removed
+

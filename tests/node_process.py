@@ -1,0 +1,132 @@
+"""Run ``dicom-node serve`` as a real process for tests, and build test series from real files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from tests.peers import echoscu, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class NodeProcess:
+    """``dicom-node serve --config FILE`` in its own process group, logging to a file."""
+
+    def __init__(self, config_text: str, workdir: Path, *, ae_title: str = "DICOMNODE", port: int) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "node.toml"
+        self.config_path.write_text(config_text)
+        self.log_path = workdir / "node.log"
+        self.ae_title = ae_title
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> NodeProcess:
+        """Start and wait until it answers C-ECHO."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dicom-node exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if echoscu("127.0.0.1", self.port, called_aet=self.ae_title).returncode == 0:
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"dicom-node did not answer C-ECHO in {timeout} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        """Everything the node logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an operator's kill -9 would."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, grace: float = 20) -> None:
+        """SIGTERM and wait (SIGKILL after *grace* seconds)."""
+        if not self.alive():
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def node_config(data_dir: Path, port: int, *, extra: str = "", settle: float = 1.0, ae_title: str = "DICOMNODE",
+                allowed: str = "[]") -> str:
+    """A node config on 127.0.0.1 with a fast settle time; *extra* adds pipelines/destinations/routes."""
+    return f"""
+[node]
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+data_dir = "{data_dir}"
+allowed_calling_aets = {allowed}
+settle_seconds = {settle}
+workers = 2
+[http]
+host = "127.0.0.1"
+port = {free_port()}
+[delivery]
+max_attempts = 20
+backoff_seconds = 0.5
+max_backoff_seconds = 2.0
+{extra}
+"""
+
+
+def copy_as_series(sources: list[Path], out_dir: Path, *, tweak: Callable[[pydicom.Dataset, int], None] | None = None) -> list[Path]:
+    """Copies of real files as one new series (new Study/Series/SOP UIDs), numbered 1..n."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number, src in enumerate(sources, start=1):
+        ds = pydicom.dcmread(src)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number
+        if tweak:
+            tweak(ds, number)
+        path = out_dir / f"{number:04d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> object:
+    """Poll *condition* until truthy; fail naming *what* with the node's log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- node log ---\n{log()[-4000:]}")

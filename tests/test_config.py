@@ -1,0 +1,700 @@
+"""The service configuration: embedded default, shipped files, errors with file:line: key, routing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+
+from node.config import (
+    BasicAuth,
+    BearerAuth,
+    Config,
+    ConfigError,
+    DeliverySettings,
+    DicomDestination,
+    DicomWebDestination,
+    FolderDestination,
+    NodeSettings,
+    Route,
+    load_config,
+)
+from node.pipeline import Channels, OutputFormat, WindowSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# [node] and [http]: 12 lines, then a blank line; the sections under test follow from line 14.
+HEAD = """\
+[node]
+ae_title = "DICOMNODE"
+host = "0.0.0.0"
+port = 11112
+data_dir = "var"
+allowed_calling_aets = []
+max_associations = 10
+settle_seconds = 10.0
+
+[http]
+host = "127.0.0.1"
+port = 8080
+
+"""
+
+TAIL = """\
+[[pipelines]]
+name = "default"
+steps = [{ op = "rescale" }]
+
+[[destinations]]
+name = "folder"
+kind = "folder"
+path = "out"
+
+[[routes]]
+match = {}
+pipeline = "default"
+destinations = ["folder"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    return load_config(write(tmp_path, text))
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    return str(info.value)
+
+
+def marked_line(text: str) -> int:
+    """The line that carries the ``# <-`` marker (found independently of the code under test)."""
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if "# <-" in line]
+    assert len(lines) == 1, "mark exactly one line with # <-"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- good files
+
+
+def test_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None)
+    assert config.source == "<embedded default>"
+    node = config.node
+    assert (node.ae_title, node.host, node.port) == ("DICOMNODE", "0.0.0.0", 11112)
+    assert node.data_dir == tmp_path / "var"  # relative to the working directory
+    assert node.allowed_calling_aets == ()
+    assert node.max_associations == 10
+    assert node.settle_seconds == 10.0
+    assert node.workers == min(4, os.cpu_count() or 1)
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
+    assert config.delivery == DeliverySettings(8, 2.0, 300.0)
+    assert list(config.pipelines) == ["default"]
+    pipeline = config.pipelines["default"]
+    assert pipeline.rescale and not pipeline.grey
+    assert pipeline.display is None and pipeline.clip is None
+    assert pipeline.output is OutputFormat.SC
+    assert dict(config.destinations) == {"folder": FolderDestination("folder", tmp_path / "var" / "out")}
+    assert config.routes == (Route(match=(), pipeline="default", destinations=("folder",)),)
+    assert config.route_for(Dataset()) is config.routes[0]
+
+
+def test_config_is_read_only() -> None:
+    config = load_config(None)
+    with pytest.raises(AttributeError):
+        config.node.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.pipelines["x"] = config.pipelines["default"]  # type: ignore[index]
+
+
+def test_shipped_node_toml_matches_the_default() -> None:
+    path = ROOT / "config" / "node.toml"
+    config = load_config(path)
+    default = load_config(None)
+    assert config.source == str(path)
+    assert config.node.data_dir == path.parent / "var"  # relative to the file's folder
+    for field in ("ae_title", "host", "port", "allowed_calling_aets", "max_associations", "settle_seconds"):
+        assert getattr(config.node, field) == getattr(default.node, field)
+    assert config.http == default.http
+    assert config.delivery == default.delivery
+    assert config.pipelines["default"] == default.pipelines["default"]
+    assert config.destinations["folder"] == FolderDestination("folder", path.parent / "var" / "out")
+    assert config.routes == default.routes
+    channels = config.pipelines["ct-channels"].display
+    assert isinstance(channels, Channels)
+    assert [w.name for w in channels.windows] == ["brain", "subdural", "brain_bone"]
+    soft = config.pipelines["ct-soft"].display
+    assert isinstance(soft, WindowSpec) and soft.name == "mediastinum"
+
+
+def test_shipped_orthanc_toml() -> None:
+    config = load_config(ROOT / "config" / "orthanc.toml")
+    assert config.destinations["orthanc"] == DicomDestination("orthanc", "127.0.0.1", 4242, "ORTHANC", "DICOMNODE")
+    ct, mr = Dataset(), Dataset()
+    ct.Modality, mr.Modality = "CT", "MR"
+    ct_route, other = config.route_for(ct), config.route_for(mr)
+    assert ct_route is not None and other is not None
+    assert (ct_route.pipeline, ct_route.destinations) == ("ct-soft", ("orthanc",))
+    assert (other.pipeline, other.destinations) == ("default", ("folder",))
+    assert config.pipelines["ct-soft"].display.name == "mediastinum"  # type: ignore[union-attr]
+
+
+def test_full_example(tmp_path: Path) -> None:
+    config = load_text(tmp_path, """\
+[node]
+ae_title = " NODE "
+host = "::"
+port = 0
+data_dir = "/srv/dicom-node"
+allowed_calling_aets = ["CT01", "MR 2"]
+max_associations = 3
+settle_seconds = 2
+workers = 7
+[http]
+host = "0.0.0.0"
+port = 9000
+[delivery]
+max_attempts = 1
+backoff_seconds = 0.5
+max_backoff_seconds = 0.5
+[[pipelines]]
+name = "ct-soft"
+steps = [{ op = "rescale" }, { op = "window", preset = "mediastinum" }]
+output = "png16"
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "pacs.example.org"
+port = 104
+ae_title = "PACS"
+calling_ae_title = "ME"
+[[destinations]]
+name = "archive"
+kind = "dicomweb"
+url = "https://archive.example.org/dicom-web"
+auth = { kind = "bearer", token_env = "ARCHIVE_TOKEN" }
+timeout_seconds = 5
+[[destinations]]
+name = "web2"
+kind = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web"
+[destinations.auth]
+kind = "basic"
+username = "orthanc"
+password_env = "ORTHANC_PW"
+[[destinations]]
+name = "out"
+kind = "folder"
+path = "results/out"
+[[routes]]
+match = { Modality = ["CT", "PT"], SeriesDescription = "*soft*" }
+pipeline = "ct-soft"
+destinations = ["pacs", "archive", "web2", "out"]
+[[routes]]
+match = {}
+pipeline = "ct-soft"
+destinations = []
+""")
+    node = config.node
+    assert node.ae_title == "NODE" and node.port == 0 and node.workers == 7
+    assert node.data_dir == Path("/srv/dicom-node")
+    assert node.allowed_calling_aets == ("CT01", "MR 2")
+    assert node.settle_seconds == 2.0 and isinstance(node.settle_seconds, float)
+    assert config.delivery == DeliverySettings(1, 0.5, 0.5)
+    assert config.pipelines["ct-soft"].output is OutputFormat.PNG16
+    assert config.destinations["pacs"] == DicomDestination("pacs", "pacs.example.org", 104, "PACS", "ME")
+    assert config.destinations["archive"] == DicomWebDestination(
+        "archive", "https://archive.example.org/dicom-web", BearerAuth("ARCHIVE_TOKEN"), 5.0
+    )
+    web2 = config.destinations["web2"]
+    assert isinstance(web2, DicomWebDestination)
+    assert web2.auth == BasicAuth("orthanc", "ORTHANC_PW") and web2.timeout_seconds == 30.0
+    assert config.destinations["out"] == FolderDestination("out", tmp_path / "results" / "out")
+    assert list(config.destinations) == ["pacs", "archive", "web2", "out"]
+    assert config.routes[0].match == (("Modality", ("CT", "PT")), ("SeriesDescription", ("*soft*",)))
+    assert config.routes[1].destinations == ()
+
+
+def test_settings_default_to_the_embedded_values(tmp_path: Path) -> None:
+    """[node], [http] and [delivery] may be left out, wholly or key by key."""
+    default = load_config(None)
+    config = load_text(tmp_path, "[delivery]\nmax_attempts = 3\n" + TAIL)
+    assert config.node == NodeSettings(**{**vars(default.node), "data_dir": tmp_path / "var"})
+    assert config.http == default.http
+    assert config.delivery == DeliverySettings(3, 2.0, 300.0)
+
+
+def test_no_routes_is_valid(tmp_path: Path) -> None:
+    """A node without routes receives and spools; nothing is processed."""
+    config = load_text(tmp_path, HEAD)
+    assert config.routes == () and not config.pipelines and not config.destinations
+    assert config.route_for(Dataset()) is None
+
+
+def test_delivery_delay_doubles_up_to_the_ceiling() -> None:
+    delivery = DeliverySettings(max_attempts=8, backoff_seconds=2.0, max_backoff_seconds=300.0)
+    assert [delivery.delay(n) for n in range(1, 10)] == [2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert delivery.delay(5000) == 300.0
+
+
+# --------------------------------------------------------------------------- errors
+
+ERRORS = [
+    # (id, text with the faulty line marked "# <-", key as printed, part of the message)
+    ("port-text", HEAD.replace("port = 11112", 'port = "abc" # <-') + TAIL,
+     "node.port", 'must be a whole number 0-65535 (0: no plain listener), got "abc"'),
+    ("port-range", HEAD.replace("port = 11112", "port = 70000 # <-") + TAIL,
+     "node.port", "got 70000"),
+    ("port-bool", HEAD.replace("port = 8080", "port = true # <-") + TAIL,
+     "http.port", "must be a whole number 1-65535, got true"),
+    ("http-port-zero", HEAD.replace("port = 8080", "port = 0 # <-") + TAIL,
+     "http.port", "must be a whole number 1-65535, got 0"),
+    ("ae-long", HEAD.replace('ae_title = "DICOMNODE"', 'ae_title = "ABCDEFGHIJKLMNOPQ" # <-') + TAIL,
+     "node.ae_title", "not a valid AE title: must be at most 16 characters, got 17"),
+    ("ae-backslash", HEAD.replace('ae_title = "DICOMNODE"', 'ae_title = "A\\\\B" # <-') + TAIL,
+     "node.ae_title", "must not contain a backslash"),
+    ("ae-spaces", HEAD.replace('ae_title = "DICOMNODE"', 'ae_title = "   " # <-') + TAIL,
+     "node.ae_title", "must not be all spaces"),
+    ("ae-control", HEAD.replace('ae_title = "DICOMNODE"', 'ae_title = "A\\tB" # <-') + TAIL,
+     "node.ae_title", "control characters"),
+    ("calling-aets", HEAD.replace("allowed_calling_aets = []", 'allowed_calling_aets = [\n  "OK",\n  "",  # <-\n]')
+     + TAIL, "node.allowed_calling_aets[2]", "not a valid AE title: must not be empty"),
+    ("settle-zero", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 0 # <-") + TAIL,
+     "node.settle_seconds", "must be a number > 0, got 0"),
+    ("settle-nan", HEAD.replace("settle_seconds = 10.0", "settle_seconds = nan # <-") + TAIL,
+     "node.settle_seconds", "must be a number > 0"),
+    ("workers", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nworkers = 0 # <-") + TAIL,
+     "node.workers", "must be a whole number >= 1, got 0"),
+    ("data-dir", HEAD.replace('data_dir = "var"', "data_dir = 3 # <-") + TAIL,
+     "node.data_dir", "must be a non-empty string, got 3"),
+    ("missing-key-header-line", HEAD + """\
+[[pipelines]] # <-
+name = "default"
+output = "sc"
+""" + TAIL[TAIL.index("[[destinations]]"):],
+     'pipelines[1] (name "default").steps', "missing (required)"),
+    ("unknown-key", HEAD.replace("max_associations = 10", "max_asociations = 10 # <-") + TAIL,
+     "node.max_asociations", "unknown key (did you mean 'max_associations'?); allowed keys: ae_title, host, "
+     "port, data_dir, allowed_calling_aets, max_associations, settle_seconds, workers"),
+    ("unknown-table", HEAD + "[[destination]] # <-\nname = \"x\"\n" + TAIL,
+     "destination", "unknown key (did you mean 'destinations'?)"),
+    ("table-not-table", "http = 8080 # <-\n" + HEAD.split("[http]")[0] + TAIL,
+     "http", "must be a table, got 8080"),
+    ("delivery-ceiling", HEAD + "[delivery]\nmax_attempts = 3\nbackoff_seconds = 10\nmax_backoff_seconds = 5 # <-\n"
+     + TAIL, "delivery.max_backoff_seconds", "must be >= backoff_seconds (10), got 5"),
+    ("delivery-attempts", HEAD + "[delivery]\nmax_attempts = 0 # <-\nbackoff_seconds = 1\nmax_backoff_seconds = 5\n"
+     + TAIL, "delivery.max_attempts", "must be a whole number >= 1, got 0"),
+    ("second-destination-port", HEAD + """\
+[[pipelines]]
+name = "default"
+steps = [{ op = "rescale" }]
+[[destinations]]
+name = "folder"
+kind = "folder"
+path = "out"
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = "abc" # <-
+ae_title = "ORTHANC"
+[[routes]]
+match = {}
+pipeline = "default"
+destinations = ["pacs"]
+""", 'destinations[2] (name "pacs").port', 'must be a whole number 1-65535, got "abc"'),
+    ("destination-missing-key", HEAD + """\
+[[pipelines]]
+name = "default"
+steps = [{ op = "rescale" }]
+[[destinations]]
+name = "folder"
+kind = "folder"
+path = "out"
+[[destinations]] # <-
+name = "pacs"
+kind = "dicom"
+port = 4242
+ae_title = "ORTHANC"
+""", 'destinations[2] (name "pacs").host', "missing (required)"),
+    ("destination-kind", HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "dimse" # <-
+""" + TAIL, 'destinations[1] (name "pacs").kind', 'must be one of dicom, dicomweb, folder, got "dimse"'),
+    ("destination-kind-typo", HEAD + """\
+[[destinations]]
+name = "pacs"
+knid = "dicom" # <-
+""" + TAIL, 'destinations[1] (name "pacs").knid', "unknown key (did you mean 'kind'?)"),
+    ("destination-key-of-other-kind", HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "folder"
+path = "x"
+url = "http://x" # <-
+""" + TAIL, 'destinations[1] (name "pacs").url', "unknown key; allowed keys: name, kind, path"),
+    ("destination-url", HEAD + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "ftp://host/dicom-web" # <-
+""" + TAIL, 'destinations[1] (name "web").url', 'must be an http:// or https:// URL, got "ftp://host/dicom-web"'),
+    ("destination-calling-ae", HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "h"
+port = 104
+ae_title = "PACS"
+calling_ae_title = "" # <-
+""" + TAIL, 'destinations[1] (name "pacs").calling_ae_title', "not a valid AE title"),
+    ("destination-name", HEAD + """\
+[[destinations]]
+name = "my pacs" # <-
+kind = "folder"
+path = "x"
+""" + TAIL, "destinations[1] (name \"my pacs\").name", "must be 1-64 letters"),
+    ("duplicate-destination", HEAD + TAIL + """\
+[[destinations]]
+name = "folder" # <-
+kind = "folder"
+path = "other"
+""", 'destinations[2] (name "folder").name', 'duplicate name "folder" (also at line 19)'),
+    ("auth-inline-kind", HEAD + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+auth = { kind = "digest", username = "u" } # <-
+""" + TAIL, 'destinations[1] (name "web").auth.kind', 'must be one of basic, bearer, got "digest"'),
+    ("auth-inline-missing", HEAD + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+auth = { kind = "basic", username = "u" } # <-
+""" + TAIL, 'destinations[1] (name "web").auth.password_env', "missing (required)"),
+    ("auth-inline-unknown", HEAD + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+auth = { kind = "bearer", token = "secret" } # <-
+""" + TAIL, 'destinations[1] (name "web").auth.token',
+     "unknown key (did you mean 'token_env'?); allowed keys: kind, token_env"),
+    ("auth-subtable", HEAD + TAIL + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+[destinations.auth]
+kind = "basic"
+username = "u"
+password_env = "NOT A NAME" # <-
+""", 'destinations[2] (name "web").auth.password_env', "must name an environment variable"),
+    ("timeout", HEAD + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+timeout_seconds = -1 # <-
+""" + TAIL, 'destinations[1] (name "web").timeout_seconds', "must be a number > 0, got -1"),
+    ("pipeline-steps", HEAD + """\
+[[pipelines]]
+name = "ct"
+steps = [ # <-
+    { op = "rescale" },
+    { op = "window", preset = "nope" },
+]
+""" + TAIL, 'pipelines[1] (name "ct").steps', "pipeline 'ct' step 2: unknown preset 'nope'"),
+    ("pipeline-order", HEAD + """\
+[[pipelines]]
+name = "ct"
+steps = [{ op = "window", preset = "brain" }, { op = "rescale" }] # <-
+""" + TAIL, 'pipelines[1] (name "ct").steps', "pipeline 'ct' step 2: rescale must come before display"),
+    ("pipeline-channels-16-bit", HEAD + """\
+[[pipelines]]
+name = "rgb"
+steps = [{ op = "channels", windows = ["brain", "subdural"] }] # <-
+output = "png16"
+""" + TAIL, 'pipelines[1] (name "rgb").steps', "8-bit only"),
+    ("pipeline-steps-not-list", HEAD + """\
+[[pipelines]]
+name = "ct"
+steps = "rescale" # <-
+""" + TAIL, 'pipelines[1] (name "ct").steps', 'must be a list of steps'),
+    ("pipeline-output", HEAD + """\
+[[pipelines]]
+name = "ct"
+steps = [{ op = "rescale" }]
+output = "jpeg" # <-
+""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, got "jpeg"'),
+    ("duplicate-pipeline", HEAD + TAIL + """\
+[[pipelines]]
+name = "default" # <-
+steps = []
+""", 'pipelines[2] (name "default").name', 'duplicate name "default" (also at line 15)'),
+    ("route-pipeline", HEAD + TAIL + """\
+[[routes]]
+match = { Modality = "CT" }
+pipeline = "ct-soft" # <-
+destinations = ["folder"]
+""", "routes[2].pipeline", 'unknown pipeline "ct-soft"; defined: default'),
+    ("route-destination", HEAD + TAIL + """\
+[[routes]]
+match = { Modality = "CT" }
+pipeline = "default"
+destinations = [
+    "folder",
+    "pacs", # <-
+]
+""", "routes[2].destinations[2]", 'unknown destination "pacs"; defined: folder'),
+    ("route-destination-twice", HEAD + TAIL + """\
+[[routes]]
+match = {}
+pipeline = "default"
+destinations = ["folder", "folder"] # <-
+""", "routes[2].destinations[2]", 'destination "folder" is listed twice'),
+    ("route-keyword", HEAD + TAIL + """\
+[[routes]]
+match = { Modalty = "CT" } # <-
+pipeline = "default"
+destinations = ["folder"]
+""", "routes[2].match.Modalty", "\"Modalty\" is not a DICOM keyword; did you mean 'Modality'?"),
+    ("route-keyword-subtable", HEAD + TAIL + """\
+[[routes]]
+pipeline = "default"
+destinations = ["folder"]
+[routes.match]
+Modality = "CT"
+SeriesDescrption = "x" # <-
+""", "routes[2].match.SeriesDescrption", "is not a DICOM keyword"),
+    ("route-sequence", HEAD + TAIL + """\
+[[routes]]
+match = { ReferencedImageSequence = "x" } # <-
+pipeline = "default"
+destinations = ["folder"]
+""", "routes[2].match.ReferencedImageSequence", "its VR SQ has no text value"),
+    ("route-pattern-type", HEAD + TAIL + """\
+[[routes]]
+match = { Modality = [
+    "CT",
+    1.5, # <-
+] }
+pipeline = "default"
+destinations = ["folder"]
+""", "routes[2].match.Modality[2]", "must be a string (glob pattern), a whole number or a list of them, got 1.5"),
+    ("route-match-missing", HEAD + TAIL + """\
+[[routes]] # <-
+pipeline = "default"
+destinations = ["folder"]
+""", "routes[2].match", "missing (required)"),
+    ("route-unknown-key", HEAD + TAIL + """\
+[[routes]]
+match = {}
+pipeline = "default"
+destination = ["folder"] # <-
+""", "routes[2].destination", "unknown key (did you mean 'destinations'?); allowed keys: match, pipeline, "
+     "destinations"),
+    ("multi-line-string-before", HEAD + '''\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = """
+not a real
+host name"""
+port = 0 # <-
+ae_title = "X"
+''' + TAIL, 'destinations[1] (name "pacs").port', "got 0"),
+    ("dotted-key", HEAD + TAIL + """\
+[[destinations]]
+name = "web"
+kind = "dicomweb"
+url = "http://h"
+auth.kind = "basic"
+auth.username = "u:v" # <-
+auth.password_env = "PW"
+""", 'destinations[2] (name "web").auth.username', "must not contain ':'"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_error_names_file_line_and_key(tmp_path: Path, text: str, key: str, message: str) -> None:
+    path = tmp_path / "node.toml"
+    expected_line = marked_line(text)
+    error = error_of(tmp_path, text)
+    prefix = f"{path}:{expected_line}: {key}: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error
+
+
+def test_error_line_numbers_written_out(tmp_path: Path) -> None:
+    """The example from the docs, with the line counted by hand."""
+    text = HEAD + TAIL + '[[destinations]]\nname = "pacs"\nkind = "dicom"\nhost = "h"\nport = "abc"\nae_title = "A"\n'
+    assert text.splitlines()[30] == 'port = "abc"'
+    error = error_of(tmp_path, text)
+    assert error == (f'{tmp_path / "node.toml"}:31: destinations[2] (name "pacs").port: '
+                     'must be a whole number 1-65535, got "abc"')
+
+
+def test_relative_source_is_kept_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, HEAD.replace("port = 11112", "port = -1") + TAIL)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^node\.toml:4: node\.port: "):
+        load_config("node.toml")
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    text = HEAD + "[[pipelines]]\nname = \"default\"\nsteps = [{ op = \"rescale\" }\n" + TAIL
+    error = error_of(tmp_path, text)
+    # tomllib notices the unclosed array on the next line, and says so
+    assert error == f"{tmp_path / 'node.toml'}:17: TOML syntax error: Unclosed array (at line 17, column 1)"
+
+
+def test_toml_duplicate_key_is_a_syntax_error(tmp_path: Path) -> None:
+    error = error_of(tmp_path, HEAD.replace("port = 11112", "port = 11112\nport = 104") + TAIL)
+    assert error.startswith(f"{tmp_path / 'node.toml'}:5: TOML syntax error: ")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        load_config(tmp_path / "missing.toml")
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[node]\nae_title = "\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml:2: not UTF-8"):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def route(match: dict[str, object], tmp_path: Path) -> Route:
+    """A route built through the loader, so the checks and conversions apply."""
+    items = ", ".join(f"{k} = {_toml(v)}" for k, v in match.items())
+    text = HEAD + TAIL + f'[[routes]]\nmatch = {{ {items} }}\npipeline = "default"\ndestinations = []\n'
+    return load_text(tmp_path, text).routes[1]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\") + '"'
+    return str(value)
+
+
+def dataset(**elements: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_route_glob(tmp_path: Path) -> None:
+    r = route({"SeriesDescription": "*HEAD*"}, tmp_path)
+    assert r.matches(dataset(SeriesDescription="CT HEAD W/O"))
+    assert not r.matches(dataset(SeriesDescription="ct head"))  # case-sensitive
+    assert not r.matches(dataset(SeriesDescription="CHEST"))
+
+
+def test_route_list_is_any_and_keywords_are_all(tmp_path: Path) -> None:
+    r = route({"Modality": ["CT", "PT"], "BodyPartExamined": "HEAD"}, tmp_path)
+    assert r.matches(dataset(Modality="PT", BodyPartExamined="HEAD"))
+    assert r.matches(dataset(Modality="CT", BodyPartExamined="HEAD"))
+    assert not r.matches(dataset(Modality="MR", BodyPartExamined="HEAD"))
+    assert not r.matches(dataset(Modality="CT", BodyPartExamined="CHEST"))
+
+
+def test_route_missing_attribute_matches_only_empty_pattern(tmp_path: Path) -> None:
+    assert not route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(Modality="CT"))
+    optional = route({"BodyPartExamined": ["HEAD", ""]}, tmp_path)
+    assert optional.matches(dataset(Modality="CT"))
+    assert optional.matches(dataset(BodyPartExamined="HEAD"))
+    assert not optional.matches(dataset(BodyPartExamined="CHEST"))
+    # present but empty is the empty text, which "*" matches
+    assert route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(BodyPartExamined=""))
+
+
+def test_route_multi_valued(tmp_path: Path) -> None:
+    ds = dataset(ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+    assert route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path).matches(ds)
+    assert route({"ImageType": "*\\AXIAL"}, tmp_path).matches(ds)
+    assert not route({"ImageType": "DERIVED*"}, tmp_path).matches(ds)
+    assert not route({"ImageType": "ORIGINAL"}, tmp_path).matches(ds)
+
+
+def test_route_numbers_and_names(tmp_path: Path) -> None:
+    assert route({"EchoNumbers": 2}, tmp_path).matches(dataset(EchoNumbers=2))
+    assert route({"PatientName": "Doe^*"}, tmp_path).matches(dataset(PatientName="Doe^John"))
+    assert route({"SliceThickness": "0.625"}, tmp_path).matches(dataset(SliceThickness="0.625"))
+
+
+def test_empty_match_takes_everything_and_first_route_wins(tmp_path: Path) -> None:
+    text = HEAD + TAIL.replace("[[routes]]", '[[routes]]\nmatch = { Modality = "CT" }\npipeline = "default"\n'
+                               'destinations = []\n[[routes]]')
+    config = load_text(tmp_path, text)
+    ct, mr = config.route_for(dataset(Modality="CT")), config.route_for(dataset(Modality="MR"))
+    assert ct is config.routes[0] and ct.destinations == ()
+    assert mr is config.routes[1] and mr.destinations == ("folder",)
+    assert config.route_for(Dataset()) is config.routes[1]
+
+
+def test_no_route_matches(tmp_path: Path) -> None:
+    config = load_text(tmp_path, HEAD + TAIL.replace("match = {}", 'match = { Modality = "CT" }'))
+    assert config.route_for(dataset(Modality="MR")) is None
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_auth_reads_the_environment_when_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_NODE_PW", raising=False)
+    monkeypatch.delenv("TEST_NODE_TOKEN", raising=False)
+    text = HEAD + TAIL + """\
+[[destinations]]
+name = "basic"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+auth = { kind = "basic", username = "orthanc", password_env = "TEST_NODE_PW" }
+[[destinations]]
+name = "bearer"
+kind = "dicomweb"
+url = "https://h/dicom-web"
+auth = { kind = "bearer", token_env = "TEST_NODE_TOKEN" }
+"""
+    config = load_text(tmp_path, text)  # unset variables are fine at load time
+    basic, bearer = config.destinations["basic"].auth, config.destinations["bearer"].auth  # type: ignore[union-attr]
+    assert isinstance(basic, BasicAuth) and isinstance(bearer, BearerAuth)
+    path = tmp_path / "node.toml"
+    with pytest.raises(ConfigError) as info:
+        basic.resolve()
+    assert str(info.value) == (f'{path}:31: destinations[2] (name "basic").auth.password_env: '
+                               "environment variable TEST_NODE_PW (password for basic auth) is not set")
+    with pytest.raises(ConfigError, match=r":36: .*environment variable TEST_NODE_TOKEN \(bearer token\) is not set"):
+        bearer.resolve()
+    monkeypatch.setenv("TEST_NODE_TOKEN", "")
+    with pytest.raises(ConfigError, match="TEST_NODE_TOKEN .* is empty"):
+        bearer.resolve()
+    monkeypatch.setenv("TEST_NODE_PW", "s3cret")
+    monkeypatch.setenv("TEST_NODE_TOKEN", "tok")
+    assert basic.resolve() == ("orthanc", "s3cret")
+    assert bearer.resolve() == "tok"
+    monkeypatch.setenv("TEST_NODE_TOKEN", "rotated")  # read at use time, not cached
+    assert bearer.resolve() == "rotated"
+    assert "s3cret" not in repr(config)
+
+
+def test_auth_made_directly_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_NODE_NOPE", raising=False)
+    with pytest.raises(ConfigError, match="^environment variable TEST_NODE_NOPE"):
+        BearerAuth("TEST_NODE_NOPE").resolve()
