@@ -18,14 +18,11 @@ import datetime
 import logging
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pydicom
 
 from node.config import Config, FolderDestination
-from node.imaging.source import UnsupportedImage
 from node.ingest import StoreHandler, build_application_entity
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
 from node.process import process_series

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 
 from node.imaging import WINDOWS, to_hu

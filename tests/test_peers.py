@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import requests
 from pydicom.data import get_testdata_file
 
 from tests.peers import (
-    ORTHANC_BIN,
     OrthancServer,
     StoreSCP,
     echoscu,
@@ -25,14 +23,7 @@ from tests.peers import (
     storescu,
 )
 
-pytestmark = [
-    pytest.mark.peers,
-    pytest.mark.skipif(
-        not (os.access(ORTHANC_BIN, os.X_OK) and shutil.which("storescu")
-             and shutil.which("echoscu") and shutil.which("storescp")),
-        reason="Orthanc and dcmtk are required",
-    ),
-]
+pytestmark = pytest.mark.peers  # the peers are required: scripts/setup --test installs them
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
 MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))

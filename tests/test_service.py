@@ -8,12 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
 from tests.conftest import bundled, run_cli
 from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
