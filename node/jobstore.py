@@ -67,12 +67,14 @@ CREATE TABLE IF NOT EXISTS series (
     route TEXT,
     pipeline TEXT,
     output_dir TEXT,
+    derived_series_uid TEXT,
     outputs INTEGER,
     error TEXT,
     processing_seconds REAL,
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE INDEX IF NOT EXISTS series_derived ON series(derived_series_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_id INTEGER NOT NULL REFERENCES series(id),
@@ -229,6 +231,13 @@ class JobStore:
                 db.execute("UPDATE series SET instances = instances + 1 WHERE id = ?", (series_id,))
             return known is None
 
+    def is_derived(self, series_uid: str) -> bool:
+        """Whether *series_uid* is a series this node produced (so it is never taken as new work)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM series WHERE derived_series_uid = ? LIMIT 1", (series_uid,)
+            ).fetchone() is not None
+
     def known_paths(self) -> set[str]:
         """Every instance path recorded (for reconciling with the spool)."""
         with self._lock:
@@ -294,6 +303,7 @@ class JobStore:
         route: str,
         pipeline: str,
         output_dir: Path,
+        derived_series_uid: str,
         outputs: int,
         destinations: Sequence[str],
         seconds: float,
@@ -308,9 +318,10 @@ class JobStore:
             if not self._still_current(db, job):
                 return False
             db.execute(
-                "UPDATE series SET state = ?, route = ?, pipeline = ?, output_dir = ?, outputs = ?,"
-                " processing_seconds = ?, error = ?, updated_at = ? WHERE id = ?",
-                (SeriesState.DELIVERING.value, route, pipeline, str(output_dir), outputs, seconds, error, now, job.id),
+                "UPDATE series SET state = ?, route = ?, pipeline = ?, output_dir = ?, derived_series_uid = ?,"
+                " outputs = ?, processing_seconds = ?, error = ?, updated_at = ? WHERE id = ?",
+                (SeriesState.DELIVERING.value, route, pipeline, str(output_dir), derived_series_uid, outputs,
+                 seconds, error, now, job.id),
             )
             for name in destinations:
                 db.execute(

@@ -183,6 +183,11 @@ class NodeService:
 
     def process(self, job: SeriesJob) -> None:
         """Route, process and schedule delivery of one claimed series."""
+        if self.jobs.is_derived(job.series_uid):
+            reason = "a series this node derived came back: not processed again"
+            log.warning("series %s: %s", job.series_uid, reason)
+            self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
+            return
         images, failures = open_images(job.instance_paths)
         for failure in failures:
             log.error("series %s: %s", job.series_uid, failure)
@@ -210,6 +215,7 @@ class NodeService:
         scheduled = self.jobs.processed(
             job, route=route.pipeline, pipeline=pipeline.name,
             output_dir=self.outputs / job.study_uid / result.derived_series_uid,
+            derived_series_uid=result.derived_series_uid,
             outputs=len(result.outputs), destinations=route.destinations, seconds=result.seconds, error=error,
         )
         log.info(
