@@ -6,6 +6,12 @@ Capture instances in the source's study, in a new series.
 
 Two steps, as in highdicom: validate everything, then build.
 
+Why not highdicom's ``SCImage`` itself: highdicom 0.28 writes single-frame Secondary Capture only
+(a 3-D array is taken as colour, so the Multi-frame Grayscale Byte/Word SC IODs cannot be made
+with it), it holds the whole pixel array in memory to build Pixel Data (a 1,000-frame cine would
+be held decoded), and dciodvfy reported an error in its output from a CT slice (Laterality, type
+2C, copied from a source where it does not apply).  This writer streams frames into the file.
+
 * :func:`secondary_capture_header` builds the whole data set except Pixel Data
   (with its File Meta Information, Explicit VR Little Endian).
 * :func:`write_secondary_capture` writes that header and streams the frames
