@@ -172,6 +172,63 @@ def _add_service_parsers(sub: argparse._SubParsersAction) -> None:
     retry.set_defaults(func=_run_retry)
 
 
+def _add_operator_parsers(sub: argparse._SubParsersAction) -> None:
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("--aet", required=True, help="the peer's (called) AE title")
+    echo.add_argument("--calling-aet", default="DICOMNODE", help="our AE title (default DICOMNODE)")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the peer")
+    echo.set_defaults(func=_run_echo)
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    check = config_sub.add_parser("check", help="validate a config file and print the effective config")
+    check.add_argument("file", type=Path, nargs="?", help="TOML file (default: the embedded default)")
+    check.set_defaults(func=_run_config_check)
+
+
+def _run_echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.calling_aet)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    assoc = ae.associate(args.host, args.port, ae_title=args.aet)
+    if not assoc.is_established:
+        print(f"C-ECHO {args.aet}@{args.host}:{args.port}: association failed "
+              f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    ok = code == 0
+    print(f"C-ECHO {args.aet}@{args.host}:{args.port}: " + ("Success" if ok else f"failed, status {code!r}"))
+    return 0 if ok else 1
+
+
+def _run_config_check(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from node.config import load_config
+
+    config = load_config(args.file)
+
+    effective = {
+        "source": config.source,
+        "node": dataclasses.asdict(config.node),
+        "http": dataclasses.asdict(config.http),
+        "delivery": dataclasses.asdict(config.delivery),
+        "pipelines": {name: {"does": p.describe(), "output": p.output.value} for name, p in config.pipelines.items()},
+        "destinations": {name: {"kind": d.kind, **dataclasses.asdict(d)} for name, d in config.destinations.items()},
+        "routes": [dataclasses.asdict(r) for r in config.routes],
+    }
+    print(json.dumps(effective, indent=2, default=str))
+    print(f"{config.source}: OK", file=sys.stderr)
+    return 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
     from node.service import NodeService
@@ -219,19 +276,49 @@ def _run_retry(args: argparse.Namespace) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM processing node.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-format", default="text", choices=("text", "json"),
+                        help="text for people, json (one object a line) for log collectors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_process_parser(sub)
     _add_service_parsers(sub)
+    _add_operator_parsers(sub)
     return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-node`` command; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging(args.log_level, args.log_format)
     if args.log_level != "DEBUG":  # pynetdicom narrates every PDU at INFO; our own lines say what matters
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom both logs and warns about damaged files; its log line is the one we keep.
