@@ -56,13 +56,13 @@ class _Header:
     modality: str | None
 
 
-def _read_header(event: evt.Event) -> _Header:
-    """The placing attributes, parsed from the raw stream up to Series Instance UID."""
+def _read_header(event: evt.Event, raw: bytes) -> _Header:
+    """The placing attributes, parsed from the raw dataset *raw* up to Series Instance UID."""
     ts = UID(event.context.transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
         ds: Dataset = event.dataset  # pynetdicom inflates it
     else:
-        stream = io.BytesIO(event.encoded_dataset(include_meta=False))
+        stream = io.BytesIO(raw)
         ds = read_dataset(
             stream, ts.is_implicit_VR, ts.is_little_endian,
             stop_when=lambda tag, vr, length: tag > _LAST_HEADER_TAG,
@@ -114,17 +114,20 @@ class StoreHandler:
     def on_store(self, event: evt.Event) -> int | Dataset:
         """Spool one instance durably, record it, and only then answer Success."""
         calling = event.assoc.requestor.ae_title
+        raw = event.encoded_dataset(include_meta=False)  # the bytes as sent: never decoded, never transcoded
         try:
-            header = _read_header(event)
+            header = _read_header(event, raw)
         except Exception as exc:  # any parse failure of a peer's bytes is that peer's problem
             log.error("C-STORE from %s: cannot parse the dataset: %s", calling, exc)
             return _failure(STATUS["cannot_parse"], f"cannot parse dataset: {exc}")
-        meta = encode_file_meta(event.file_meta)
+        chunks = (b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), raw)
         try:
-            stored = self.spool.store(
-                header.study_uid, header.series_uid, header.sop_uid,
-                (b"\x00" * 128, b"DICM", meta, event.encoded_dataset(include_meta=False)),
-            )
+            if self.spool.holds(header.study_uid, header.series_uid, header.sop_uid, chunks):
+                log.info("C-STORE from %s: %s already spooled with identical bytes: acknowledged, nothing changed",
+                         calling, header.sop_uid)
+                return STATUS["success"]
+            replacing = self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid).exists()
+            stored = self.spool.store(header.study_uid, header.series_uid, header.sop_uid, chunks)
         except InvalidUID as exc:
             log.error("C-STORE from %s refused: %s", calling, exc)
             return _failure(STATUS["invalid_uid"], str(exc))
@@ -140,6 +143,9 @@ class StoreHandler:
         except Exception as exc:  # the file is safe on disk; start-up reconciles it
             log.error("C-STORE from %s: job store failed for %s: %s", calling, header.sop_uid, exc)
             return _failure(STATUS["not_recorded"], "job store error")
+        if replacing:
+            log.warning("C-STORE from %s: %s received again with different bytes: replaced, series %s reprocessed",
+                        calling, header.sop_uid, header.series_uid)
         with self._lock:
             key = id(event.assoc)
             self._counts[key] = self._counts.get(key, 0) + 1

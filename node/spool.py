@@ -9,7 +9,7 @@ is either whole or absent.  UIDs are checked before they become path components:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,9 @@ class Spool:
     def store(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> SpooledInstance:
         """Write an instance durably (fsync'd, atomic rename) and return where it is.
 
+        An instance already spooled under the same UIDs is replaced in one step (readers see the
+        old file or the new one, never a mix); see :meth:`holds` to skip identical copies.
+
         Raises
         ------
         InvalidUID
@@ -77,6 +80,17 @@ class Spool:
                 handle.write(chunk)
                 size += len(chunk)
         return SpooledInstance(study_uid, series_uid, sop_uid, path, size)
+
+    def holds(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Sequence[bytes]) -> bool:
+        """Whether exactly these bytes are already spooled for this instance (a resend)."""
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        try:
+            if path.stat().st_size != sum(len(c) for c in chunks):
+                return False
+            with path.open("rb") as handle:
+                return all(handle.read(len(chunk)) == chunk for chunk in chunks)
+        except FileNotFoundError:
+            return False
 
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
         """The folder holding one series."""
