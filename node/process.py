@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def process_series(
     out_dir: Path,
     *,
     now: datetime.datetime,
-    on_output: Callable[[Path], None] | None = None,
+    threads: int = 1,
 ) -> SeriesResult:
     """Render every image of *series* and write the outputs under *out_dir*.
 
@@ -93,8 +93,9 @@ def process_series(
         Root of the output layout.
     now : datetime.datetime
         Content date/time written into Secondary Captures (injected so output is reproducible).
-    on_output : callable, optional
-        Called with each output path as soon as it is written.
+    threads : int
+        Images processed at once.  Decoding, the array work, PNG compression and file writes
+        release the GIL, so 2 threads on 2 cores take about two thirds of the time of one.
 
     Returns
     -------
@@ -109,28 +110,28 @@ def process_series(
     failed_paths = {f.path for f in failed}
     folder = out_dir / series.study_uid / derived.series_instance_uid
     todo = [image for image in series.images if image.path not in failed_paths]
-    last_report = time.monotonic()
-    for number, image in enumerate(todo, start=1):
+
+    def one(image: ImageFile) -> list[Path] | UnsupportedImage:
         try:
-            written = _process_image(image, pipeline, derived, folder, bins, now)
+            return _process_image(image, pipeline, derived, folder, bins, now)
         except UnsupportedImage as exc:
-            log.error("%s", exc)
-            result.failures.append(exc)
-            continue
+            return exc
         except OSError as exc:  # the output side: disk full, permissions
-            failure = UnsupportedImage(image.path, f"cannot write output under {folder}: {exc}")
-            log.error("%s", failure)
-            result.failures.append(failure)
-            continue
-        result.outputs.extend(written)
-        result.instances += 1
-        result.frames += image.number_of_frames
-        for path in written:
-            if on_output:
-                on_output(path)
-        if time.monotonic() - last_report > _PROGRESS_SECONDS:
-            last_report = time.monotonic()
-            log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
+            return UnsupportedImage(image.path, f"cannot write output under {folder}: {exc}")
+
+    last_report = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="render") as pool:
+        for number, (image, outcome) in enumerate(zip(todo, pool.map(one, todo)), start=1):
+            if isinstance(outcome, UnsupportedImage):
+                log.error("%s", outcome)
+                result.failures.append(outcome)
+                continue
+            result.outputs.extend(outcome)
+            result.instances += 1
+            result.frames += image.number_of_frames
+            if time.monotonic() - last_report > _PROGRESS_SECONDS:
+                last_report = time.monotonic()
+                log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
     result.seconds = time.monotonic() - started
     return result
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,7 @@ class NodeService:
         self._threads: list[threading.Thread] = []
         self._server = None
         self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
+        self._render_threads = max(1, min(4, os.cpu_count() or 1))  # images of one series at once
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -205,7 +207,9 @@ class NodeService:
         pipeline = self.config.pipelines[route.pipeline]
         series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
         log.info("series %s: %d instances -> pipeline %s", job.series_uid, len(series.images), pipeline.name)
-        result = process_series(series, pipeline, self.outputs, now=datetime.datetime.now().astimezone())
+        result = process_series(
+            series, pipeline, self.outputs, now=datetime.datetime.now().astimezone(), threads=self._render_threads
+        )
         failures.extend(result.failures)
         if not result.outputs:
             reason = "; ".join(f.reason for f in failures[:3])

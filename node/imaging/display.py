@@ -88,4 +88,5 @@ def floor_levels(y: np.ndarray, bits: int) -> np.ndarray:
     """Display values already on ``[0, 2**bits - 1]`` to ``uint8``/``uint16`` by truncation."""
     levels = output_levels(bits)
     dtype = np.uint8 if bits == 8 else np.uint16
-    return np.floor(np.clip(y, 0, levels)).astype(dtype)
+    # after clipping to [0, levels] the cast truncates toward zero, which is floor here
+    return np.clip(y, 0, levels).astype(dtype)
