@@ -94,3 +94,10 @@ def test_errors_name_the_problem() -> None:
         FrequencyHistogram().bins()
     with pytest.raises(ValueError, match="n_bins"):
         freqhist_bins(np.arange(10), 0)
+
+
+def test_values_beyond_int32_stay_exact() -> None:
+    x = np.array([3e9, 3e9 + 1, -5e9, 7.0, 7.0, 1e12] * 50, dtype=np.float64)
+    assert np.array_equal(freqhist_bins(x, 5), fastai_freqhist_bins(x, 5))
+    y = np.arange(-70000, 70000, 7, dtype=np.int64)  # integer input wider than 16 bits
+    assert np.array_equal(freqhist_bins(y), fastai_freqhist_bins(y))

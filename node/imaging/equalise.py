@@ -80,14 +80,17 @@ class FrequencyHistogram:
         if self._values:
             self._keep(chunk)
             return
-        with np.errstate(invalid="ignore"):  # NaN/inf casts are caught just below
-            ints = chunk.astype(np.intp)
-        if chunk.dtype.kind == "f" and not np.array_equal(ints, chunk):
-            if np.isnan(chunk).any():
-                raise ValueError("cannot equalise values that include NaN")
-            self._switch_to_values()
-            self._keep(chunk)
-            return
+        if chunk.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):  # NaN, inf or huge values fail the round trip below
+                ints = chunk.astype(np.int32)
+            if not np.array_equal(ints.astype(chunk.dtype), chunk):
+                if np.isnan(chunk).any():
+                    raise ValueError("cannot equalise values that include NaN")
+                self._switch_to_values()
+                self._keep(chunk)
+                return
+        else:
+            ints = chunk.astype(np.int64)
         low, high = int(ints.min()), int(ints.max())
         new_low = low if self._counts is None else min(low, self._low)
         new_high = high if self._counts is None else max(high, self._low + self._counts.size - 1)
@@ -96,7 +99,8 @@ class FrequencyHistogram:
             self._keep(chunk)
             return
         self._grow(new_low, new_high)
-        self._counts[low - self._low : high - self._low + 1] += np.bincount(ints - low)
+        ints -= low
+        self._counts[low - self._low : high - self._low + 1] += np.bincount(ints)
 
     def _grow(self, low: int, high: int) -> None:
         """Make the counts cover ``[low, high]``."""
