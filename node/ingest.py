@@ -30,6 +30,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom.sop_class import Verification
 
 from node.jobstore import JobStore
+from node.metrics import Metrics
 from node.spool import InvalidUID, Spool
 
 __all__ = ["STATUS", "StoreHandler", "build_application_entity"]
@@ -90,9 +91,10 @@ def _failure(status: int, comment: str) -> Dataset:
 class StoreHandler:
     """C-STORE and association event handlers bound to one spool and one job store."""
 
-    def __init__(self, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.jobs = jobs
+        self.metrics = metrics
         self._counts: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -143,6 +145,8 @@ class StoreHandler:
         except Exception as exc:  # the file is safe on disk; start-up reconciles it
             log.error("C-STORE from %s: job store failed for %s: %s", calling, header.sop_uid, exc)
             return _failure(STATUS["not_recorded"], "job store error")
+        if self.metrics is not None:
+            self.metrics.instance_received()
         if replacing:
             log.warning("C-STORE from %s: %s received again with different bytes: replaced, series %s reprocessed",
                         calling, header.sop_uid, header.series_uid)

@@ -486,6 +486,12 @@ class JobStore:
                 "SELECT at, state, detail FROM events WHERE series_id = ? ORDER BY id", (series_id,))]
         return result
 
+    def instances(self, series_id: int) -> list[tuple[str, Path]]:
+        """(SOP Instance UID, spool path) of every instance of a series."""
+        with self._lock:
+            return [(r[0], Path(r[1])) for r in self._db.execute(
+                "SELECT sop_uid, path FROM instances WHERE series_id = ? ORDER BY path", (series_id,))]
+
     def list_series(self, *, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
         """The most recently updated series, newest first."""
         query = "SELECT * FROM series"

@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pydicom
 
 from node.config import Config, FolderDestination
+from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity
+from node.metrics import Metrics
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
 from node.process import process_series
 from node.senders import DeliveryError, Sender, sender_for
@@ -54,17 +56,27 @@ class NodeService:
         self.senders: dict[str, Sender] = {
             name: sender_for(dest) for name, dest in config.destinations.items()
         }
+        self.metrics = Metrics(destinations=config.destinations)
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._work = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._server = None
         self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
         self._render_threads = max(1, min(4, os.cpu_count() or 1))  # images of one series at once
+        self.http = StatusServer(
+            host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
+            outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
+            is_alive=lambda: not self._stop.is_set() and all(t.is_alive() for t in self._threads),
+            is_ready=lambda: self._ready.is_set() and not self._stop.is_set(),
+        )
 
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Recover, then start the SCP and the background threads; returns at once."""
+        self.http.start()  # /healthz answers during recovery
+        log.info("HTTP status on http://%s:%d/", self.config.http.host, self.http.port)
         self._recover()
         for destination in self.config.destinations.values():
             if isinstance(destination, FolderDestination):
@@ -77,13 +89,14 @@ class NodeService:
             ae = build_application_entity(
                 node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations
             )
-            handler = StoreHandler(self.spool, self.jobs)
+            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics)
             self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
             log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
         self._spawn("assembler", self._assemble_loop)
         for number in range(node.workers):
             self._spawn(f"worker-{number + 1}", self._work_loop)
         self._spawn("delivery", self._delivery_loop)
+        self._ready.set()
         log.info(
             "node started: data in %s, %d workers, %d routes, destinations: %s",
             node.data_dir, node.workers, len(self.config.routes),
@@ -92,6 +105,7 @@ class NodeService:
 
     def stop(self) -> None:
         """Stop accepting, let running work finish its current step, and close the store."""
+        self._ready.clear()
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
@@ -100,6 +114,7 @@ class NodeService:
         for thread in self._threads:
             thread.join(timeout=60)
         self._send_pool.shutdown(wait=True)
+        self.http.stop()
         self.jobs.close()
         log.info("node stopped")
 
@@ -222,6 +237,7 @@ class NodeService:
             derived_series_uid=result.derived_series_uid,
             outputs=len(result.outputs), destinations=route.destinations, seconds=result.seconds, error=error,
         )
+        self.metrics.series_processed(result.seconds)
         log.info(
             "series %s -> %s: %d outputs in %.2f s%s", job.series_uid, result.derived_series_uid,
             len(result.outputs), result.seconds, "" if scheduled else " (new instances came: will run again)",
@@ -229,6 +245,7 @@ class NodeService:
 
     def _fail(self, job: SeriesJob, reason: str) -> None:
         log.error("series %s failed: %s", job.series_uid, reason)
+        self.metrics.series_failed()
         self.jobs.set_outcome(job, SeriesState.FAILED, reason)
 
     # -- delivery -------------------------------------------------------------------------------
@@ -247,34 +264,35 @@ class NodeService:
         """One attempt at one delivery, recorded in the job store."""
         sender = self.senders.get(delivery.destination)
         if sender is None:
-            self.jobs.delivery_failed(delivery, f"destination {delivery.destination!r} is not configured",
-                                      permanent=True, max_attempts=1, retry_in=0)
+            self._delivery_failed(delivery, f"destination {delivery.destination!r} is not configured", permanent=True)
             return
         files = sorted(
             p for p in delivery.output_dir.iterdir() if p.is_file() and not p.name.startswith(".")
         ) if delivery.output_dir.is_dir() else []
         if not files:
-            self.jobs.delivery_failed(delivery, f"no output files in {delivery.output_dir}",
-                                      permanent=True, max_attempts=1, retry_in=0)
+            self._delivery_failed(delivery, f"no output files in {delivery.output_dir}", permanent=True)
             return
         try:
             sender.send(files, study_uid=delivery.study_uid, series_uid=delivery.output_dir.name)
         except DeliveryError as exc:
-            policy = self.config.delivery
-            final = self.jobs.delivery_failed(
-                delivery, exc.reason, permanent=exc.permanent, max_attempts=policy.max_attempts,
-                retry_in=policy.delay(delivery.attempts + 1),
-            )
-            level = logging.ERROR if final else logging.WARNING
-            log.log(level, "delivery of %s to %s %s: %s", delivery.series_uid, delivery.destination,
-                    "failed for good" if final else "failed, will retry", exc.reason)
+            self._delivery_failed(delivery, exc.reason, permanent=exc.permanent)
             return
         except Exception as exc:  # an unexpected sender bug is retried like a transient failure
             log.exception("delivery of %s to %s crashed", delivery.series_uid, delivery.destination)
-            self.jobs.delivery_failed(delivery, f"{type(exc).__name__}: {exc}", permanent=False,
-                                      max_attempts=self.config.delivery.max_attempts,
-                                      retry_in=self.config.delivery.delay(delivery.attempts + 1))
+            self._delivery_failed(delivery, f"{type(exc).__name__}: {exc}", permanent=False)
             return
         self.jobs.delivered(delivery)
+        self.metrics.delivery(delivery.destination, "delivered")
         log.info("series %s delivered to %s: %d files", delivery.series_uid, delivery.destination, len(files))
 
+    def _delivery_failed(self, delivery: Delivery, reason: str, *, permanent: bool) -> None:
+        """Record a failed attempt (retry with backoff, or failed for good), log and count it."""
+        policy = self.config.delivery
+        final = self.jobs.delivery_failed(
+            delivery, reason, permanent=permanent, max_attempts=policy.max_attempts,
+            retry_in=policy.delay(delivery.attempts + 1),
+        )
+        self.metrics.delivery(delivery.destination, "failed" if final else "retry")
+        level = logging.ERROR if final else logging.WARNING
+        log.log(level, "delivery of %s to %s %s: %s", delivery.series_uid, delivery.destination,
+                "failed for good" if final else "failed, will retry", reason)

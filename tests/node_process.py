@@ -80,7 +80,7 @@ class NodeProcess:
 
 
 def node_config(data_dir: Path, port: int, *, extra: str = "", settle: float = 1.0, ae_title: str = "DICOMNODE",
-                allowed: str = "[]") -> str:
+                allowed: str = "[]", http_port: int | None = None) -> str:
     """A node config on 127.0.0.1 with a fast settle time; *extra* adds pipelines/destinations/routes."""
     return f"""
 [node]
@@ -93,7 +93,7 @@ settle_seconds = {settle}
 workers = 2
 [http]
 host = "127.0.0.1"
-port = {free_port()}
+port = {http_port or free_port()}
 [delivery]
 max_attempts = 20
 backoff_seconds = 0.5

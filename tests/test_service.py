@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
@@ -72,7 +73,9 @@ def test_ct_series_from_storescu_reaches_orthanc_and_folder(ct_series_dir: Path,
     sources = copy_as_series(sorted(ct_series_dir.glob("*.dcm")), tmp_path / "in")
     study = pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID
     out = tmp_path / "out"
-    with NodeProcess(pacs_config(tmp_path / "var", orthanc, out), tmp_path, port=NODE_PORT) as node:
+    http = free_port()
+    with NodeProcess(pacs_config(tmp_path / "var", orthanc, out, http_port=http), tmp_path, port=NODE_PORT) as node:
+        assert requests.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200
         result = storescu("127.0.0.1", NODE_PORT, sources, called_aet="DICOMNODE")
         assert result.returncode == 0, result.stdout + result.stderr
         wait_for(lambda: len(folder_outputs(out, study)) == 28, 60, "28 outputs in the folder", node.log)
@@ -85,6 +88,11 @@ def test_ct_series_from_storescu_reaches_orthanc_and_folder(ct_series_dir: Path,
         log = node.log()
         assert "association from STORESCU" in log and "28 instances stored" in log
         assert "delivered to pacs" in log and "delivered to out" in log
+        metrics = requests.get(f"http://127.0.0.1:{http}/metrics", timeout=5).text
+        assert "dicomnode_instances_received_total 28" in metrics
+        assert 'dicomnode_deliveries_total{destination="pacs",outcome="delivered"} 1' in metrics
+        jobs = requests.get(f"http://127.0.0.1:{http}/api/jobs", timeout=5).json()
+        assert any(j["state"] == "delivered" and j["instances"] == 28 for j in jobs)
 
 
 def test_orthanc_pushes_to_the_node(orthanc: OrthancServer, tmp_path: Path) -> None:

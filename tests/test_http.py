@@ -1,0 +1,513 @@
+"""The HTTP endpoints over real sockets, backed by a job store filled by processing real series.
+
+Rows are made the way the service makes them: instances spooled and recorded, settled, claimed,
+processed with :func:`node.process.process_series`, delivered or failed.  The status page is also
+rendered by headless Chromium; its screenshot is kept as ``test-artifacts/status-page.png``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import io
+import json
+import math
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.http import THUMBNAIL_SIZE, StatusServer
+from node.jobstore import JobStore, SeriesJob, SeriesState
+from node.metrics import Metrics
+from node.pipeline import Pipeline, parse_steps
+from node.process import process_series
+from node.series import InputSeries, instance_order, open_images
+from node.spool import Spool
+from node.writers.uids import derived_uid
+from tests.conftest import bundled, tool
+from tests.node_process import ROOT, copy_as_series
+
+CT = bundled("CT_small.dcm")
+_HEADER = pydicom.dcmread(CT, stop_before_pixels=True)
+PATIENT_NAME = str(_HEADER.PatientName)
+PATIENT_ID = str(_HEADER.PatientID)
+HOSTILE = "<script>alert('pwned')</script> & \"quoted\""
+ARTIFACTS = ROOT / "test-artifacts"
+
+SC_PIPELINE = parse_steps("ct-brain", [{"op": "rescale"}, {"op": "window", "preset": "brain"}], "sc")
+PNG_PIPELINE = parse_steps("ct-wide", [{"op": "rescale"}, {"op": "window", "center": 100, "width": 900}], "png")
+PIPELINES = {p.name: p for p in (SC_PIPELINE, PNG_PIPELINE)}
+
+
+def _shifted(ds: pydicom.Dataset, number: int) -> None:
+    """Each instance a different picture (rolled sideways), so which one is "middle" matters."""
+    ds.PixelData = np.roll(ds.pixel_array, number * 20, axis=1).tobytes()
+
+
+@dataclass
+class Node:
+    """What the tests share: the store, the folders, the metrics and the ids of each kind of series."""
+
+    root: Path
+    jobs: JobStore
+    spool: Spool
+    outputs: Path
+    metrics: Metrics
+    ids: dict[str, int] = field(default_factory=dict)
+    series_uids: dict[str, str] = field(default_factory=dict)
+    alive: bool = True
+    ready: bool = True
+
+
+def _receive(node: Node, files: list[Path], *, outside_spool: bool = False) -> str:
+    """Spool and record instances as the SCP does; returns the Series Instance UID."""
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if outside_spool:  # a row pointing at a file the server must not read
+            stored, size = path, path.stat().st_size
+        else:
+            item = node.spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [path.read_bytes()])
+            stored, size = item.path, item.size
+        node.jobs.record_instance(
+            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+            sop_class_uid=str(ds.SOPClassUID), path=stored, size=size, modality=str(ds.Modality),
+            calling_ae="TESTSCU",
+        )
+        node.metrics.instance_received()
+    return str(ds.SeriesInstanceUID)
+
+
+def _claim(node: Node) -> SeriesJob:
+    assert node.jobs.settle(0)
+    job = node.jobs.claim_next()
+    assert job is not None
+    return job
+
+
+def _process(node: Node, job: SeriesJob, pipeline: Pipeline) -> None:
+    images, failures = open_images(job.instance_paths)
+    assert not failures
+    series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
+    result = process_series(series, pipeline, node.outputs, now=datetime.datetime(2026, 1, 2, 3, 4, 5))
+    assert result.outputs and not result.failures
+    assert node.jobs.processed(
+        job, route=pipeline.name, pipeline=pipeline.name,
+        output_dir=node.outputs / job.study_uid / result.derived_series_uid,
+        derived_series_uid=result.derived_series_uid, outputs=len(result.outputs),
+        destinations=["archive"], seconds=result.seconds,
+    )
+    node.metrics.series_processed(result.seconds)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    root = tmp_path_factory.mktemp("node")
+    jobs = JobStore(root / "jobs.sqlite")
+    node = Node(root, jobs, Spool(root / "spool"), root / "outputs", Metrics(destinations=["archive"]))
+    node.outputs.mkdir()
+
+    # delivered: 5 CT instances -> 8-bit Secondary Captures, delivered
+    sent = copy_as_series([CT] * 5, root / "src-sc", tweak=_shifted)
+    node.series_uids["delivered"] = _receive(node, sent)
+    job = _claim(node)
+    _process(node, job, SC_PIPELINE)
+    (delivery,) = jobs.claim_due_deliveries()
+    jobs.delivered(delivery)
+    node.metrics.delivery("archive", "delivered")
+    node.ids["delivered"] = job.id
+
+    # failed in delivery: 3 instances -> PNGs; one retry, then a permanent failure with a hostile reason
+    sent = copy_as_series([CT] * 3, root / "src-png", tweak=_shifted)
+    node.series_uids["png"] = _receive(node, sent)
+    job = _claim(node)
+    _process(node, job, PNG_PIPELINE)
+    (delivery,) = jobs.claim_due_deliveries()
+    assert not jobs.delivery_failed(delivery, "connection refused", permanent=False, max_attempts=3, retry_in=0)
+    node.metrics.delivery("archive", "retry")
+    (delivery,) = jobs.claim_due_deliveries()
+    assert jobs.delivery_failed(delivery, HOSTILE, permanent=True, max_attempts=3, retry_in=0)
+    node.metrics.delivery("archive", "failed")
+    node.ids["png"] = job.id
+
+    # failed in processing, its instance rows pointing outside the spool
+    outside = copy_as_series([CT], root / "src-outside")
+    node.series_uids["outside"] = _receive(node, outside, outside_spool=True)
+    job = _claim(node)
+    assert jobs.set_outcome(job, SeriesState.FAILED, f"no processable instance: {HOSTILE}")
+    node.metrics.series_failed()
+    node.ids["outside"] = job.id
+
+    # still receiving
+    node.series_uids["receiving"] = _receive(node, copy_as_series([CT] * 2, root / "src-receiving"))
+    node.ids["receiving"] = jobs.list_series(state="receiving")[0]["id"]
+    yield node
+    jobs.close()
+
+
+@pytest.fixture(scope="module")
+def server(node: Node) -> Iterator[StatusServer]:
+    status = StatusServer(
+        host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+        spool_dir=node.spool.root, is_alive=lambda: node.alive, is_ready=lambda: node.ready, pipelines=PIPELINES,
+    )
+    status.start()
+    yield status
+    status.stop()
+
+
+def get(server: StatusServer, path: str, **kwargs: object) -> requests.Response:
+    return requests.get(server.url + path, timeout=30, **kwargs)
+
+
+def raw_get(server: StatusServer, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """GET *path* byte for byte as given (requests would resolve "..")."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def png(response: requests.Response) -> Image.Image:
+    assert response.headers["Content-Type"] == "image/png"
+    picture = Image.open(io.BytesIO(response.content))
+    picture.load()
+    assert picture.format == "PNG"
+    return picture
+
+
+# --------------------------------------------------------------------------- probes and metrics
+
+
+def test_port_zero_picks_a_port_and_stop_closes_it(node: Node) -> None:
+    status = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+                          spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True)
+    status.start()
+    assert status.port > 0
+    assert requests.get(status.url + "/healthz", timeout=10).status_code == 200
+    status.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(status.url + "/healthz", timeout=5)
+    status.stop()  # twice is harmless
+
+
+def test_healthz_and_readyz_follow_the_node(node: Node, server: StatusServer) -> None:
+    response = get(server, "/healthz")
+    assert (response.status_code, response.text.strip()) == (200, "ok")
+    assert get(server, "/readyz").status_code == 200
+    node.ready = False
+    try:
+        response = get(server, "/readyz")
+        assert response.status_code == 503 and "not ready" in response.text
+        assert get(server, "/healthz").status_code == 200
+        node.alive = False
+        assert get(server, "/healthz").status_code == 503
+    finally:
+        node.alive = node.ready = True
+
+
+def test_a_probe_that_raises_is_unhealthy(node: Node) -> None:
+    def broken() -> bool:
+        raise RuntimeError("store closed")
+
+    status = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+                          spool_dir=node.spool.root, is_alive=broken, is_ready=broken)
+    status.start()
+    try:
+        assert requests.get(status.url + "/healthz", timeout=10).status_code == 503
+        assert requests.get(status.url + "/readyz", timeout=10).status_code == 503
+    finally:
+        status.stop()
+
+
+def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> None:
+    response = get(server, "/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+
+    assert families["dicomnode_instances_received"].type == "counter"
+    assert samples[("dicomnode_instances_received_total", ())] == 5 + 3 + 1 + 2
+    assert samples[("dicomnode_series_processed_total", ())] == 2
+    assert samples[("dicomnode_series_failed_total", ())] == 1
+    for outcome, value in (("delivered", 1), ("retry", 1), ("failed", 1)):
+        assert samples[("dicomnode_deliveries_total", (("destination", "archive"), ("outcome", outcome)))] == value
+
+    assert families["dicomnode_queue_depth"].type == "gauge"
+    depth = {dict(k[1])["state"]: v for k, v in samples.items() if k[0] == "dicomnode_queue_depth"}
+    assert depth == {
+        "receiving": 1, "queued": 0, "processing": 0, "delivering": 0, "delivered": 1, "failed": 2, "unrouted": 0,
+    }
+    assert depth == {**dict.fromkeys(depth, 0), **node.jobs.counts()}
+
+    histogram = families["dicomnode_processing_seconds"]
+    assert histogram.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    assert list(buckets) == ["0.1", "0.5", "1.0", "2.0", "5.0", "10.0", "30.0", "60.0", "+Inf"]
+    assert list(buckets.values()) == sorted(buckets.values())  # cumulative
+    assert buckets["+Inf"] == samples[("dicomnode_processing_seconds_count", ())] == 2
+    assert samples[("dicomnode_processing_seconds_sum", ())] > 0
+
+
+def test_metrics_count_exactly_from_many_threads_and_never_raise() -> None:
+    metrics = Metrics()
+
+    def hammer() -> None:
+        for n in range(2000):
+            metrics.instance_received()
+            metrics.delivery('pa"cs\\1\n', "retry")
+            metrics.series_processed(n % 70)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    metrics.series_processed("not a number")  # type: ignore[arg-type]  # ignored, not raised
+    metrics.series_processed(math.nan)
+    metrics.delivery(None, None)  # type: ignore[arg-type]
+    metrics.instance_received(object())  # type: ignore[arg-type]
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render({"queued": 3, "odd": 1}))}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("dicomnode_instances_received_total", ())] == 16000
+    assert samples[("dicomnode_deliveries_total", (("destination", 'pa"cs\\1\n'), ("outcome", "retry")))] == 16000
+    assert samples[("dicomnode_processing_seconds_count", ())] == 16001  # NaN counted as 0 s
+    assert samples[("dicomnode_processing_seconds_bucket", (("le", "60.0"),))] == 8 * sum(
+        1 for n in range(2000) if n % 70 <= 60) + 1
+    assert samples[("dicomnode_queue_depth", (("state", "queued"),))] == 3
+    assert samples[("dicomnode_queue_depth", (("state", "odd"),))] == 1
+    assert samples[("dicomnode_queue_depth", (("state", "delivered"),))] == 0
+
+
+# --------------------------------------------------------------------------- the job API
+
+
+def test_api_jobs_lists_recent_series(node: Node, server: StatusServer) -> None:
+    response = get(server, "/api/jobs")
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/json")
+    rows = response.json()
+    assert isinstance(rows, list) and len(rows) == 4
+    assert {row["id"] for row in rows} == set(node.ids.values())
+    assert [row["updated_at"] for row in rows] == sorted((row["updated_at"] for row in rows), reverse=True)
+    by_id = {row["id"]: row for row in rows}
+    delivered = by_id[node.ids["delivered"]]
+    assert delivered["state"] == "delivered"
+    assert delivered["series_uid"] == node.series_uids["delivered"]
+    assert (delivered["instances"], delivered["outputs"], delivered["pipeline"]) == (5, 5, "ct-brain")
+    assert delivered["modality"] == "CT" and isinstance(delivered["last_received"], float)
+    assert by_id[node.ids["png"]]["error"] == f"archive: {HOSTILE}"
+    assert by_id[node.ids["receiving"]]["state"] == "receiving"
+
+    assert len(get(server, "/api/jobs?limit=2").json()) == 2
+    failed = get(server, "/api/jobs?state=failed").json()
+    assert {row["id"] for row in failed} == {node.ids["png"], node.ids["outside"]}
+    assert get(server, "/api/jobs?state=unrouted").json() == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=-1", "limit=100000", "state=bogus",
+                                   "state=<script>"])
+def test_api_jobs_rejects_bad_parameters(server: StatusServer, query: str) -> None:
+    response = get(server, f"/api/jobs?{query}")
+    assert response.status_code == 400
+    assert "error" in response.json()
+
+
+def test_api_job_gives_one_series_with_deliveries_and_events(node: Node, server: StatusServer) -> None:
+    series_id = node.ids["png"]
+    body = get(server, f"/api/jobs/{series_id}").json()
+    assert body["id"] == series_id and body["state"] == "failed"
+    assert body["series_uid"] == node.series_uids["png"]
+    (delivery,) = body["deliveries"]
+    assert delivery["destination"] == "archive" and delivery["state"] == "failed" and delivery["attempts"] == 2
+    assert delivery["last_error"] == HOSTILE
+    states = [event["state"] for event in body["events"]]
+    assert states[:4] == ["receiving", "queued", "processing", "delivering"]
+    assert "delivery-retry" in states and states[-1] == "failed"
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/api/jobs/999999", 404),
+    ("/api/jobs/abc", 400),
+    ("/api/jobs/-1", 400),
+    ("/api/jobs/1.5", 400),
+    ("/api/jobs/1/../../etc/passwd", 400),
+    ("/api/jobs/%2e%2e%2fjobs.sqlite", 400),
+    ("/api/jobs/99999999999999999999999", 400),
+    ("/nothing-here", 404),
+    ("/spool/", 404),
+    ("/outputs/../jobs.sqlite", 404),
+])
+def test_unknown_and_malformed_paths(server: StatusServer, path: str, status: int) -> None:
+    code, headers, body = raw_get(server, path)  # sent as written: no client-side ".." clean-up
+    assert code == status
+    assert headers["Content-Type"].startswith("application/json")
+    assert "error" in json.loads(body)
+
+
+def test_head_and_other_methods(server: StatusServer) -> None:
+    head = requests.head(server.url + "/api/jobs", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["Content-Length"]) == len(get(server, "/api/jobs").content)
+    response = requests.post(server.url + "/api/jobs", data=b"{}", timeout=10)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def _assert_thumbnail(picture: Image.Image) -> None:
+    assert max(picture.size) <= THUMBNAIL_SIZE and min(picture.size) > 0
+    low, high = picture.convert("L").getextrema()
+    assert high - low > 50, f"blank thumbnail (values {low}..{high})"
+
+
+@pytest.mark.parametrize("kind", ["delivered", "png"])
+def test_before_and_after_thumbnails(node: Node, server: StatusServer, kind: str) -> None:
+    series_id = node.ids[kind]
+    for which in ("source", "output"):
+        response = get(server, f"/thumbs/{series_id}/{which}.png")
+        assert response.status_code == 200, (which, response.text[:200])
+        picture = png(response)
+        assert picture.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)  # CT_small is 128 x 128: not enlarged
+        _assert_thumbnail(picture)
+        assert (node.outputs / ".thumbs" / str(series_id)).is_dir()
+        again = get(server, f"/thumbs/{series_id}/{which}.png")  # from the cache, byte for byte
+        assert again.content == response.content
+
+
+def test_after_is_the_output_of_the_before_instance(node: Node, server: StatusServer) -> None:
+    thumbs = server.thumbnails
+    for kind, pipeline in (("delivered", SC_PIPELINE), ("png", PNG_PIPELINE)):
+        row = node.jobs.series(node.ids[kind])
+        source = thumbs.choose_source(row["id"])
+        assert source is not None
+        path, sop_uid, frame = source
+        count = row["instances"]
+        assert pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber == count // 2 + 1  # the middle
+        assert path.is_relative_to(node.spool.root) and frame == 0
+        output, _ = thumbs.choose_output(row, source)
+        expected = derived_uid(sop_uid, "instance", pipeline.fingerprint())
+        assert output.stem == expected
+    # without the pipelines a Secondary Capture is still matched, by its Source Image Sequence
+    bare = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+                        spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True).thumbnails
+    row = node.jobs.series(node.ids["delivered"])
+    source = bare.choose_source(row["id"])
+    output, _ = bare.choose_output(row, source)
+    referenced = pydicom.dcmread(output, stop_before_pixels=True).SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert referenced == source[1]
+
+
+def test_thumbnails_that_cannot_be_made_are_404_images(node: Node, server: StatusServer) -> None:
+    # no output yet; a row whose instance lies outside the spool (a real, readable DICOM file); unknown ids
+    for path in (f"/thumbs/{node.ids['receiving']}/output.png", f"/thumbs/{node.ids['outside']}/source.png",
+                 f"/thumbs/{node.ids['outside']}/output.png", "/thumbs/424242/source.png"):
+        response = get(server, path)
+        assert response.status_code == 404, path
+        png(response)
+    receiving = get(server, f"/thumbs/{node.ids['receiving']}/source.png")
+    assert receiving.status_code == 200
+    _assert_thumbnail(png(receiving))
+    assert raw_get(server, "/thumbs/abc/source.png")[0] == 400
+    assert raw_get(server, "/thumbs/..%2f..%2fjobs.sqlite/source.png")[0] == 400
+    assert raw_get(server, "/thumbs/../source.png")[0] == 400
+    assert raw_get(server, f"/thumbs/{node.ids['delivered']}/other.png")[0] == 404
+    assert raw_get(server, f"/thumbs/{node.ids['delivered']}/../../jobs.sqlite")[0] == 404
+    assert raw_get(server, f"/thumbs/{node.ids['delivered']}/source.png/../../../jobs.sqlite")[0] == 404
+
+
+def test_output_folder_outside_outputs_is_not_read(node: Node, tmp_path: Path) -> None:
+    """A row naming an output folder outside outputs_dir (a tampered store) gives no thumbnail."""
+    row = dict(node.jobs.series(node.ids["delivered"]))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(row["output_dir"], elsewhere)
+    thumbs = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+                          spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True).thumbnails
+    source = thumbs.choose_source(row["id"])
+    assert thumbs.choose_output(row, source) is not None
+    row["output_dir"] = str(elsewhere)
+    assert thumbs.choose_output(row, source) is None
+    row["output_dir"] = str(node.outputs / ".." / "outputs" / ".." / "spool")
+    assert thumbs.choose_output(row, source) is None
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_status_page(node: Node, server: StatusServer) -> None:
+    response = get(server, "/")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src" not in response.headers["Content-Security-Policy"]  # default-src 'none': no script
+    page = response.text
+    assert '<meta http-equiv="refresh" content="10">' in page
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in page
+    assert PATIENT_NAME not in page and PATIENT_NAME.split("^")[0] not in page and PATIENT_ID not in page
+    for name, series_id in node.ids.items():
+        assert f'href="/api/jobs/{series_id}"' in page, name
+        assert node.series_uids[name] in page
+        assert f'src="/thumbs/{series_id}/source.png?v=' in page
+    for name in ("delivered", "png"):
+        assert f'src="/thumbs/{node.ids[name]}/output.png?v=' in page
+    assert f'/thumbs/{node.ids["receiving"]}/output.png' not in page  # nothing to show yet
+    for state in ("receiving", "delivered", "failed"):
+        assert f'class="state st-{state}">{state}<' in page
+    assert "ct-brain" in page and "ct-wide" in page
+    # every image the page names is served
+    for src in {part.split('"', 1)[0] for part in page.split('src="')[1:]}:
+        assert get(server, src.replace("&amp;", "&")).headers["Content-Type"] == "image/png"
+
+
+def test_status_page_filters_and_rejects(node: Node, server: StatusServer) -> None:
+    page = get(server, "/?state=failed&limit=10").text
+    assert f'href="/api/jobs/{node.ids["png"]}"' in page
+    assert f'href="/api/jobs/{node.ids["delivered"]}"' not in page
+    assert '<a href="/?state=failed" class="current alert">' in page
+    bad = get(server, "/?state=%3Cscript%3E")
+    assert bad.status_code == 400 and "<script" not in bad.text
+    assert get(server, "/?limit=0").status_code == 400
+
+
+def test_json_has_no_patient_data(server: StatusServer) -> None:
+    text = get(server, "/api/jobs").text
+    assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text
+
+
+def test_status_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Path) -> None:
+    """Headless Chromium renders the page (no JavaScript needed); the screenshot is kept."""
+    chromium = tool("chromium")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "status-page.png"
+    shot.unlink(missing_ok=True)
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,900",
+         server.url + "/"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    picture = Image.open(shot)
+    picture.load()
+    assert picture.size == (1280, 900)
+    grey = np.asarray(picture.convert("L"))
+    assert grey.std() > 10, "the screenshot is blank"
+    assert len(np.unique(grey)) > 32
+    # the thumbnails were drawn: the dark thumbnail boxes hold bright pixels (the CT body)
+    assert (grey > 200).mean() > 0.2 and (grey < 40).mean() > 0.005
