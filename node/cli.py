@@ -229,6 +229,47 @@ def _run_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_poll_parser(sub: argparse._SubParsersAction) -> None:
+    poll = sub.add_parser("poll", help="pull new series from the configured DICOMweb sources")
+    poll.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    poll.add_argument("--source", help="only this source (default: all)")
+    poll.add_argument("--once", action="store_true", required=True,
+                      help="one pass, then exit (serve polls on the schedule); for cron and tests")
+    poll.set_defaults(func=_run_poll)
+
+
+def _run_poll(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.jobstore import JobStore
+    from node.poller import DicomWebPoller
+    from node.spool import Spool
+
+    config = load_config(args.config)
+    if args.source and args.source not in config.sources:
+        log.error("no source %r in %s; sources: %s", args.source, config.source, ", ".join(config.sources) or "none")
+        return 2
+    if not config.sources:
+        log.error("%s has no [[sources]]", config.source)
+        return 2
+    names = [args.source] if args.source else list(config.sources)
+    jobs = JobStore(config.node.data_dir / "jobs.sqlite")
+    failed = False
+    try:
+        spool = Spool(config.node.data_dir / "spool")
+        for name in names:
+            poller = DicomWebPoller(config.sources[name], spool=spool, jobs=jobs, pipeline_names=config.pipelines)
+            result = poller.poll_once()
+            print(f"{name}: {result.series_found} series found, {result.series_fetched} fetched "
+                  f"({result.instances_fetched} instances), {result.skipped_known} known, "
+                  f"{result.skipped_derived} derived skipped, {len(result.errors)} errors")
+            for error in result.errors:
+                print(f"  error: {error}")
+            failed = failed or bool(result.errors)
+    finally:
+        jobs.close()
+    return 1 if failed else 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
     from node.service import NodeService
@@ -282,6 +323,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_process_parser(sub)
     _add_service_parsers(sub)
     _add_operator_parsers(sub)
+    _add_poll_parser(sub)
     return parser
 
 
@@ -321,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level, args.log_format)
     if args.log_level != "DEBUG":  # pynetdicom narrates every PDU at INFO; our own lines say what matters
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request
+        logging.getLogger("retrying").setLevel(logging.ERROR)  # a traceback per failed request otherwise
     # pydicom both logs and warns about damaged files; its log line is the one we keep.
     warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     try:

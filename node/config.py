@@ -14,6 +14,11 @@ the embedded default (``node/default.toml``; ``node.workers``: the number of CPU
 ``output``, ``calling_ae_title``, ``auth`` and ``timeout_seconds``. A file without routes is
 valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
 typo is never silently ignored.
+
+``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
+:mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
+and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``auth``, ``page_size`` and
+``timeout_seconds`` are optional.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
+from apscheduler.triggers.cron import CronTrigger
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.multival import MultiValue
@@ -49,6 +55,7 @@ __all__ = [
     "Destination",
     "DicomDestination",
     "DicomWebDestination",
+    "DicomWebSource",
     "FolderDestination",
     "HttpSettings",
     "NodeSettings",
@@ -299,6 +306,56 @@ Destination = DicomDestination | DicomWebDestination | FolderDestination
 """Any destination."""
 
 
+@dataclass(frozen=True)
+class DicomWebSource:
+    """A DICOMweb archive polled for new series (QIDO-RS to find them, WADO-RS to fetch them).
+
+    Attributes
+    ----------
+    name : str
+        Name of the source (logs, the job store's ``calling_ae`` ``dicomweb:<name>``, the watermark key).
+    url : str
+        The service root, ``http://`` or ``https://``.
+    every_seconds : float or None
+        Poll at this interval (>= 1); None when :attr:`cron` is given.
+    cron : str or None
+        Poll on this crontab schedule (5 fields, the local time zone); None when :attr:`every_seconds` is given.
+    level : str
+        ``"series"``: QIDO-RS for series directly; ``"study"``: for studies, then each study's series.
+    query : tuple of (keyword, value)
+        Further QIDO-RS matching keys (DICOM keywords, text values), sent with every query at
+        :attr:`level`; the StudyDate range is the poller's own.
+    lookback_hours : float
+        How far back (StudyDate) the first poll looks.
+    auth : BasicAuth or BearerAuth or None
+        How to authenticate, if at all.
+    page_size : int
+        QIDO-RS ``limit``; pages are asked with ``offset`` until a short page.
+    timeout_seconds : float
+        Timeout of one HTTP request.
+    """
+
+    kind: ClassVar[str] = "dicomweb"
+    name: str
+    url: str
+    every_seconds: float | None = None
+    cron: str | None = None
+    level: str = "series"
+    query: tuple[tuple[str, str], ...] = ()
+    lookback_hours: float = 24.0
+    auth: BasicAuth | BearerAuth | None = None
+    page_size: int = 100
+    timeout_seconds: float = 30.0
+
+    def filters(self) -> dict[str, str]:
+        """:attr:`query` as a dict (QIDO-RS search filters)."""
+        return dict(self.query)
+
+    def schedule_text(self) -> str:
+        """``every 60 s`` or ``cron "*/5 * * * *"``, for logs."""
+        return f"every {self.every_seconds:g} s" if self.every_seconds is not None else f"cron {self.cron!r}"
+
+
 def _element_text(value: Any) -> str:
     if value is None:
         return ""
@@ -373,6 +430,8 @@ class Config:
         Routes in file order; the first that matches wins.
     source : str
         The file the configuration came from, or ``"<embedded default>"``.
+    sources : Mapping of str to DicomWebSource
+        DICOMweb archives polled for new series, by name (read-only, in file order; empty by default).
     """
 
     node: NodeSettings
@@ -382,6 +441,7 @@ class Config:
     destinations: Mapping[str, Destination]
     routes: tuple[Route, ...]
     source: str
+    sources: Mapping[str, DicomWebSource] = field(default_factory=lambda: MappingProxyType({}))
 
     def route_for(self, ds: Dataset) -> Route | None:
         """The first route that matches *ds*, or None.
@@ -619,7 +679,7 @@ class _Lines:
 _REQUIRED: Any = object()
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOP_KEYS = ("node", "http", "delivery", "pipelines", "destinations", "routes")
+_TOP_KEYS = ("node", "http", "delivery", "pipelines", "destinations", "routes", "sources")
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers",
@@ -630,6 +690,14 @@ _DESTINATION_KEYS = {
     "folder": ("name", "kind", "path"),
 }
 _AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
+_SOURCE_KEYS = {
+    "dicomweb": ("name", "kind", "url", "every_seconds", "cron", "level", "query", "lookback_hours", "auth",
+                 "page_size", "timeout_seconds"),
+}
+_SOURCE_LEVELS = ("series", "study")
+# Matching keys the poller sets itself, and series-level keys a study-level query cannot use.
+_SOURCE_OWN_KEYS = ("StudyDate",)
+_STUDY_LEVEL_INSTEAD = {"Modality": "ModalitiesInStudy", "SOPClassUID": "SOPClassesInStudy"}
 _UNMATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 
@@ -687,7 +755,7 @@ class _Checker:
         for n, part in enumerate(path):
             if isinstance(part, int):
                 out += f"[{part + 1}]"
-                if n == 1 and path[0] in ("pipelines", "destinations"):
+                if n == 1 and path[0] in ("pipelines", "destinations", "sources"):
                     item = self.data.get(path[0])
                     item = item[part] if isinstance(item, list) and part < len(item) else None
                     name = item.get("name") if isinstance(item, dict) else None
@@ -803,6 +871,7 @@ class _Checker:
         pipelines = self.pipelines()
         destinations = self.destinations(node)
         routes = self.routes(pipelines, destinations)
+        sources = self.sources()
         return Config(
             node=node,
             http=http,
@@ -811,6 +880,7 @@ class _Checker:
             destinations=MappingProxyType(destinations),
             routes=routes,
             source=self.source,
+            sources=MappingProxyType(sources),
         )
 
     def node_settings(self) -> NodeSettings:
@@ -925,6 +995,94 @@ class _Checker:
                 destination = FolderDestination(name=name, path=self.folder(table, path, "path"))
             out[name] = destination
         return out
+
+    def sources(self) -> dict[str, DicomWebSource]:
+        out: dict[str, DicomWebSource] = {}
+        seen: dict[str, _KeyPath] = {}
+        kinds = ", ".join(_SOURCE_KEYS)
+        every_key = tuple(dict.fromkeys(k for keys in _SOURCE_KEYS.values() for k in keys))
+        for index, table in enumerate(self.tables_array("sources")):
+            path: _KeyPath = ("sources", index)
+            if "kind" not in table:
+                self.keys(table, path, every_key, ())  # a misspelt "kind" is reported as such
+            kind = self.value(table, path, "kind")
+            if kind not in _SOURCE_KEYS:
+                self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
+            self.keys(table, path, _SOURCE_KEYS[kind], ("name", "kind", "url"))
+            name = self.name(table, path, seen)
+            url = self.string(table, path, "url")
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+            every_seconds, cron = self.source_schedule(table, path)
+            level = self.value(table, path, "level", "series")
+            if level not in _SOURCE_LEVELS:
+                self.fail(path + ("level",), f"must be one of {', '.join(_SOURCE_LEVELS)}, got {_show(level)}")
+            out[name] = DicomWebSource(
+                name=name,
+                url=url,
+                every_seconds=every_seconds,
+                cron=cron,
+                level=level,
+                query=self.source_query(table, path, level),
+                lookback_hours=self.number(table, path, "lookback_hours", 24.0, above=0),
+                auth=self.auth(table, path),
+                page_size=self.integer(table, path, "page_size", 1, 10000, default=100),
+                timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+            )
+        return out
+
+    def source_schedule(self, table: Mapping[str, Any], path: _KeyPath) -> tuple[float | None, str | None]:
+        if "every_seconds" in table and "cron" in table:
+            later = max(("every_seconds", "cron"), key=lambda k: self.line(path + (k,)))
+            self.fail(path + (later,), "give either every_seconds or cron, not both")
+        if "every_seconds" in table:
+            return self.number(table, path, "every_seconds", at_least=1), None
+        if "cron" not in table:
+            self.fail(path + ("every_seconds",), 'missing (required): give every_seconds (e.g. 60) or cron '
+                      '(e.g. "*/5 * * * *")')
+        cron = self.string(table, path, "cron")
+        fields = cron.split()
+        if len(fields) == 5 and any(re.search(r"\d", item.split("/")[0]) for item in fields[4].split(",")):
+            self.fail(path + ("cron",), f"{_show(cron)}: write the weekday as a name (sun, mon, ... sat), not a "
+                      "number: crontab counts Sunday as 0, the scheduler (APScheduler 3) counts Monday as 0")
+        try:
+            CronTrigger.from_crontab(cron)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.fail(path + ("cron",), f"not a valid crontab expression (minute hour day month weekday): "
+                      f"{_show(cron)}: {exc}")
+        return None, cron
+
+    def source_query(self, parent: Mapping[str, Any], parent_path: _KeyPath, level: str) -> tuple[tuple[str, str], ...]:
+        table = self.table(parent, parent_path, "query", required=False)
+        if table is None:
+            return ()
+        path = parent_path + ("query",)
+        out = []
+        for keyword, value in table.items():
+            if tag_for_keyword(keyword) is None:
+                hint = difflib.get_close_matches(keyword, keyword_dict, n=1)
+                did = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.fail(path + (keyword,), f"{_show(keyword)} is not a DICOM keyword{did}")
+            if keyword in _SOURCE_OWN_KEYS:
+                self.fail(path + (keyword,), f"{keyword} is set by the poller (lookback_hours, then the "
+                          "saved watermark); leave it out")
+            if level == "study" and keyword in _STUDY_LEVEL_INSTEAD:
+                self.fail(path + (keyword,), f'{keyword} is a series attribute; at level = "study" use '
+                          f'{_STUDY_LEVEL_INSTEAD[keyword]}, or level = "series"')
+            vr = dictionary_VR(tag_for_keyword(keyword))
+            if vr in _UNMATCHABLE_VRS:
+                self.fail(path + (keyword,), f"cannot query on {keyword}: its VR {vr} has no text value")
+            if isinstance(value, str):
+                if not value:
+                    self.fail(path + (keyword,), "must not be empty (QIDO-RS would match everything)")
+                out.append((keyword, value))
+            elif _is_int(value):
+                out.append((keyword, str(value)))
+            else:
+                self.fail(path + (keyword,), f"must be a string (QIDO-RS matching value, e.g. \"CT\" or "
+                          f"\"*HEAD*\") or a whole number, got {_show(value)}")
+        return tuple(out)
 
     def auth(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> BasicAuth | BearerAuth | None:
         table = self.table(parent, parent_path, "auth", required=False)

@@ -5,7 +5,9 @@ Threads, each with one job, all talking through the job store:
 - the pynetdicom SCP (ingest: spool + record, then Success);
 - the assembler (receiving series quiet for ``settle_seconds`` become queued);
 - processing workers (claim a queued series, run its route's pipeline, write outputs);
-- the delivery loop (sends due deliveries, retries with backoff).
+- the delivery loop (sends due deliveries, retries with backoff);
+- an apscheduler job per ``[[sources]]`` entry, pulling new series from a DICOMweb archive into
+  the same spool (:mod:`node.poller`).
 
 Start-up first removes half-written spool files, re-records spooled instances the database does not
 know, and puts in-flight work back in its queue, so a SIGKILL at any moment loses nothing that was
@@ -23,11 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
 from node.config import Config, FolderDestination
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity
 from node.metrics import Metrics
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
+from node.poller import DicomWebPoller, schedule
 from node.process import process_series
 from node.senders import DeliveryError, Sender, sender_for
 from node.series import InputSeries, instance_order, open_images
@@ -64,6 +69,11 @@ class NodeService:
         self._server = None
         self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
         self._render_threads = max(1, min(4, os.cpu_count() or 1))  # images of one series at once
+        self.pollers = [
+            DicomWebPoller(source, spool=self.spool, jobs=self.jobs, pipeline_names=config.pipelines)
+            for source in config.sources.values()
+        ]
+        self._scheduler = BackgroundScheduler() if self.pollers else None
         self.http = StatusServer(
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
@@ -96,6 +106,10 @@ class NodeService:
         for number in range(node.workers):
             self._spawn(f"worker-{number + 1}", self._work_loop)
         self._spawn("delivery", self._delivery_loop)
+        if self._scheduler is not None:
+            schedule(self.pollers, self._scheduler)
+            self._scheduler.start()
+            log.info("polling %d DICOMweb source(s): %s", len(self.pollers), ", ".join(self.config.sources))
         self._ready.set()
         log.info(
             "node started: data in %s, %d workers, %d routes, destinations: %s",
@@ -107,6 +121,10 @@ class NodeService:
         """Stop accepting, let running work finish its current step, and close the store."""
         self._ready.clear()
         self._stop.set()
+        for poller in self.pollers:
+            poller.stop()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
         if self._server is not None:
             self._server.shutdown()
         with self._work:

@@ -16,6 +16,7 @@ from node.config import (
     DeliverySettings,
     DicomDestination,
     DicomWebDestination,
+    DicomWebSource,
     FolderDestination,
     NodeSettings,
     Route,
@@ -698,3 +699,152 @@ def test_auth_made_directly_names_the_variable(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TEST_NODE_NOPE", raising=False)
     with pytest.raises(ConfigError, match="^environment variable TEST_NODE_NOPE"):
         BearerAuth("TEST_NODE_NOPE").resolve()
+
+
+# --------------------------------------------------------------------------- sources (DICOMweb polling)
+
+
+def test_no_sources_by_default(tmp_path: Path) -> None:
+    assert dict(load_config(None).sources) == {}
+    assert dict(load_config(ROOT / "config" / "node.toml").sources) == {}  # the example there is commented out
+    assert dict(load_text(tmp_path, HEAD + TAIL).sources) == {}
+
+
+def test_sources_full_and_minimal(tmp_path: Path) -> None:
+    config = load_text(tmp_path, HEAD + TAIL + """\
+[[sources]]
+name = "archive"
+kind = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web"
+every_seconds = 60
+level = "study"
+query = { ModalitiesInStudy = "CT", AccessionNumber = "A*", SeriesNumber = 3 }
+lookback_hours = 1.5
+auth = { kind = "basic", username = "orthanc", password_env = "ARCHIVE_PASSWORD" }
+page_size = 25
+timeout_seconds = 5
+
+[[sources]]
+name = "cloud"
+kind = "dicomweb"
+url = "https://pacs.example.org/dicomweb"
+cron = "*/5 7-19 * * mon-fri"
+[sources.auth]
+kind = "bearer"
+token_env = "CLOUD_TOKEN"
+""")
+    assert list(config.sources) == ["archive", "cloud"]
+    assert config.sources["archive"] == DicomWebSource(
+        name="archive", url="http://127.0.0.1:8042/dicom-web", every_seconds=60.0, cron=None, level="study",
+        query=(("ModalitiesInStudy", "CT"), ("AccessionNumber", "A*"), ("SeriesNumber", "3")),
+        lookback_hours=1.5, auth=BasicAuth("orthanc", "ARCHIVE_PASSWORD"), page_size=25, timeout_seconds=5.0,
+    )
+    assert config.sources["archive"].filters() == {"ModalitiesInStudy": "CT", "AccessionNumber": "A*",
+                                                   "SeriesNumber": "3"}
+    assert isinstance(config.sources["archive"].every_seconds, float)
+    cloud = config.sources["cloud"]
+    assert (cloud.every_seconds, cloud.cron) == (None, "*/5 7-19 * * mon-fri")
+    assert (cloud.level, cloud.query, cloud.lookback_hours, cloud.page_size, cloud.timeout_seconds) == (
+        "series", (), 24.0, 100, 30.0)
+    assert cloud.auth == BearerAuth("CLOUD_TOKEN")
+    assert cloud.kind == "dicomweb"
+    assert cloud.schedule_text() == "cron '*/5 7-19 * * mon-fri'"
+    assert config.sources["archive"].schedule_text() == "every 60 s"
+    with pytest.raises(TypeError):
+        config.sources["x"] = cloud  # type: ignore[index]
+
+
+def test_source_secret_is_read_when_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_SOURCE_PW", raising=False)
+    text = HEAD + TAIL + """\
+[[sources]]
+name = "archive"
+kind = "dicomweb"
+url = "http://h/dicom-web"
+every_seconds = 60
+auth = { kind = "basic", username = "u", password_env = "TEST_SOURCE_PW" }
+"""
+    auth = load_text(tmp_path, text).sources["archive"].auth
+    assert isinstance(auth, BasicAuth)
+    with pytest.raises(ConfigError) as info:
+        auth.resolve()
+    assert str(info.value) == (f'{tmp_path / "node.toml"}:32: sources[1] (name "archive").auth.password_env: '
+                               "environment variable TEST_SOURCE_PW (password for basic auth) is not set")
+
+
+SOURCE = """\
+[[sources]]
+name = "archive"
+kind = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web"
+"""
+
+SOURCE_ERRORS = [
+    ("both-schedules", SOURCE + 'every_seconds = 60\ncron = "*/5 * * * *" # <-\n',
+     'sources[1] (name "archive").cron', "give either every_seconds or cron, not both"),
+    ("both-schedules-cron-first", SOURCE + 'cron = "*/5 * * * *"\nevery_seconds = 60 # <-\n',
+     'sources[1] (name "archive").every_seconds', "give either every_seconds or cron, not both"),
+    ("no-schedule", SOURCE.replace("[[sources]]", "[[sources]] # <-"),
+     'sources[1] (name "archive").every_seconds', "missing (required): give every_seconds (e.g. 60) or cron"),
+    ("every-zero", SOURCE + "every_seconds = 0 # <-\n",
+     'sources[1] (name "archive").every_seconds', "must be a number >= 1, got 0"),
+    ("every-text", SOURCE + 'every_seconds = "60" # <-\n',
+     'sources[1] (name "archive").every_seconds', 'must be a number >= 1, got "60"'),
+    ("cron-out-of-range", SOURCE + 'cron = "61 * * * *" # <-\n',
+     'sources[1] (name "archive").cron', 'not a valid crontab expression (minute hour day month weekday): '
+     '"61 * * * *": '),
+    ("cron-fields", SOURCE + 'cron = "*/5 * *" # <-\n',
+     'sources[1] (name "archive").cron', "Wrong number of fields; got 3, expected 5"),
+    ("cron-empty", SOURCE + 'cron = "" # <-\n',
+     'sources[1] (name "archive").cron', 'must be a non-empty string, got ""'),
+    ("cron-numeric-weekday", SOURCE + 'cron = "0 3 * * 1-5" # <-\n',
+     'sources[1] (name "archive").cron', "write the weekday as a name (sun, mon, ... sat), not a number"),
+    ("level", SOURCE + 'every_seconds = 60\nlevel = "instance" # <-\n',
+     'sources[1] (name "archive").level', 'must be one of series, study, got "instance"'),
+    ("missing-url", """\
+[[sources]] # <-
+name = "archive"
+kind = "dicomweb"
+every_seconds = 60
+""", 'sources[1] (name "archive").url', "missing (required)"),
+    ("url-scheme", SOURCE.replace('url = "http://127.0.0.1:8042/dicom-web"', 'url = "127.0.0.1:8042" # <-')
+     + "every_seconds = 60\n", 'sources[1] (name "archive").url',
+     'must be an http:// or https:// URL, got "127.0.0.1:8042"'),
+    ("kind", SOURCE.replace('kind = "dicomweb"', 'kind = "dimse" # <-') + "every_seconds = 60\n",
+     'sources[1] (name "archive").kind', 'must be one of dicomweb, got "dimse"'),
+    ("unknown-key", SOURCE + "every_seconds = 60\nlookback_hour = 3 # <-\n",
+     'sources[1] (name "archive").lookback_hour', "unknown key (did you mean 'lookback_hours'?)"),
+    ("lookback", SOURCE + "every_seconds = 60\nlookback_hours = 0 # <-\n",
+     'sources[1] (name "archive").lookback_hours', "must be a number > 0, got 0"),
+    ("page-size", SOURCE + "every_seconds = 60\npage_size = 0 # <-\n",
+     'sources[1] (name "archive").page_size', "must be a whole number 1-10000, got 0"),
+    ("query-keyword", SOURCE + 'every_seconds = 60\nquery = { Modalty = "CT" } # <-\n',
+     'sources[1] (name "archive").query.Modalty', "\"Modalty\" is not a DICOM keyword; did you mean 'Modality'?"),
+    ("query-study-date", SOURCE + 'every_seconds = 60\nquery = { StudyDate = "20240101-" } # <-\n',
+     'sources[1] (name "archive").query.StudyDate', "StudyDate is set by the poller"),
+    ("query-modality-at-study-level", SOURCE + 'every_seconds = 60\nlevel = "study"\n'
+     'query = { Modality = "CT" } # <-\n', 'sources[1] (name "archive").query.Modality',
+     'Modality is a series attribute; at level = "study" use ModalitiesInStudy, or level = "series"'),
+    ("query-value", SOURCE + "every_seconds = 60\nquery = { Modality = 1.5 } # <-\n",
+     'sources[1] (name "archive").query.Modality', "must be a string (QIDO-RS matching value"),
+    ("query-empty-value", SOURCE + 'every_seconds = 60\n[sources.query]\nModality = "" # <-\n',
+     'sources[1] (name "archive").query.Modality', "must not be empty"),
+    ("query-sequence", SOURCE + 'every_seconds = 60\nquery = { ReferencedImageSequence = "x" } # <-\n',
+     'sources[1] (name "archive").query.ReferencedImageSequence', "its VR SQ has no text value"),
+    ("auth", SOURCE + 'every_seconds = 60\nauth = { kind = "basic", username = "u" } # <-\n',
+     'sources[1] (name "archive").auth.password_env', "missing (required)"),
+    ("duplicate", SOURCE + "every_seconds = 60\n" + SOURCE.replace('name = "archive"', 'name = "archive" # <-')
+     + "every_seconds = 60\n", 'sources[2] (name "archive").name', 'duplicate name "archive" (also at line 28)'),
+    ("not-tables", 'sources = "archive" # <-\n', "sources", 'must be an array of tables ([[sources]]), got "archive"'),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in SOURCE_ERRORS], ids=[e[0] for e in SOURCE_ERRORS])
+def test_source_error_names_file_line_and_key(tmp_path: Path, text: str, key: str, message: str) -> None:
+    text = (text + HEAD + TAIL) if text.startswith("sources =") else (HEAD + TAIL + text)
+    path = tmp_path / "node.toml"
+    expected_line = marked_line(text)
+    error = error_of(tmp_path, text)
+    prefix = f"{path}:{expected_line}: {key}: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error
