@@ -106,6 +106,30 @@ class NodeSettings:
     max_associations: int
     settle_seconds: float
     workers: int
+    min_free_disk_mb: int = 512
+    retention_hours: float = 72.0
+    study_settle_seconds: float = 120.0
+    force_complete_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The DICOM TLS listener beside the plain one (PS3.15 B.1: TLS 1.2 or later).
+
+    Attributes
+    ----------
+    port : int
+        TLS listener port.
+    cert_file, key_file : Path
+        The node's certificate chain and private key (PEM).
+    ca_file : Path or None
+        When set, a client must present a certificate this CA signed.
+    """
+
+    port: int
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +284,10 @@ class DicomDestination:
     port: int
     ae_title: str
     calling_ae_title: str
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -376,11 +404,15 @@ class Route:
         Name of the pipeline.
     destinations : tuple of str
         Names of the destinations (an empty tuple sends nowhere).
+    trigger : str
+        ``series``: process each series once it settles; ``study``: once the whole study has
+        settled (``study_settle_seconds``), every series of it.
     """
 
     match: tuple[tuple[str, tuple[str, ...]], ...]
     pipeline: str
     destinations: tuple[str, ...]
+    trigger: str = "series"
 
     def matches(self, ds: Dataset) -> bool:
         """Whether *ds* (any instance of the series) is taken by this route.
@@ -430,6 +462,8 @@ class Config:
         Routes in file order; the first that matches wins.
     source : str
         The file the configuration came from, or ``"<embedded default>"``.
+    tls : TlsSettings or None
+        The DICOM TLS listener, when configured.
     sources : Mapping of str to DicomWebSource
         DICOMweb archives polled for new series, by name (read-only, in file order; empty by default).
     """
@@ -442,6 +476,7 @@ class Config:
     routes: tuple[Route, ...]
     source: str
     sources: Mapping[str, DicomWebSource] = field(default_factory=lambda: MappingProxyType({}))
+    tls: TlsSettings | None = None
 
     def route_for(self, ds: Dataset) -> Route | None:
         """The first route that matches *ds*, or None.
@@ -679,13 +714,15 @@ class _Lines:
 _REQUIRED: Any = object()
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOP_KEYS = ("node", "http", "delivery", "pipelines", "destinations", "routes", "sources")
+_TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "routes", "sources")
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
-    "settle_seconds", "workers",
+    "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
+    "force_complete_seconds",
 )
 _DESTINATION_KEYS = {
-    "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title"),
+    "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
+              "key_file"),
     "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds"),
     "folder": ("name", "kind", "path"),
 }
@@ -837,6 +874,12 @@ class _Checker:
             self.fail(path + (key,), f"not a valid AE title: {problem}")
         return value.strip(" ")
 
+    def boolean(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> bool:
+        value = self.value(table, path, key, default)
+        if not isinstance(value, bool):
+            self.fail(path + (key,), f"must be true or false, got {_show(value)}")
+        return value
+
     def folder(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> Path:
         text = self.string(table, path, key, default)
         folder = Path(text).expanduser()
@@ -866,6 +909,7 @@ class _Checker:
     def check(self) -> Config:
         self.keys(self.data, (), _TOP_KEYS, ())
         node = self.node_settings()
+        tls = self.tls_settings()
         http = self.http_settings()
         delivery = self.delivery_settings()
         pipelines = self.pipelines()
@@ -881,6 +925,7 @@ class _Checker:
             routes=routes,
             source=self.source,
             sources=MappingProxyType(sources),
+            tls=tls,
         )
 
     def node_settings(self) -> NodeSettings:
@@ -909,7 +954,30 @@ class _Checker:
             max_associations=self.integer(table, path, "max_associations", 1, default=10),
             settle_seconds=self.number(table, path, "settle_seconds", 10.0, above=0),
             workers=self.integer(table, path, "workers", 1, default=min(4, os.cpu_count() or 1)),
+            min_free_disk_mb=self.integer(table, path, "min_free_disk_mb", 0, default=512),
+            retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
+            study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
+            force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
         )
+
+    def tls_settings(self) -> TlsSettings | None:
+        path: _KeyPath = ("tls",)
+        table = self.table(self.data, (), "tls", required=False)
+        if table is None:
+            return None
+        self.keys(table, path, ("port", "cert_file", "key_file", "ca_file"), ("port", "cert_file", "key_file"))
+        return TlsSettings(
+            port=self.integer(table, path, "port", 1, 65535),
+            cert_file=self.existing_file(table, path, "cert_file"),
+            key_file=self.existing_file(table, path, "key_file"),
+            ca_file=self.existing_file(table, path, "ca_file") if "ca_file" in table else None,
+        )
+
+    def existing_file(self, table: Mapping[str, Any], path: _KeyPath, key: str) -> Path:
+        file = self.folder(table, path, key)
+        if not file.is_file():
+            self.fail(path + (key,), f"no such file: {file}")
+        return file
 
     def http_settings(self) -> HttpSettings:
         path: _KeyPath = ("http",)
@@ -968,7 +1036,7 @@ class _Checker:
             if kind not in _DESTINATION_KEYS:
                 self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
             allowed = _DESTINATION_KEYS[kind]
-            optional = {"calling_ae_title", "auth", "timeout_seconds"}
+            optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file"}
             self.keys(table, path, allowed, [k for k in allowed if k not in optional])
             name = self.name(table, path, seen)
             destination: Destination
@@ -979,7 +1047,15 @@ class _Checker:
                     port=self.integer(table, path, "port", 1, 65535),
                     ae_title=self.ae_title(table, path, "ae_title"),
                     calling_ae_title=self.ae_title(table, path, "calling_ae_title", node.ae_title),
+                    tls=self.boolean(table, path, "tls", False),
+                    ca_file=self.existing_file(table, path, "ca_file") if "ca_file" in table else None,
+                    cert_file=self.existing_file(table, path, "cert_file") if "cert_file" in table else None,
+                    key_file=self.existing_file(table, path, "key_file") if "key_file" in table else None,
                 )
+                if not destination.tls and any(k in table for k in ("ca_file", "cert_file", "key_file")):
+                    self.fail(path + ("tls",), "ca_file/cert_file/key_file are for TLS: set tls = true")
+                if (destination.cert_file is None) != (destination.key_file is None):
+                    self.fail(path + ("cert_file",), "give cert_file and key_file together (client certificate)")
             elif kind == "dicomweb":
                 url = self.string(table, path, "url")
                 parts = urlsplit(url)
@@ -1115,8 +1191,11 @@ class _Checker:
         routes = []
         for index, table in enumerate(self.tables_array("routes")):
             path: _KeyPath = ("routes", index)
-            self.keys(table, path, ("match", "pipeline", "destinations"), ("match", "pipeline", "destinations"))
+            self.keys(table, path, ("match", "pipeline", "destinations", "trigger"), ("match", "pipeline", "destinations"))
             match = self.match(table, path)
+            trigger = self.value(table, path, "trigger", "series")
+            if trigger not in ("series", "study"):
+                self.fail(path + ("trigger",), f"must be \"series\" or \"study\", got {_show(trigger)}")
             pipeline = self.value(table, path, "pipeline")
             if not isinstance(pipeline, str) or pipeline not in pipelines:
                 known = ", ".join(pipelines) or "none"
@@ -1130,7 +1209,7 @@ class _Checker:
                     self.fail(path + ("destinations", n), f"unknown destination {_show(name)}; defined: {known}")
                 if name in names[:n]:
                     self.fail(path + ("destinations", n), f"destination {_show(name)} is listed twice")
-            routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names)))
+            routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names), trigger=trigger))
         return tuple(routes)
 
     def match(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> tuple[tuple[str, tuple[str, ...]], ...]:

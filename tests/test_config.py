@@ -848,3 +848,57 @@ def test_source_error_names_file_line_and_key(tmp_path: Path, text: str, key: st
     prefix = f"{path}:{expected_line}: {key}: "
     assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
     assert message in error
+
+
+# --------------------------------------------------------------------------- hospital-grade keys
+
+
+def test_tls_disk_retention_study_keys(tmp_path: Path) -> None:
+    (tmp_path / "server.pem").write_text("cert")
+    (tmp_path / "server.key").write_text("key")
+    config = load_text(tmp_path, """
+[node]
+min_free_disk_mb = 2048
+retention_hours = 24
+study_settle_seconds = 30
+force_complete_seconds = 600
+[tls]
+port = 2762
+cert_file = "server.pem"
+key_file = "server.key"
+[[pipelines]]
+name = "p"
+steps = []
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = 4242
+ae_title = "PACS"
+tls = true
+cert_file = "server.pem"
+key_file = "server.key"
+[[routes]]
+match = {}
+pipeline = "p"
+destinations = ["pacs"]
+trigger = "study"
+""")
+    assert config.node.min_free_disk_mb == 2048 and config.node.retention_hours == 24
+    assert config.node.study_settle_seconds == 30 and config.node.force_complete_seconds == 600
+    assert config.tls.port == 2762 and config.tls.cert_file == tmp_path / "server.pem" and config.tls.ca_file is None
+    assert config.destinations["pacs"].tls and config.destinations["pacs"].key_file == tmp_path / "server.key"
+    assert config.routes[0].trigger == "study"
+    assert load_config(None).tls is None and load_config(None).routes[0].trigger == "series"
+
+
+def test_tls_errors_point_at_the_line(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[tls]\nport = 2762\ncert_file = "missing.pem"\nkey_file = "k"\n')
+    assert ":3: tls.cert_file: no such file" in message
+    message = error_of(tmp_path, '[[pipelines]]\nname = "p"\nsteps = []\n[[routes]]\nmatch = {}\n'
+                                 'pipeline = "p"\ndestinations = []\ntrigger = "patient"\n')
+    assert ':8: routes[1].trigger: must be "series" or "study"' in message, message
+    (tmp_path / "ca.pem").write_text("ca")
+    message = error_of(tmp_path, '[[destinations]]\nname = "d"\nkind = "dicom"\nhost = "h"\nport = 1\n'
+                                 'ae_title = "A"\nca_file = "ca.pem"\n')
+    assert "destinations[1] (name \"d\").tls: ca_file/cert_file/key_file are for TLS" in message, message
