@@ -289,6 +289,14 @@ def _open_jobs(args: argparse.Namespace):
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    import shutil
+
+    from node.config import load_config
+
+    node = load_config(args.config).node
+    free_mb = shutil.disk_usage(node.data_dir).free // 2**20 if node.data_dir.exists() else 0
+    print(f"disk: {free_mb} MB free in {node.data_dir}; C-STORE refused below {node.min_free_disk_mb} MB"
+          + (" (REFUSING NOW)" if free_mb < node.min_free_disk_mb else f" ({free_mb - node.min_free_disk_mb} MB headroom)"))
     jobs = _open_jobs(args)
     try:
         counts = jobs.counts()

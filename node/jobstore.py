@@ -21,7 +21,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS series (
     calling_ae TEXT,
     first_received REAL,
     last_received REAL,
+    opened_at REAL,
+    trigger TEXT,
     route TEXT,
     pipeline TEXT,
     output_dir TEXT,
@@ -157,6 +159,15 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a job store written by an older version up to this schema (columns only added)."""
+        wanted = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT"}
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
+        for column, kind in wanted.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE series ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         """Close the database."""
@@ -202,8 +213,8 @@ class JobStore:
             if row is None:
                 series_id = db.execute(
                     "INSERT INTO series(study_uid, series_uid, state, modality, calling_ae, first_received,"
-                    " last_received, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now),
+                    " last_received, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now, now),
                 ).lastrowid
                 self._event(db, series_id, SeriesState.RECEIVING.value, f"first instance from {calling_ae}")
             else:
@@ -215,10 +226,11 @@ class JobStore:
                     new_state = SeriesState.RECEIVING.value
                     if state != new_state:
                         self._event(db, series_id, new_state, f"re-opened from {state} by a new instance")
+                reopened = state not in (SeriesState.RECEIVING.value, SeriesState.PROCESSING.value)
                 db.execute(
                     "UPDATE series SET state = ?, generation = generation + 1, last_received = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    (new_state, now, now, series_id),
+                    " opened_at = CASE WHEN ? THEN ? ELSE opened_at END, updated_at = ? WHERE id = ?",
+                    (new_state, now, reopened, now, now, series_id),
                 )
             known = db.execute("SELECT series_id FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
             db.execute(
@@ -245,21 +257,66 @@ class JobStore:
 
     # -- series assembly ------------------------------------------------------------------------
 
-    def settle(self, settle_seconds: float) -> list[int]:
-        """Queue every receiving series quiet for *settle_seconds*; returns their ids."""
+    def settle(
+        self,
+        settle_seconds: float,
+        *,
+        study_settle_seconds: float | None = None,
+        force_complete_seconds: float | None = None,
+        trigger_of: Callable[[int], str] | None = None,
+    ) -> dict[int, str]:
+        """Queue the receiving series that are complete; returns their ids with the reason.
+
+        DICOM never says a series is complete, so: a series is complete when no instance came for
+        *settle_seconds*.  A series whose route has ``trigger = "study"`` (asked of *trigger_of*,
+        once per series, then kept) waits until its whole study has had no instance for
+        *study_settle_seconds*; then every such series of the study is queued together.  Anything
+        still receiving *force_complete_seconds* after it (re-)opened is queued anyway, so a sender
+        that never goes quiet cannot hold work back for ever.
+        """
         now = self._clock()
+        force = float("inf") if force_complete_seconds is None else force_complete_seconds
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT id, instances FROM series WHERE state = ? AND last_received <= ?",
-                (SeriesState.RECEIVING.value, now - settle_seconds),
+                "SELECT id, study_uid, instances, last_received, opened_at, trigger FROM series WHERE state = ?",
+                (SeriesState.RECEIVING.value,),
             ).fetchall()
+            ready: dict[int, str] = {}
+            studies: dict[str, list[sqlite3.Row]] = {}
             for row in rows:
+                forced = row["opened_at"] is not None and row["opened_at"] <= now - force
+                quiet = row["last_received"] <= now - settle_seconds
+                if not (quiet or forced):
+                    continue
+                trigger = row["trigger"]
+                if trigger is None and trigger_of is not None:
+                    trigger = trigger_of(row["id"])
+                    db.execute("UPDATE series SET trigger = ? WHERE id = ?", (trigger, row["id"]))
+                if trigger == "study" and study_settle_seconds is not None:
+                    studies.setdefault(row["study_uid"], [])
+                elif forced and not quiet:
+                    ready[row["id"]] = f"still receiving after {force:g} s: processed anyway"
+                else:
+                    ready[row["id"]] = f"settled with {row['instances']} instances"
+            for study_uid in studies:
+                members = [r for r in rows if r["study_uid"] == study_uid]
+                last = max(r["last_received"] for r in members)
+                opened = min(r["opened_at"] or r["last_received"] for r in members)
+                if last <= now - study_settle_seconds:
+                    why = f"study settled ({len(members)} series)"
+                elif opened <= now - force:
+                    why = f"study still receiving after {force:g} s: processed anyway"
+                else:
+                    continue
+                for member in members:
+                    ready[member["id"]] = why
+            for series_id, why in ready.items():
                 db.execute(
                     "UPDATE series SET state = ?, updated_at = ? WHERE id = ?",
-                    (SeriesState.QUEUED.value, now, row["id"]),
+                    (SeriesState.QUEUED.value, now, series_id),
                 )
-                self._event(db, row["id"], SeriesState.QUEUED.value, f"settled with {row['instances']} instances")
-        return [row["id"] for row in rows]
+                self._event(db, series_id, SeriesState.QUEUED.value, why)
+        return ready
 
     def claim_next(self) -> SeriesJob | None:
         """Take the oldest queued series for processing (atomic); None when there is none."""
@@ -469,6 +526,24 @@ class JobStore:
                 self._event(db, series_id, state.value, "retry asked by operator")
                 count += 1
         return count
+
+    def expired(self, retention_seconds: float) -> list[dict[str, Any]]:
+        """Delivered series last changed more than *retention_seconds* ago (with their paths)."""
+        with self._lock:
+            rows = [dict(r) for r in self._db.execute(
+                "SELECT id, series_uid, output_dir FROM series WHERE state = ? AND updated_at <= ?",
+                (SeriesState.DELIVERED.value, self._clock() - retention_seconds))]
+            for row in rows:
+                row["paths"] = [Path(r[0]) for r in self._db.execute(
+                    "SELECT path FROM instances WHERE series_id = ?", (row["id"],))]
+        return rows
+
+    def forget(self, series_id: int) -> None:
+        """Remove a series and everything recorded about it (after its files were removed)."""
+        with self._transaction() as db:
+            for table in ("instances", "deliveries", "events"):
+                db.execute(f"DELETE FROM {table} WHERE series_id = ?", (series_id,))  # noqa: S608 - fixed names
+            db.execute("DELETE FROM series WHERE id = ?", (series_id,))
 
     # -- reading --------------------------------------------------------------------------------
 

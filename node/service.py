@@ -19,19 +19,20 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pydicom
-
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity
-from node.metrics import Metrics
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
+from node.metrics import Metrics
 from node.poller import DicomWebPoller, schedule
 from node.process import process_series
 from node.senders import DeliveryError, Sender, sender_for
@@ -106,6 +107,8 @@ class NodeService:
         for number in range(node.workers):
             self._spawn(f"worker-{number + 1}", self._work_loop)
         self._spawn("delivery", self._delivery_loop)
+        if node.retention_hours > 0:
+            self._spawn("retention", self._retention_loop)
         if self._scheduler is not None:
             schedule(self.pollers, self._scheduler)
             self._scheduler.start()
@@ -185,17 +188,61 @@ class NodeService:
     # -- series assembly --------------------------------------------------------------------------
 
     def _assemble_loop(self) -> None:
-        settle = self.config.node.settle_seconds
-        interval = min(1.0, settle / 4)
+        node = self.config.node
+        interval = min(1.0, node.settle_seconds / 4)
         while not self._stop.wait(interval):
             try:
-                ready = self.jobs.settle(settle)
+                ready = self.jobs.settle(
+                    node.settle_seconds, study_settle_seconds=node.study_settle_seconds,
+                    force_complete_seconds=node.force_complete_seconds, trigger_of=self._trigger_of,
+                )
             except Exception:
                 log.exception("series assembly failed; retrying")
                 continue
+            for why in sorted(set(ready.values())):
+                log.info("%d series queued: %s", sum(1 for w in ready.values() if w == why), why)
             if ready:
-                log.info("%d series settled and queued", len(ready))
                 self._wake()
+
+    def _trigger_of(self, series_id: int) -> str:
+        """``series`` or ``study``: the trigger of the route the series' first instance takes."""
+        for _, path in self.jobs.instances(series_id)[:1]:
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:  # unreadable: the worker will say so; settle it as a series
+                return "series"
+            route = self.config.route_for(header)
+            return route.trigger if route is not None else "series"
+        return "series"
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def _retention_loop(self) -> None:
+        hours = self.config.node.retention_hours
+        interval = min(600.0, max(1.0, hours * 3600 / 10))
+        while not self._stop.wait(interval):
+            try:
+                self.clean_expired()
+            except Exception:
+                log.exception("retention clean-up failed; trying again later")
+
+    def clean_expired(self) -> int:
+        """Remove spool files, outputs and records of series delivered longer ago than retention."""
+        removed = 0
+        for row in self.jobs.expired(self.config.node.retention_hours * 3600):
+            for path in row["paths"]:
+                path.unlink(missing_ok=True)
+                _remove_empty_parents(path.parent, self.spool.root)
+            if row["output_dir"]:
+                shutil.rmtree(row["output_dir"], ignore_errors=True)
+                _remove_empty_parents(Path(row["output_dir"]).parent, self.outputs)
+            shutil.rmtree(self.outputs / ".thumbs" / str(row["id"]), ignore_errors=True)
+            self.jobs.forget(row["id"])  # files first: a crash in between leaves records, never orphans
+            removed += 1
+        if removed:
+            log.info("retention: %d delivered series older than %g h removed", removed,
+                     self.config.node.retention_hours)
+        return removed
 
     # -- processing -----------------------------------------------------------------------------
 
@@ -314,3 +361,13 @@ class NodeService:
         level = logging.ERROR if final else logging.WARNING
         log.log(level, "delivery of %s to %s %s: %s", delivery.series_uid, delivery.destination,
                 "failed for good" if final else "failed, will retry", reason)
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    """Remove *folder* and its parents up to (not including) *root* while they are empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

@@ -80,8 +80,11 @@ class NodeProcess:
 
 
 def node_config(data_dir: Path, port: int, *, extra: str = "", settle: float = 1.0, ae_title: str = "DICOMNODE",
-                allowed: str = "[]", http_port: int | None = None) -> str:
-    """A node config on 127.0.0.1 with a fast settle time; *extra* adds pipelines/destinations/routes."""
+                allowed: str = "[]", http_port: int | None = None, node_extra: str = "") -> str:
+    """A node config on 127.0.0.1 with a fast settle time.
+
+    *node_extra* adds keys to ``[node]``; *extra* adds tables (pipelines, destinations, routes).
+    """
     return f"""
 [node]
 ae_title = "{ae_title}"
@@ -91,6 +94,7 @@ data_dir = "{data_dir}"
 allowed_calling_aets = {allowed}
 settle_seconds = {settle}
 workers = 2
+{node_extra}
 [http]
 host = "127.0.0.1"
 port = {http_port or free_port()}

@@ -55,6 +55,7 @@ def test_status_and_retry_from_the_job_store(tmp_path: Path) -> None:
     jobs.close()
     status = run_cli("status", "--config", str(config))
     assert status.returncode == 0 and "failed 1" in status.stdout and "<simulated>" in status.stdout
+    assert "MB free in" in status.stdout and "MB headroom" in status.stdout
     retried = run_cli("retry", "--all-failed", "--config", str(config))
     assert retried.returncode == 0 and "1 series queued again" in retried.stdout
     assert "queued 1" in run_cli("status", "--config", str(config)).stdout

@@ -34,9 +34,9 @@ def receive(jobs: JobStore, sop: str, series: str = "1.2.3.4") -> bool:
 def test_series_settles_after_the_quiet_time(store) -> None:
     jobs, clock = store
     assert receive(jobs, "1.1") and receive(jobs, "1.2") and not receive(jobs, "1.2")  # duplicate: not new
-    assert jobs.settle(10) == []
+    assert not jobs.settle(10)
     clock.now += 10
-    assert jobs.settle(10) == [1]
+    assert list(jobs.settle(10)) == [1]
     job = jobs.claim_next()
     assert job is not None and len(job.instance_paths) == 2
     assert jobs.claim_next() is None  # claimed once only
@@ -131,3 +131,66 @@ def test_spool_write_is_whole_or_absent(tmp_path: Path) -> None:
         spool.store("1.2.3", "1.2.3.4", "1.2.3.4.6", failing())
     assert [p.name for p in spool.series_folder("1.2.3", "1.2.3.4").iterdir()] == ["1.2.3.4.5.dcm"]
     assert [i.sop_uid for i in spool.walk()] == ["1.2.3.4.5"]
+
+
+def receive_in(jobs: JobStore, sop: str, series: str, study: str) -> None:
+    jobs.record_instance(study_uid=study, series_uid=series, sop_uid=sop, sop_class_uid="1.2.840",
+                         path=Path(f"/spool/{sop}.dcm"), size=10)
+
+
+def test_study_trigger_waits_for_the_whole_study(store) -> None:
+    jobs, clock = store
+    asked = []
+
+    def trigger_of(series_id: int) -> str:
+        asked.append(series_id)
+        return "study"
+
+    settle = dict(study_settle_seconds=30, force_complete_seconds=3600, trigger_of=trigger_of)
+    receive_in(jobs, "1.1", "1.2.1", "1.2")
+    clock.now += 10
+    receive_in(jobs, "2.1", "1.2.2", "1.2")  # a second series of the study, 10 s later
+    clock.now += 10
+    assert not jobs.settle(5, **settle)  # series 1 and 2 are quiet, the study is not
+    clock.now += 15
+    receive_in(jobs, "3.1", "1.2.3", "1.2")
+    clock.now += 29
+    assert not jobs.settle(5, **settle)
+    clock.now += 1
+    assert sorted(jobs.settle(5, **settle)) == [1, 2, 3]  # all at once, once
+    assert sorted(set(asked)) == [1, 2, 3] and len(asked) == 3  # asked once per series, then kept
+    assert "study settled (3 series)" in jobs.series(1)["events"][-1]["detail"]
+
+
+def test_force_complete_bounds_a_sender_that_never_goes_quiet(store) -> None:
+    jobs, clock = store
+    for second in range(0, 100, 2):  # an instance every 2 s for 100 s
+        clock.now = 1000.0 + second
+        receive_in(jobs, f"1.{second + 1}", "1.2.1", "1.2")
+        assert list(jobs.settle(5, force_complete_seconds=60)) == ([1] if second >= 60 else [])
+        if second >= 60:
+            break
+    assert "processed anyway" in jobs.series(1)["events"][-1]["detail"]
+    # processed, then more instances: it re-opens and the clock starts again
+    job = jobs.claim_next()
+    jobs.set_outcome(job, SeriesState.UNROUTED, "test")
+    receive_in(jobs, "1.999", "1.2.1", "1.2")
+    assert not jobs.settle(5, force_complete_seconds=60)
+
+
+def test_expired_and_forget(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1")
+    clock.now += 10
+    jobs.settle(10)
+    job = jobs.claim_next()
+    jobs.processed(job, route="r", pipeline="p", output_dir=Path("/out/x"), derived_series_uid="2.25.5",
+                   outputs=1, destinations=["out"], seconds=0.1)
+    (delivery,) = jobs.claim_due_deliveries()
+    jobs.delivered(delivery)
+    assert jobs.expired(3600) == []
+    clock.now += 3600
+    (row,) = jobs.expired(3600)
+    assert row["paths"] == [Path("/spool/1.1.dcm")] and row["output_dir"] == "/out/x"
+    jobs.forget(row["id"])
+    assert jobs.series(row["id"]) is None and jobs.counts() == {}
