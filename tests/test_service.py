@@ -239,3 +239,41 @@ def test_ten_associations_at_once(orthanc: OrthancServer, tmp_path: Path) -> Non
         assert [r.returncode for r in results] == [0] * 10, [r.stderr for r in results if r.returncode]
         wait_for(lambda: all(len(folder_outputs(out, s)) == 3 for s in studies), 90, "10 series processed", node.log)
         assert "database is locked" not in node.log()
+
+
+def test_a_destination_refusing_the_sc_class_fails_at_once(tmp_path: Path) -> None:
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    refusing = AE(ae_title="NOSC")
+    refusing.add_supported_context(Verification)
+    refusing.add_supported_context(CTImageStorage)  # CT only: the node's Secondary Captures are refused
+    pacs_port = free_port()
+    server = refusing.start_server(("127.0.0.1", pacs_port), block=False)
+    try:
+        port, http = free_port(), free_port()
+        config = node_config(tmp_path / "var", port, http_port=http, extra=f"""
+[[pipelines]]
+name = "plain"
+steps = [{{ op = "rescale" }}]
+[[destinations]]
+name = "nosc"
+kind = "dicom"
+host = "127.0.0.1"
+port = {pacs_port}
+ae_title = "NOSC"
+[[routes]]
+match = {{}}
+pipeline = "plain"
+destinations = ["nosc"]
+""")
+        sources = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+        with NodeProcess(config, tmp_path, port=port) as node:
+            assert storescu("127.0.0.1", port, sources, called_aet="DICOMNODE").returncode == 0
+            wait_for(lambda: "failed for good" in node.log(), 60, "the delivery to fail", node.log)
+            (job,) = requests.get(f"http://127.0.0.1:{http}/api/jobs", timeout=5).json()
+            detail = requests.get(f"http://127.0.0.1:{http}/api/jobs/{job['id']}", timeout=5).json()
+            assert detail["state"] == "failed" and "abstract syntax not supported" in detail["error"]
+            assert [d["attempts"] for d in detail["deliveries"]] == [1]  # permanent: not retried
+            assert "will retry" not in node.log()
+    finally:
+        server.shutdown()
