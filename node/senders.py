@@ -12,7 +12,7 @@ not help: the peer refuses this data or the configuration is wrong) or
 backoff).  The delivery loop decides what to do; senders never retry.
 
 * :class:`DicomSender` - DIMSE C-STORE (pynetdicom SCU), one association per
-  ``send()``.
+  ``send()``, optionally over TLS (:mod:`node.tls`).
 * :class:`DicomWebSender` - DICOMweb STOW-RS (dicomweb-client), in batches.
 * :class:`FolderSender` - copies into ``<root>/<study>/<series>/`` and marks
   the series whole with a ``.complete`` file.
@@ -245,6 +245,14 @@ class DicomSender:
     Syntax UIDs (headers only are read), with Explicit and Implicit VR Little
     Endian as alternatives for uncompressed data.  Each file is sent by path,
     so its pixel data is never decoded.
+
+    With ``tls=True`` the association runs over TLS 1.2 or later (PS3.15 B.1), the peer's
+    certificate verified against ``ca_file`` (else the system's store), with our client
+    certificate ``cert_file``/``key_file`` when given (see :mod:`node.tls`). The files are
+    loaded here once to report a problem at start-up (:class:`~node.config.ConfigError`), and
+    again for every association, so renewed certificates are used without a restart. A failed
+    handshake is a :class:`DeliveryError`: permanent when a certificate is refused or the peer
+    does not speak TLS, transient when the connection is refused, closed or times out.
     """
 
     def __init__(
@@ -255,15 +263,32 @@ class DicomSender:
         called_ae: str,
         calling_ae: str,
         timeout: float = 30.0,
+        tls: bool = False,
+        ca_file: Path | str | None = None,
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
         self.called_ae = called_ae
         self.calling_ae = calling_ae
         self.timeout = float(timeout)
+        self.tls = bool(tls)
+        self.ca_file = Path(ca_file) if ca_file is not None else None
+        self.cert_file = Path(cert_file) if cert_file is not None else None
+        self.key_file = Path(key_file) if key_file is not None else None
+        if self.tls:
+            self._tls_context()  # ConfigError now, naming the file, rather than at the first send
+        elif any(f is not None for f in (ca_file, cert_file, key_file)):
+            raise ValueError("ca_file/cert_file/key_file are for TLS: pass tls=True")
 
     def describe(self) -> str:
-        return f"dicom {self.called_ae}@{self.host}:{self.port}"
+        return f"dicom{'+tls' if self.tls else ''} {self.called_ae}@{self.host}:{self.port}"
+
+    def _tls_context(self):
+        from node.tls import client_context
+
+        return client_context(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file, host=self.host)
 
     def __repr__(self) -> str:
         return f"<DicomSender {self.describe()} as {self.calling_ae}>"
@@ -307,14 +332,29 @@ class DicomSender:
         for sop_class, ts in wanted:
             ae.add_requested_context(sop_class, _transfer_syntaxes(ts))
 
+        tls_args = None
+        tls_errors: list[BaseException] = []
+        if self.tls:
+            from node.config import ConfigError
+            from node.tls import record_tls_errors, server_hostname
+
+            try:
+                context = self._tls_context()
+            except ConfigError as exc:
+                raise self._fail(f"TLS: {exc}", permanent=True) from exc
+            tls_errors = record_tls_errors(context)
+            tls_args = (context, server_hostname(context, self.host))
+
         started = time.monotonic()
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls_args)
         except ValueError as exc:  # e.g. an invalid called AE title
             raise self._fail(f"cannot request association: {exc}", permanent=True) from exc
 
         try:
             if not assoc.is_established:
+                if tls_errors:
+                    raise self._tls_failure(tls_errors)
                 raise self._association_failure(assoc, time.monotonic() - started)
             for sop_class, ts in wanted:
                 if not _context_usable(assoc, sop_class, ts):
@@ -363,6 +403,17 @@ class DicomSender:
                 reason = "no association: cannot connect (connection refused or closed)"
             return self._fail(reason, permanent=False)
         return self._fail("association aborted during negotiation", permanent=False)
+
+    def _tls_failure(self, errors: list[BaseException]) -> DeliveryError:
+        from node.tls import handshake_failure_reason, tls_failure_is_permanent
+
+        # The telling error may come second: a TLS 1.3 server refusing our certificate closes
+        # the connection (our write fails with EOF) before its alert is read.
+        exc = next((e for e in errors if tls_failure_is_permanent(e)), errors[0])
+        return self._fail(
+            f"no association: {handshake_failure_reason(exc, server_side=False)}",
+            permanent=tls_failure_is_permanent(exc),
+        )
 
     @staticmethod
     def _rejection_detail(assoc, sop_class: UID) -> str:
@@ -723,7 +774,8 @@ def sender_for(destination: Destination) -> Sender:
     if isinstance(destination, DicomDestination):
         return DicomSender(
             host=destination.host, port=destination.port, called_ae=destination.ae_title,
-            calling_ae=destination.calling_ae_title,
+            calling_ae=destination.calling_ae_title, tls=destination.tls, ca_file=destination.ca_file,
+            cert_file=destination.cert_file, key_file=destination.key_file,
         )
     if isinstance(destination, DicomWebDestination):
         auth = destination.auth.resolve() if destination.auth is not None else None

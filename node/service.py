@@ -38,6 +38,7 @@ from node.process import process_series
 from node.senders import DeliveryError, Sender, sender_for
 from node.series import InputSeries, instance_order, open_images
 from node.spool import Spool
+from node.tls import server_context, start_tls_server
 
 __all__ = ["NodeService"]
 
@@ -68,6 +69,9 @@ class NodeService:
         self._work = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._server = None
+        self._tls_server = None
+        # TLS files are checked now: a ConfigError before anything starts
+        self._tls_context = server_context(config.tls) if config.tls is not None else None
         self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
         self._render_threads = max(1, min(4, os.cpu_count() or 1))  # images of one series at once
         self.pollers = [
@@ -96,13 +100,17 @@ class NodeService:
                 except OSError as exc:  # delivery retries it; say so now
                     log.warning("folder destination %s: %s", destination.name, exc)
         node = self.config.node
-        if node.port:
+        tls = self.config.tls
+        if node.port or tls is not None:
             ae = build_application_entity(
                 node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations
             )
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics)
-            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
-            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+            if node.port:
+                self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
+                log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+            if tls is not None:
+                self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context)
         self._spawn("assembler", self._assemble_loop)
         for number in range(node.workers):
             self._spawn(f"worker-{number + 1}", self._work_loop)
@@ -128,8 +136,9 @@ class NodeService:
             poller.stop()
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
-        if self._server is not None:
-            self._server.shutdown()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
         with self._work:
             self._work.notify_all()
         for thread in self._threads:

@@ -1,0 +1,459 @@
+"""DICOM over TLS (PS3.15 B.1 "Basic TLS Secure Transport Connection Profile", B.9 BCP 195: TLS 1.2 or later).
+
+* :func:`server_context` / :func:`start_tls_server` - the TLS listener beside the plain one. With
+  ``[tls] ca_file`` a client must present a certificate that CA signed; without it no client
+  certificate is asked for (the connection is encrypted, the peer is not authenticated by TLS).
+* :func:`client_context` / :func:`server_hostname` - TLS towards a DICOM destination
+  (``tls = true``), used by :class:`node.senders.DicomSender`.
+
+The TLS handshake of an incoming connection runs in that connection's own thread, with a time
+limit (pynetdicom does it in its single accept loop, without a limit, and drops failures
+silently); every refused handshake is logged at WARNING with the peer's address and why.
+
+Peer names: a destination given by DNS name is checked against its certificate's names
+(``check_hostname``). A destination given by IP address with its own ``ca_file`` (the usual
+hospital PKI: a private CA whose certificates name hosts, not addresses) is checked against that CA
+only - any certificate of that CA is accepted. Without ``ca_file`` (the system's public store) an
+IP address must be in the certificate (an IP subjectAltName), as anyone can get a publicly trusted
+certificate for *some* name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from node.config import ConfigError, TlsSettings
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "client_context",
+    "describe_peer_certificate",
+    "handshake_failure_reason",
+    "record_tls_errors",
+    "server_context",
+    "server_hostname",
+    "start_tls_server",
+    "tls_failure_is_permanent",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds an incoming connection has to complete its TLS handshake.
+HANDSHAKE_TIMEOUT = 30.0
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def _refuse_password(*_args) -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal of a service: say what is wrong instead.
+    raise ConfigError("the private key is encrypted (a passphrase-protected key cannot be used)")
+
+
+def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path, what: str) -> None:
+    """``load_cert_chain``; every failure becomes a ConfigError naming the file at fault."""
+    cert_file, key_file = Path(cert_file), Path(key_file)
+    texts = {}
+    for kind, path in (("certificate", cert_file), ("private key", key_file)):
+        try:
+            texts[kind] = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{what} {kind} file {path}: cannot read: {exc.strerror or exc}") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in texts["certificate"]:
+        raise ConfigError(f"{what} certificate file {cert_file}: no PEM certificate in it")
+    if b"PRIVATE KEY-----" not in texts["private key"]:
+        raise ConfigError(f"{what} private key file {key_file}: no PEM private key in it")
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_refuse_password)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} private key file {key_file}: {exc}") from exc
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"{what} private key file {key_file} does not belong to certificate file {cert_file}"
+            ) from exc
+        raise ConfigError(
+            f"{what} certificate file {cert_file} / private key file {key_file}: cannot load: {_ssl_text(exc)}"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} certificate file {cert_file} / key file {key_file}: {exc}") from exc
+
+
+def _load_ca(context: ssl.SSLContext, ca_file: Path, what: str) -> None:
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{what} CA file {ca_file}: no usable PEM certificate: {_ssl_text(exc)}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} CA file {ca_file}: cannot read: {exc.strerror or exc}") from exc
+
+
+def server_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The TLS context of the listener.
+
+    Parameters
+    ----------
+    tls : TlsSettings
+        ``[tls]``: the node's certificate chain and key; with ``ca_file`` client certificates
+        signed by that CA are required, without it none is asked for.
+
+    Returns
+    -------
+    ssl.SSLContext
+        A server context, TLS 1.2 or later.
+
+    Raises
+    ------
+    ConfigError
+        A file cannot be read or used; the message names it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, tls.cert_file, tls.key_file, "tls")
+    if tls.ca_file is not None:
+        _load_ca(context, tls.ca_file, "tls")
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def client_context(
+    *,
+    ca_file: Path | str | None = None,
+    cert_file: Path | str | None = None,
+    key_file: Path | str | None = None,
+    host: str | None = None,
+) -> ssl.SSLContext:
+    """The TLS context towards one DICOM destination.
+
+    Parameters
+    ----------
+    ca_file : path, optional
+        Trust only this CA (PEM) for the peer's certificate; without it the system's default store.
+    cert_file, key_file : path, optional
+        Our client certificate chain and key (PEM), given together.
+    host : str, optional
+        The destination's host: decides whether the certificate's names are checked (see the
+        module notes). Without it they are.
+
+    Returns
+    -------
+    ssl.SSLContext
+        A client context, TLS 1.2 or later, that always verifies the peer's certificate chain.
+
+    Raises
+    ------
+    ConfigError
+        A file cannot be read or used, or only one of cert_file/key_file is given.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        _load_ca(context, Path(ca_file), "destination")
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("destination: give cert_file and key_file together (client certificate)")
+    if cert_file is not None and key_file is not None:
+        _load_chain(context, Path(cert_file), Path(key_file), "destination client")
+    if host is not None and ca_file is not None and _is_ip(host):
+        context.check_hostname = False  # the private CA alone vouches for the peer
+    return context
+
+
+def server_hostname(context: ssl.SSLContext, host: str) -> str | None:
+    """The ``server_hostname`` to give with *context* (``tls_args=(context, ...)``): *host* when
+    its name is checked, else None."""
+    return host.strip("[]") if context.check_hostname else None
+
+
+# --------------------------------------------------------------------------- describing peers
+
+
+def _name_text(name) -> str:
+    """A certificate subject/issuer from :meth:`ssl.SSLSocket.getpeercert` as ``CN=x,O=y``."""
+    parts = []
+    for rdn in name or ():
+        for key, value in rdn:
+            short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                     "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}.get(key, key)
+            parts.append(f"{short}={value}")
+    return ",".join(parts) or "(empty)"
+
+
+def describe_peer_certificate(sock: ssl.SSLSocket) -> str:
+    """The TLS version and the verified peer certificate of a connected socket, for logs.
+
+    Returns e.g. ``"TLSv1.3, certificate CN=modality-1,O=Hospital (issuer CN=Hospital CA, until
+    Jan  1 00:00:00 2030 GMT)"`` or ``"TLSv1.3, no client certificate"``.
+    """
+    version = sock.version() or "TLS"
+    cert = sock.getpeercert()
+    if not cert:  # nothing asked, or (with CERT_NONE) not verified
+        return f"{version}, no client certificate"
+    until = cert.get("notAfter", "?")
+    return (f"{version}, certificate {_name_text(cert.get('subject'))} "
+            f"(issuer {_name_text(cert.get('issuer'))}, until {until})")
+
+
+def _ssl_text(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return exc.verify_message
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()
+    return str(exc) or type(exc).__name__
+
+
+# OpenSSL reasons that mean "the bytes on this connection are not TLS at all".
+NOT_TLS_REASONS = frozenset({
+    "WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL",
+    "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "WRONG_SSL_VERSION", "RECORD_LENGTH_MISMATCH",
+})
+
+
+# Alerts a peer sends when it does not accept the other side's certificate (or got none).
+CERTIFICATE_ALERTS = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_ALERT_DECRYPT_ERROR",
+})
+
+
+def handshake_failure_reason(exc: BaseException, *, server_side: bool) -> str:
+    """Why a TLS handshake failed, in words, with OpenSSL's own reason in brackets."""
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "no TLS handshake in time"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        whose = "client" if server_side else "server"
+        return f"{whose} certificate rejected: {exc.verify_message or exc.reason}"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)):
+        hint = "" if server_side else "; a port without TLS may answer so too"
+        return f"connection closed during the TLS handshake ({_ssl_text(exc)}{hint})"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        text = f"[{reason or exc}]"
+        if reason in NOT_TLS_REASONS:
+            if server_side:
+                return f"client does not speak TLS (plain DICOM on the TLS port?) {text}"
+            return f"peer does not speak TLS (a port without TLS?) {text}"
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return f"client sent no certificate (one is required) {text}"
+        if reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION"):
+            return f"no common TLS version (TLS 1.2 or later required) {text}"
+        if reason in ("NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+            return f"no common cipher suite {text}"
+        if reason in CERTIFICATE_ALERTS:
+            if server_side:
+                return f"client rejected the node's certificate {text}"
+            return f"server rejected our client certificate (or sent none it trusts) {text}"
+        if "ALERT" in reason:
+            who = "client" if server_side else "peer"
+            return f"{who} refused the handshake: {_ssl_text(exc)} {text}"
+        return f"TLS handshake failed: {_ssl_text(exc)} {text}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def tls_failure_is_permanent(exc: BaseException) -> bool:
+    """Whether a failed TLS connection to a destination can succeed on a later attempt.
+
+    Permanent: the peer's certificate fails verification, the peer refuses our certificate or
+    our TLS parameters, or the peer does not speak TLS on that port (a configuration mismatch).
+    Transient: the connection closes or times out during the handshake (peer restarting, busy,
+    network trouble), and anything not recognised.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or not isinstance(exc, ssl.SSLError):
+        return False
+    reason = exc.reason or ""
+    return (
+        reason in NOT_TLS_REASONS or reason in CERTIFICATE_ALERTS
+        or reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                      "NO_SHARED_CIPHER", "TLSV1_ALERT_INSUFFICIENT_SECURITY", "NO_PROTOCOLS_AVAILABLE")
+    )
+
+
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that notes its TLS errors on its context (pynetdicom logs and swallows them)."""
+
+    def _note(self, exc: BaseException) -> None:
+        errors = getattr(self.context, "node_tls_errors", None)
+        if errors is not None:
+            errors.append(exc)
+
+    def do_handshake(self, *args, **kwargs):
+        try:
+            return super().do_handshake(*args, **kwargs)
+        except (OSError, ValueError) as exc:
+            self._note(exc)
+            raise
+
+    def recv(self, *args, **kwargs):
+        try:
+            return super().recv(*args, **kwargs)
+        except ssl.SSLError as exc:
+            self._note(exc)
+            raise
+
+    def send(self, *args, **kwargs):
+        try:
+            return super().send(*args, **kwargs)
+        except ssl.SSLError as exc:
+            self._note(exc)
+            raise
+
+
+def record_tls_errors(context: ssl.SSLContext) -> list[BaseException]:
+    """Make the sockets *context* wraps append their TLS errors (handshake, and alerts read or
+    written later, e.g. a TLS 1.3 server refusing our certificate after the handshake) to the
+    returned list. Use one context per connection."""
+    errors: list[BaseException] = []
+    context.sslsocket_class = _RecordingSSLSocket  # documented: may be overridden on an instance
+    context.node_tls_errors = errors
+    return errors
+
+
+# --------------------------------------------------------------------------- the listener
+
+
+def _peer(address) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the TLS handshake moved into the
+    connection's own thread, limited in time, and every outcome logged.
+
+    pynetdicom's own server wraps the accepted socket inside its single accept loop (a client that
+    connects and stays silent stops all further connections) and socketserver drops the handshake's
+    exception without a word.
+    """
+
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._handshaking: set[ssl.SSLSocket] = set()  # before super(): a failed bind calls server_close
+        self._handshaking_lock = threading.Lock()
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept only; the handshake happens in :meth:`process_request_thread`."""
+        return self.socket.accept()
+
+    def process_request_thread(self, request, client_address) -> None:
+        tls_socket = None
+        try:
+            request.settimeout(self.handshake_timeout)
+            tls_socket = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            with self._handshaking_lock:
+                self._handshaking.add(tls_socket)
+            tls_socket.do_handshake()
+            tls_socket.settimeout(None)  # as pynetdicom's own sockets: blocking, it selects
+        except Exception as exc:  # noqa: BLE001 - any failure refuses this one connection
+            if self._closing:
+                log.info("TLS handshake with %s cut: the listener is stopping", _peer(client_address))
+            else:
+                log.warning("TLS connection from %s refused: %s",
+                            _peer(client_address), handshake_failure_reason(exc, server_side=True))
+            try:
+                (tls_socket or request).close()
+            except OSError:
+                pass
+            return
+        finally:
+            with self._handshaking_lock:
+                self._handshaking.discard(tls_socket)
+        log.info("TLS connection from %s: %s", _peer(client_address), describe_peer_certificate(tls_socket))
+        super().process_request_thread(tls_socket, client_address)
+
+    def server_close(self) -> None:
+        """Close the listening socket, and cut handshakes still under way (socketserver joins their
+        threads on close, which would otherwise wait out ``handshake_timeout``)."""
+        with self._handshaking_lock:
+            self._closing = True
+            pending = list(self._handshaking)
+        for sock in pending:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket under the TLS layer
+            except OSError:
+                pass
+        super().server_close()
+
+
+def start_tls_server(
+    ae,
+    host: str,
+    tls: TlsSettings,
+    handlers: Sequence[tuple],
+    *,
+    context: ssl.SSLContext | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> TlsAssociationServer:
+    """Start the TLS listener on ``host:tls.port`` in its own thread (as ``ae.start_server(...,
+    block=False)`` does) and log it.
+
+    Parameters
+    ----------
+    ae : pynetdicom.AE
+        The application entity (the same as the plain listener's, so AE titles, contexts and the
+        association limit are shared).
+    host : str
+        Address to bind to.
+    tls : TlsSettings
+        ``[tls]``.
+    handlers : sequence of (event, handler)
+        pynetdicom event handlers, as for ``start_server``.
+    context : ssl.SSLContext, optional
+        Defaults to :func:`server_context` of *tls*.
+    handshake_timeout : float
+        Seconds a client has for its handshake.
+
+    Returns
+    -------
+    TlsAssociationServer
+        Stop it with ``shutdown()``.
+
+    Raises
+    ------
+    ConfigError
+        The certificate, key or CA file cannot be used.
+    OSError
+        The port cannot be bound.
+    """
+    context = context if context is not None else server_context(tls)
+    server = ae.make_server(
+        (host, tls.port), ssl_context=context, evt_handlers=list(handlers), server_class=TlsAssociationServer,
+    )
+    server.handshake_timeout = handshake_timeout
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"TlsAcceptor@{stamp}", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as start_server does: ae.shutdown() and server.shutdown() expect it there
+    log.info(
+        "TLS listener on %s:%d, client certificates %s", host, server.server_address[1],
+        f"required (CA {tls.ca_file})" if context.verify_mode == ssl.CERT_REQUIRED else "not asked",
+    )
+    return server
