@@ -51,6 +51,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, DicomWebDestination, Destination, FolderDestination
 from node.fsutil import atomic_output, fsync_dir
+from node.netutil import no_delay
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -356,6 +357,7 @@ class DicomSender:
                 if tls_errors:
                     raise self._tls_failure(tls_errors)
                 raise self._association_failure(assoc, time.monotonic() - started)
+            no_delay(assoc)
             for sop_class, ts in wanted:
                 if not _context_usable(assoc, sop_class, ts):
                     first = next(h for h in headers if (h.sop_class, h.transfer_syntax) == (sop_class, ts))

@@ -101,3 +101,15 @@ def test_values_beyond_int32_stay_exact() -> None:
     assert np.array_equal(freqhist_bins(x, 5), fastai_freqhist_bins(x, 5))
     y = np.arange(-70000, 70000, 7, dtype=np.int64)  # integer input wider than 16 bits
     assert np.array_equal(freqhist_bins(y), fastai_freqhist_bins(y))
+
+
+def test_integer_table_path_equals_interpolating_every_value() -> None:
+    rng = np.random.default_rng(7)
+    hu = rng.normal(0, 400, (4, 64, 64)).round().astype(np.float32)
+    edges = freqhist_bins(hu)
+    expected = fastai_hist_scaled(hu.astype(np.float64), edges.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(hist_scaled(hu, edges), expected)
+    assert np.array_equal(hist_scaled(hu.astype(np.int16), edges), expected)
+    fractional = hu + 0.5  # not integral: the interpolation path
+    assert np.array_equal(hist_scaled(fractional, edges),
+                          fastai_hist_scaled(fractional.astype(np.float64), edges).astype(np.float32))

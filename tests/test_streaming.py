@@ -71,3 +71,14 @@ def test_series_equalisation_memory_does_not_grow_with_the_series(long_cine: Pat
         tracemalloc.stop()
     assert result.frames == FRAMES
     assert peak < 40 * ROWS * COLUMNS
+
+
+def test_opening_an_image_does_not_read_its_pixel_data() -> None:
+    tracemalloc.start()
+    try:
+        image = ImageFile.open(bundled("CT_small.dcm"))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert image.number_of_frames == 1
+    assert held < 128 * 128 * 2 / 2, f"{held} bytes held after opening: the pixel data was read"

@@ -218,7 +218,7 @@ def _int_attr(path: Path, ds: Dataset, keyword: str, default: int) -> int:
 
 def _pixel_data_length(ds: Dataset) -> int | None:
     """Length of the Pixel Data value without loading it (deferred read), if known."""
-    elem = ds.get_item("PixelData")
+    elem = ds.get_item("PixelData", keep_deferred=True)  # without keep_deferred pydicom reads it all
     length = getattr(elem, "length", None)
     if length is None or length == 0xFFFFFFFF:
         value = getattr(elem, "value", None)

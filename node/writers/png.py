@@ -35,6 +35,8 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     picture = Image.fromarray(image)  # L, I;16 or RGB from the dtype and shape
     path = Path(path)
     with atomic_output(path) as handle:
-        picture.save(handle, format="PNG")
+        # zlib level 1: about 4x faster than Pillow's default (6) for files ~18% larger, which
+        # matters more for a 1,000-frame cine than the bytes do
+        picture.save(handle, format="PNG", compress_level=1)
     return path
 
