@@ -195,7 +195,7 @@ def _check_pixel_module(path: Path, ds: Dataset) -> str:
         expected = (rows * columns * frames * samples * bits + 7) // 8
         if photometric == "YBR_FULL_422":
             expected = expected * 2 // 3
-        have = _pixel_data_length(ds)
+        have = _pixel_data_length(path, ds)
         if have is not None and have < expected:
             raise UnsupportedImage(
                 path, f"Pixel Data (7FE0,0010) holds {have} bytes, Rows {rows} x Columns {columns} x "
@@ -216,11 +216,20 @@ def _int_attr(path: Path, ds: Dataset, keyword: str, default: int) -> int:
         ) from exc
 
 
-def _pixel_data_length(ds: Dataset) -> int | None:
-    """Length of the Pixel Data value without loading it (deferred read), if known."""
+def _pixel_data_length(path: Path, ds: Dataset) -> int | None:
+    """Bytes of Pixel Data really in the file, without reading them (deferred element), if known.
+
+    The declared length is not enough: a file cut short still declares the full length, so the
+    bytes left in the file after the value's offset bound it.
+    """
     elem = ds.get_item("PixelData", keep_deferred=True)  # without keep_deferred pydicom reads it all
+    value = getattr(elem, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
     length = getattr(elem, "length", None)
     if length is None or length == 0xFFFFFFFF:
-        value = getattr(elem, "value", None)
-        return len(value) if isinstance(value, (bytes, bytearray)) else None
-    return int(length)
+        return None
+    offset = getattr(elem, "value_tell", None)
+    if offset is None:
+        return int(length)
+    return max(0, min(int(length), path.stat().st_size - int(offset)))
