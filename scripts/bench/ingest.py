@@ -1,0 +1,351 @@
+"""Ingest throughput: ``dicom-node serve`` against three other C-STORE receivers, in one run.
+
+Run from the checkout (any venv with the project's test dependencies; dcmtk and Orthanc
+installed)::
+
+    scripts/bench/run ingest            # or: .venv/bin/python scripts/bench/ingest.py [--reps 3] [--profile]
+
+One 300-slice 512x512 CT series (copies of the real GE head CT slice with new UIDs; 158 MB) is
+pushed with dcmtk ``storescu`` over one association (``TCP_NODELAY=1`` for every dcmtk tool and
+Orthanc) into, each started fresh for every repetition, with the disks synced before each push:
+
+* ``node``      ``dicom-node serve`` (settle 3600 s so no processing runs), spool fsync'd + SQLite
+* ``bare``      a bare pynetdicom SCP writing ``event.encoded_dataset()`` to a file (bare_scp.py)
+* ``storescp``  dcmtk ``storescp -od DIR +B`` (bit-preserving, as received)
+* ``orthanc``   Orthanc 1.10 (tests.peers.OrthancServer)
+
+The order of the receivers rotates between repetitions. Reported: best and median images/s and
+the ratio of the node's time to the bare pynetdicom SCP's time (target <= 1.15). When the node
+misses the target (or with ``--profile``), an in-process harness of ``node.ingest.StoreHandler``
+compares it with a bare handler (as shipped, fsync made a no-op, AE max PDU unlimited; 5 runs each,
+interleaved), times each step of ``on_store`` (header parse, file meta, write, fsync of file and
+folder, SQLite) and runs cProfile over ``on_store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.peers import OrthancServer  # noqa: E402
+
+TARGET = 1.15
+N = 300
+FOLDER_ROUTE = """
+[[pipelines]]
+name = "ct-brain"
+steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
+[[destinations]]
+name = "out"
+kind = "folder"
+path = "{out}"
+[[routes]]
+match = {{ Modality = "CT" }}
+pipeline = "ct-brain"
+destinations = ["out"]
+"""
+
+
+# --------------------------------------------------------------------------- one push per receiver
+
+
+def run_node(files: list[Path], work: Path) -> float:
+    port = bl.free_port()
+    data = work / "var"
+    node = NodeProcess(node_config(data, port, settle=3600, extra=FOLDER_ROUTE.format(out=work / "out")),
+                       work, port=port)
+    try:
+        node.start()
+        bl.sync_disks()
+        seconds = bl.push(port, files, called_aet=node.ae_title)
+        stored = bl.count_files(data / "spool", "*.dcm")
+        if stored != len(files):
+            raise RuntimeError(f"node spooled {stored} of {len(files)}")
+        log = node.log()
+        if "Traceback" in log or " ERROR " in log:
+            raise RuntimeError(f"node logged errors:\n{log[-3000:]}")
+        return seconds
+    finally:
+        node.stop()
+
+
+def run_bare(files: list[Path], work: Path) -> float:
+    port = bl.free_port()
+    out = work / "bare"
+    with bl.Background([sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), str(out), "BARE"],
+                       port=port, aet="BARE", log_path=work / "bare.log"):
+        bl.sync_disks()
+        seconds = bl.push(port, files, called_aet="BARE")
+        stored = bl.count_files(out, "*.dcm")
+    if stored != len(files):
+        raise RuntimeError(f"bare SCP stored {stored} of {len(files)}")
+    return seconds
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    port = bl.free_port()
+    out = work / "storescp"
+    out.mkdir()
+    args = [bl.STORESCP, "-aet", "STORESCP", "-od", str(out), "+B", "-dhl", "+xa", str(port)]
+    with bl.Background(args, port=port, aet="STORESCP", log_path=work / "storescp.log"):
+        bl.sync_disks()
+        seconds = bl.push(port, files, called_aet="STORESCP")
+        stored = bl.count_files(out)
+    if stored != len(files):
+        raise RuntimeError(f"storescp stored {stored} of {len(files)}")
+    return seconds
+
+
+def run_orthanc(files: list[Path], work: Path) -> float:
+    with OrthancServer(aet="ORTHANC", workdir=work / "orthanc") as orthanc:
+        bl.sync_disks()
+        seconds = bl.push(orthanc.dicom_port, files, called_aet="ORTHANC")
+        stored = orthanc.get("/statistics")["CountInstances"]
+        orthanc.stop(grace=0)
+    if stored != len(files):
+        raise RuntimeError(f"Orthanc stored {stored} of {len(files)}")
+    return seconds
+
+
+RECEIVERS = {"node": run_node, "bare": run_bare, "storescp": run_storescp, "orthanc": run_orthanc}
+
+
+# --------------------------------------------------------------------------- in-process profile
+
+
+class _Timers:
+    """Accumulated wall time per named step (thread-safe enough: one association at a time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, func):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.calls[name] += 1
+        return timed
+
+
+def _profiled(profiler: cProfile.Profile, func):
+    def profiled(*args, **kwargs):
+        profiler.enable()  # this thread only: the association's
+        try:
+            return func(*args, **kwargs)
+        finally:
+            profiler.disable()
+    return profiled
+
+
+def _serve_in_process(files: list[Path], handlers: list[tuple], ae) -> tuple[float, float]:
+    """Serve one storescu push in this process; returns (storescu s, association-thread s)."""
+    from pynetdicom import evt
+
+    span: dict[str, float] = {}
+
+    def established(event) -> None:
+        span["start"] = time.perf_counter()
+
+    def released(event) -> None:
+        span["end"] = time.perf_counter()
+
+    port = bl.free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[*handlers, (evt.EVT_ESTABLISHED, established), (evt.EVT_RELEASED, released)])
+    try:
+        bl.sync_disks()
+        seconds = bl.push(port, files, called_aet=ae.ae_title)
+        deadline = time.monotonic() + 10
+        while "end" not in span and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        server.shutdown()
+    return seconds, span["end"] - span["start"]
+
+
+def _bare_ae():
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    ae = AE(ae_title="BARE")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+    return ae
+
+
+def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
+    """Where the node's ingest time goes, measured in-process against the bare handler."""
+    import logging
+
+    import node.fsutil
+    import node.ingest
+    from node.ingest import StoreHandler, build_application_entity
+    from node.jobstore import JobStore
+    from node.spool import Spool
+    from pynetdicom import evt
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    original = {"fsync": os.fsync, "fsync_dir": node.fsutil.fsync_dir, "read_header": node.ingest._read_header,
+                "file_meta": node.ingest.encode_file_meta}
+    bare_timers = _Timers()
+    runs = iter(range(1_000_000))
+
+    def bare_run(*, max_pdu: int | None = None) -> tuple[float, float]:
+        folder = work / f"bare-{next(runs)}"
+        folder.mkdir()
+
+        def on_store(event):
+            with open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as handle:
+                handle.write(event.encoded_dataset())
+            return 0
+        ae = _bare_ae()
+        if max_pdu is not None:
+            ae.maximum_pdu_size = max_pdu
+        return _serve_in_process(files, [(evt.EVT_C_STORE, bare_timers.wrap("on_store", on_store))], ae)
+
+    def node_run(*, fsync: bool = True, timers: _Timers | None = None, profiler: cProfile.Profile | None = None,
+                 max_pdu: int | None = None) -> tuple[float, float]:
+        sub = work / f"node-{next(runs)}"
+        spool, jobs = Spool(sub / "spool"), JobStore(sub / "jobs.sqlite")
+        handler = StoreHandler(spool, jobs)
+        if profiler:
+            handler.on_store = _profiled(profiler, handler.on_store)
+        if timers:
+            spool.store = timers.wrap("spool.store", spool.store)
+            jobs.record_instance = timers.wrap("record_instance", jobs.record_instance)
+            handler.on_store = timers.wrap("on_store", handler.on_store)
+            node.ingest._read_header = timers.wrap("read_header", original["read_header"])
+            node.ingest.encode_file_meta = timers.wrap("encode_file_meta", original["file_meta"])
+        if not fsync:
+            os.fsync = lambda fd: None
+            node.fsutil.fsync_dir = lambda folder: None
+        elif timers:
+            os.fsync = timers.wrap("os.fsync", original["fsync"])
+            node.fsutil.fsync_dir = timers.wrap("fsync_dir", original["fsync_dir"])
+        try:
+            ae = build_application_entity("DICOMNODE")
+            if max_pdu is not None:
+                ae.maximum_pdu_size = max_pdu
+            return _serve_in_process(files, handler.handlers(), ae)
+        finally:
+            os.fsync = original["fsync"]
+            node.fsutil.fsync_dir = original["fsync_dir"]
+            node.ingest._read_header = original["read_header"]
+            node.ingest.encode_file_meta = original["file_meta"]
+            jobs.close()
+
+    variants = {
+        "bare handler (AE max PDU 16382, pynetdicom's default)": lambda: bare_run(),
+        "node StoreHandler as shipped": lambda: node_run(),
+        "node StoreHandler, os.fsync/fsync_dir made no-ops": lambda: node_run(fsync=False),
+        "bare handler, AE max PDU 0 (unlimited)": lambda: bare_run(max_pdu=0),
+        "node StoreHandler, AE max PDU 0 (unlimited)": lambda: node_run(max_pdu=0),
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, run in variants.items():
+            results[name].append(run())
+    bare_median = bl.median([s for s, _ in results[next(iter(variants))]])
+    bl.print_table(
+        ["in-process SCP (same 300 files, storescu, one association)", "median storescu s",
+         "median association s", "median images/s", "time / bare"],
+        [(name, bl.median([s for s, _ in r]), bl.median([t for _, t in r]), N / bl.median([s for s, _ in r]),
+          bl.median([s for s, _ in r]) / bare_median) for name, r in results.items()],
+        title=f"In-process harness: node.ingest.StoreHandler vs a bare handler ({reps} runs each, interleaved)",
+    )
+
+    timers = _Timers()
+    _, node_thread = node_run(timers=timers)
+    per = timers.seconds
+    steps = [
+        ("_read_header (parse up to 0020,000E)", per["read_header"]),
+        ("encode_file_meta (arg: event.file_meta)", per["encode_file_meta"]),
+        ("spool write + rename, without fsync", per["spool.store"] - per["os.fsync"]),
+        ("os.fsync of the file", per["os.fsync"] - per["fsync_dir"]),
+        ("fsync_dir of the series folder", per["fsync_dir"]),
+        ("jobs.record_instance (SQLite, WAL)", per["record_instance"]),
+    ]
+    steps.append(("rest (event.file_meta, 2 x getvalue copies, UID checks)", per["on_store"] - sum(s for _, s in steps)))
+    steps.append(("= on_store total", per["on_store"]))
+    steps.append(("bare handler total, for comparison (mean of its runs)",
+                  bare_timers.seconds["on_store"] / bare_timers.calls["on_store"] * N))
+    steps.append(("pynetdicom outside on_store (node run)", node_thread - per["on_store"]))
+    bl.print_table(
+        ["step of StoreHandler.on_store (one timed run)", "total s", "ms / instance", "share of association"],
+        [(name, sec, 1000 * sec / N, f"{100 * sec / node_thread:.0f}%") for name, sec in steps],
+        title="Where the node's C-STORE time goes (300 instances, one association, step timers on)",
+    )
+
+    profiler = cProfile.Profile()
+    node_run(profiler=profiler)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    lines = out.getvalue().splitlines()
+    begin = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+    print("\ncProfile of StoreHandler.on_store over 300 instances (top 15 by own time; profiling inflates "
+          "Python-heavy code):")
+    print("\n".join(line for line in lines[begin:] if line.strip()))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="always run the in-process profile")
+    parser.add_argument("--profile-reps", type=int, default=5, help="runs of each in-process variant (default 5)")
+    parser.add_argument("--only", nargs="+", choices=list(RECEIVERS), default=list(RECEIVERS))
+    args = parser.parse_args()
+
+    print(f"# ingest benchmark\n{bl.machine_info()}")
+    files = bl.ct_series(N)
+    size = bl.warm_cache(files)
+    print(f"input: {len(files)} files, {size / 1e6:.0f} MB, one association per push, fresh receiver per push")
+    times: dict[str, list[float]] = {name: [] for name in args.only}
+    names = list(args.only)
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            with bl.tempdir(f"ingest-{name}-") as work:
+                seconds = RECEIVERS[name](files, work)
+            times[name].append(seconds)
+            print(f"  rep {rep + 1} {name:<9} {seconds:6.2f} s  {N / seconds:6.1f} images/s", flush=True)
+
+    base = "bare" if "bare" in times else names[0]
+    rows = []
+    for name in names:
+        best, med = min(times[name]), bl.median(times[name])
+        rows.append((name, N / best, N / med, size / 1e6 / med, med / bl.median(times[base]),
+                     best / min(times[base])))
+    bl.print_table(["receiver", "best images/s", "median images/s", "median MB/s", f"time / {base} (median)",
+                    f"time / {base} (best)"], rows, title=f"Ingest of {N} CT slices ({args.reps} runs each)")
+    ratio = None
+    if "node" in times and "bare" in times:
+        ratio = bl.median(times["node"]) / bl.median(times["bare"])
+        verdict = "PASS" if ratio <= TARGET else f"FAIL (over by {100 * (ratio / TARGET - 1):.0f}%)"
+        print(f"\nnode / bare pynetdicom (median time): {ratio:.2f}, target <= {TARGET}: {verdict}")
+    if args.profile or (ratio is not None and ratio > TARGET):
+        with bl.tempdir("ingest-profile-") as work:
+            profile_ingest(files, work, args.profile_reps)
+    print(f"\nat the end: {bl.load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Peak memory (RSS) of ``dicom-node process`` on a big multi-frame file and on a 300-slice series.
+
+Run from the checkout::
+
+    scripts/bench/run memory            # or: .venv/bin/python scripts/bench/memory.py
+
+Input (made once, kept in the cache folder): a 1,000-frame 640x480 8-bit MONOCHROME2 Ultrasound
+Multi-frame Image (pydicom's bundled CT_small.dcm header made into US; 307.2 MB of pixel data,
+Explicit VR Little Endian), and the 300-slice CT series of the other benchmarks.
+
+Each run is the CLI as a child process (``python -m node.cli process ...``) under
+``/usr/bin/time -v`` (its "Maximum resident set size"); without /usr/bin/time the child's
+``ru_maxrss`` from ``getrusage(RUSAGE_CHILDREN)`` is used instead. Targets:
+
+* (i)   1,000 frames -> PNG frames: peak RSS under 200 MB
+* (ii)  1,000 frames -> one multi-frame Secondary Capture: under 2.5 x the output pixel data (768 MB)
+* (iii) 300-slice CT, ``--equalise --per series``: reported (no target)
+
+For context: the RSS of ``python -c "import node.cli"`` and of importing the processing modules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+FRAMES, ROWS, COLUMNS = 1000, 480, 640
+PIXEL_BYTES = FRAMES * ROWS * COLUMNS
+TIME = "/usr/bin/time"
+MB = 1e6
+
+
+def multiframe_file() -> Path:
+    """The 1,000-frame 8-bit US file (built once into the cache)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    path = bl.CACHE / "us1000.dcm"
+    if path.exists():
+        return path
+    bl.CACHE.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    for keyword in ("PixelData", "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
+                    "SmallestImagePixelValue", "LargestImagePixelValue", "KVP", "SliceThickness",
+                    "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "US"
+    ds.SeriesDescription = "bench 1000 frames"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ROWS, COLUMNS, FRAMES
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = 33.3
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # A moving gradient with a little noise: compressible like real images, not a constant.
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:ROWS, 0:COLUMNS]
+    base = ((x + y) * 255 // (ROWS + COLUMNS)).astype(np.uint8)
+    pixels = np.empty((FRAMES, ROWS, COLUMNS), dtype=np.uint8)
+    for index in range(FRAMES):
+        pixels[index] = base + np.uint8(index % 64) + rng.integers(0, 8, (ROWS, COLUMNS), dtype=np.uint8)
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB"
+    del pixels
+    tmp = Path(tempfile.mkstemp(dir=bl.CACHE, prefix=".us1000.", suffix=".tmp")[1])
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.rename(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def peak_rss(args: list[str]) -> tuple[float, float, str]:
+    """(peak RSS in MB, wall seconds, output) of *args* run as a child process."""
+    env = dict(os.environ, PYTHONPATH=str(bl.ROOT))
+    if Path(TIME).exists():
+        started = time.perf_counter()
+        result = subprocess.run([TIME, "-v", *args], capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - started
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+        if result.returncode != 0 or not match:
+            raise RuntimeError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return int(match[1]) * 1024 / MB, seconds, result.stderr
+    # Fallback: one child at a time, so the children's max RSS is this child's (unless an
+    # earlier child was bigger: then this reading is only an upper bound).
+    started = time.perf_counter()
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MB, seconds, result.stderr
+
+
+# A what-if, never used for the verdicts: the CLI with node.imaging.source._pixel_data_length reading
+# the Pixel Data length with keep_deferred=True (as shipped, Dataset.get_item loads the deferred
+# value: the whole pixel data of every opened file is read into its header and kept).
+WHAT_IF = """
+import sys
+import node.imaging.source as source
+
+def _pixel_data_length(ds):
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    length = getattr(elem, "length", None)
+    if length is None or length == 0xFFFFFFFF:
+        value = getattr(elem, "value", None)
+        return len(value) if isinstance(value, (bytes, bytearray)) else None
+    return int(length)
+
+source._pixel_data_length = _pixel_data_length
+from node.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def main() -> int:
+    print(f"# memory benchmark\n{bl.machine_info()}")
+    print(f"peak RSS from: {TIME + ' -v' if Path(TIME).exists() else 'getrusage(RUSAGE_CHILDREN).ru_maxrss'}")
+    big = multiframe_file()
+    series = bl.ct_series(300)
+    print(f"inputs: {big.name} {big.stat().st_size / MB:.0f} MB ({FRAMES} x {COLUMNS}x{ROWS} 8-bit); "
+          f"CT series {len(series)} files in {series[0].parent}")
+    python = sys.executable
+    cli = [python, "-m", "node.cli"]
+    rows = []
+    failures = []
+    for name, args in (
+        ("baseline: python -c 'import node.cli'", [python, "-c", "import node.cli"]),
+        ("baseline: import node.process (numpy, pydicom, writers)", [python, "-c", "import node.process"]),
+    ):
+        rss, seconds, _ = peak_rss(args)
+        rows.append((name, rss, seconds, "-", "-", "-"))
+
+    limit_sc = 2.5 * PIXEL_BYTES / MB
+    with bl.tempdir("memory-") as work:
+        cases = (
+            ("(i) 1,000 frames -> PNG frames", [*cli, "process", str(big), "--out", str(work / "png"), "--format", "png"],
+             work / "png", "*.png", FRAMES, 200.0),
+            ("(ii) 1,000 frames -> one multi-frame SC", [*cli, "process", str(big), "--out", str(work / "sc")],
+             work / "sc", "*.dcm", 1, limit_sc),
+            ("(iii) 300-slice CT, --equalise --per series", [*cli, "process", str(series[0].parent), "--out",
+             str(work / "eq"), "--equalise", "--per", "series"], work / "eq", "*.dcm", 300, None),
+        )
+        what_if = work / "what_if_cli.py"
+        what_if.write_text(WHAT_IF)
+        patched = [python, str(what_if)]
+        cases += tuple(
+            (f"what-if {name.split(' ', 1)[0]}: _pixel_data_length keep_deferred=True (bench patch)",
+             [*patched, *args[len(cli):]], out, pattern, expected, None)
+            for name, args, out, pattern, expected, _ in cases
+        )
+        for name, args, out, pattern, expected, limit in cases:
+            bl.sync_disks()
+            rss, seconds, _ = peak_rss(args)
+            produced = bl.count_files(out, pattern)
+            size = sum(p.stat().st_size for p in out.rglob(pattern)) / MB
+            if produced != expected:
+                raise RuntimeError(f"{name}: {produced} outputs, expected {expected}")
+            verdict = "-" if limit is None else ("PASS" if rss < limit else f"FAIL (+{100 * (rss / limit - 1):.0f}%)")
+            if limit is not None and rss >= limit:
+                failures.append(name)
+            rows.append((name, rss, seconds, f"{produced} files, {size:.0f} MB",
+                         "-" if limit is None else f"< {limit:.0f} MB", verdict))
+            shutil.rmtree(out, ignore_errors=True)
+    bl.print_table(["dicom-node process run", "peak RSS MB", "wall s", "output", "target", "verdict"], rows,
+                   title="Peak resident memory")
+    print(f"\n(ii): output pixel data {PIXEL_BYTES / MB:.1f} MB; 2.5x = {limit_sc:.0f} MB")
+    print("what-if rows: the same command with one function of node/ replaced in the child (not the shipped code)")
+    print(f"\nat the end: {bl.load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
