@@ -46,6 +46,7 @@ class NodeProcess:
             if echoscu("127.0.0.1", self.port, called_aet=self.ae_title).returncode == 0:
                 return self
             time.sleep(0.2)
+        self.kill()  # never leave a node behind that the caller's "with" will not stop
         raise RuntimeError(f"dicom-node did not answer C-ECHO in {timeout} s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
