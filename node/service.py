@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
 from node.http import StatusServer
-from node.ingest import StoreHandler, build_application_entity
+from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
 from node.metrics import Metrics
 from node.poller import DicomWebPoller, schedule
@@ -105,7 +105,9 @@ class NodeService:
             ae = build_application_entity(
                 node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations
             )
-            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics)
+            min_free = node.min_free_disk_mb * 2**20
+            enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
+            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free)
             if node.port:
                 self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)

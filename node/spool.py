@@ -4,18 +4,31 @@ Layout: ``<data_dir>/spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.  Each 
 to a temporary name, fsync'd, renamed into place and its folder fsync'd, so after a crash a file
 is either whole or absent.  UIDs are checked before they become path components: a UID such as
 ``../../x`` is refused and nothing is written outside the spool.
+
+Data sets received streamed (see :func:`node.ingest.enable_streamed_receive`) are written as they
+arrive into ``<spool>/.incoming/`` and moved into place by :meth:`Spool.adopt`: same filesystem,
+so one rename.  Folders and files whose names start with a dot are never instances.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import atomic_output
+from node.fsutil import atomic_output, fsync_dir
 
-__all__ = ["InvalidUID", "Spool", "SpooledInstance", "check_uid"]
+__all__ = ["INCOMING", "InvalidUID", "Spool", "SpooledInstance", "check_uid"]
+
+#: The spool's sub-folder for data sets still arriving (hidden from :meth:`Spool.walk`).
+INCOMING = ".incoming"
+
+_CHUNK = 1 << 20
+_FILE_MODE = 0o644
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -81,6 +94,61 @@ class Spool:
                 size += len(chunk)
         return SpooledInstance(study_uid, series_uid, sop_uid, path, size)
 
+    def adopt(self, path: str | os.PathLike, study_uid: str, series_uid: str, sop_uid: str) -> SpooledInstance:
+        """Move the finished file *path* into the spool durably and return where it is.
+
+        The file is fsync'd, renamed over the instance's spool path in one step (an older copy is
+        replaced atomically, as by :meth:`store`) and the folder fsync'd.  *path* should be on the
+        spool's filesystem (``<spool>/.incoming``); from elsewhere it is copied beside its
+        destination first (slower, same guarantees) and then removed.
+
+        Raises
+        ------
+        InvalidUID
+            A UID that cannot be a file name (*path* is left where it is).
+        OSError
+            The disk refused; the spool is left as it was.
+        """
+        target = self.path_for(study_uid, series_uid, sop_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fchmod(fd, _FILE_MODE)  # temporary files are 0600; the spool is for other programs too
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(path, "rb") as source, atomic_output(target) as handle:
+                shutil.copyfileobj(source, handle, _CHUNK)
+            os.unlink(path)
+        else:
+            fsync_dir(target.parent)
+        return SpooledInstance(study_uid, series_uid, sop_uid, target, size)
+
+    def holds_file(self, study_uid: str, series_uid: str, sop_uid: str, path: str | os.PathLike) -> bool:
+        """Whether the file *path* has exactly the bytes already spooled for this instance (a resend).
+
+        Sizes first, then both files side by side a chunk at a time: neither is loaded whole.
+        """
+        spooled = self.path_for(study_uid, series_uid, sop_uid)
+        try:
+            if spooled.stat().st_size != os.stat(path).st_size:
+                return False
+            with spooled.open("rb") as old, open(path, "rb") as new:
+                while True:
+                    a, b = old.read(_CHUNK), new.read(_CHUNK)
+                    if a != b:
+                        return False
+                    if not a:
+                        return True
+        except FileNotFoundError:
+            return False
+
     def holds(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Sequence[bytes]) -> bool:
         """Whether exactly these bytes are already spooled for this instance (a resend)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
@@ -99,19 +167,24 @@ class Spool:
     def walk(self) -> Iterator[SpooledInstance]:
         """Every instance file in the spool (for reconciling the job store after a crash)."""
         for study in sorted(self.root.iterdir()) if self.root.exists() else ():
-            if not study.is_dir():
+            if not study.is_dir() or study.name.startswith("."):  # .incoming: still arriving
                 continue
             for series in sorted(study.iterdir()):
-                if not series.is_dir():
+                if not series.is_dir() or series.name.startswith("."):
                     continue
                 for entry in sorted(series.iterdir()):
                     if entry.suffix == ".dcm" and not entry.name.startswith("."):
                         yield SpooledInstance(study.name, series.name, entry.stem, entry, entry.stat().st_size)
 
     def remove_temporaries(self) -> int:
-        """Delete temporary files a crash left half-written; returns how many."""
+        """Delete temporary files a crash left half-written; returns how many.
+
+        Also everything in ``<spool>/.incoming``: call it only while nothing is being received.
+        """
         removed = 0
-        for tmp in self.root.rglob(".*.tmp"):
+        incoming = self.root / INCOMING
+        leftovers = [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []
+        for tmp in [*leftovers, *(p for p in self.root.rglob(".*.tmp") if p.parent != incoming)]:
             try:
                 tmp.unlink()
                 removed += 1

@@ -1,16 +1,35 @@
-"""Ingest edge cases against the running node: duplicates, resends, replacements."""
+"""Ingest edge cases: duplicates, resends, replacements, invalid UIDs, the disk guard, cut transfers.
+
+Against the running node (``dicom-node serve``), and against :class:`node.ingest.StoreHandler` on
+a real pynetdicom SCP in this process, once with data sets received in memory and once streamed
+to ``<spool>/.incoming`` (:func:`node.ingest.enable_streamed_receive`).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE
 
+from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+from node.jobstore import JobStore
+from node.spool import INCOMING, Spool
 from tests.conftest import bundled
 from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.peers import STORESCU_BIN, _nodelay_env, echoscu, free_port, store_responses, storescu
+from tests.test_huge import write_cine
 
 pytestmark = pytest.mark.peers
 
@@ -68,3 +87,244 @@ def test_resend_identical_changes_nothing_and_different_bytes_reprocess(tmp_path
         wait_for(lambda: node.log().count("delivered to out") == 2, 60, "reprocessed after the replacement", node.log)
         assert "received again with different bytes: replaced" in node.log()
         assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3  # replaced, not added
+
+
+# -- the disk guard, in the running node ---------------------------------------------------------
+
+
+def with_node_keys(config_text: str, **keys: object) -> str:
+    """*config_text* (from :func:`node_config`) with more ``[node]`` keys."""
+    anchor = "\n[http]\n"
+    assert anchor in config_text
+    lines = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    return config_text.replace(anchor, f"\n{lines}[http]\n", 1)
+
+
+def test_disk_guard_refuses_below_min_free_disk_then_accepts_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    sources = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / "in")
+    spool = tmp_path / "var" / "spool"
+    above_free = shutil.disk_usage(tmp_path).free // 2**20 + 10_000
+    config = with_node_keys(folder_config(tmp_path, port), min_free_disk_mb=above_free)
+    node = NodeProcess(config, tmp_path, port=port)
+    with node:
+        pushed = storescu("127.0.0.1", port, sources, called_aet="DICOMNODE", no_halt=True)
+        assert store_responses(pushed) == ["Refused: OutOfResources"] * 3, pushed.stderr[-2000:]
+        debug = storescu("127.0.0.1", port, sources[:1], called_aet="DICOMNODE", no_halt=True, extra_args=["-d"])
+        assert "[disk low: " in debug.stderr and "ErrorComment" in debug.stderr  # the sender's log says why
+        assert not list(spool.rglob("*.dcm")), "nothing may be spooled below min_free_disk_mb"
+        assert not [p for p in spool.rglob("*") if p.is_file()], "no temporary file may be left either"
+        assert echoscu("127.0.0.1", port, called_aet="DICOMNODE").returncode == 0
+        wait_for(lambda: "3 refused (disk low)" in node.log(), 10, "the association's refusals logged", node.log)
+    log = node.log()
+    warnings = [line for line in log.splitlines() if "C-STORE refused (0xA700" in line]
+    assert len(warnings) == 1, warnings  # rate-limited: one line for the four refusals
+    assert f"below min_free_disk_mb = {above_free}" in warnings[0] and "MB free" in warnings[0]
+
+    node.config_path.write_text(with_node_keys(folder_config(tmp_path, port), min_free_disk_mb=1))
+    with node:
+        pushed = storescu("127.0.0.1", port, sources, called_aet="DICOMNODE", no_halt=True)
+        assert store_responses(pushed) == ["Success"] * 3, pushed.stderr[-2000:]
+        assert len(list(spool.rglob("*.dcm"))) == 3
+        wait_for(lambda: len(list((tmp_path / "out").rglob("*.dcm"))) == 3, 60, "the series processed", node.log)
+
+
+# -- StoreHandler in this process, data sets in memory and streamed --------------------------------
+
+
+@dataclass
+class Scp:
+    port: int
+    spool: Spool
+    jobs: JobStore
+    handler: StoreHandler
+    streamed: bool
+
+    @property
+    def incoming(self) -> list[Path]:
+        folder = self.spool.root / INCOMING
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.spool.root.rglob("*.dcm"))
+
+
+@pytest.fixture(params=["memory", "streamed"])
+def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scp]:
+    """A pynetdicom SCP on 127.0.0.1 with a StoreHandler, receiving in memory or streamed."""
+    yield from _scp(tmp_path / request.param, streamed=request.param == "streamed")
+
+
+def _scp(folder: Path, *, streamed: bool, min_free_while_receiving: int = 0) -> Iterator[Scp]:
+    spool, jobs = Spool(folder / "spool"), JobStore(folder / "jobs.sqlite")
+    if streamed:
+        enable_streamed_receive(spool.root, min_free_bytes=min_free_while_receiving)
+    try:
+        handler = StoreHandler(spool, jobs)
+        port = free_port()
+        server = build_application_entity("DICOMNODE").start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=handler.handlers())
+        try:
+            yield Scp(port, spool, jobs, handler, streamed)
+        finally:
+            server.shutdown()
+    finally:
+        disable_streamed_receive()
+        jobs.close()
+
+
+def test_both_ways_of_receiving_spool_the_same_bytes(tmp_path: Path) -> None:
+    sources = copy_as_series([bundled("CT_small.dcm"), bundled("MR_small.dcm")], tmp_path / "in")
+    spooled = {}
+    for streamed in (False, True):
+        for scp in _scp(tmp_path / f"streamed-{streamed}", streamed=streamed):
+            assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
+            files = scp.spooled()
+            assert len(files) == 2 and not scp.incoming
+            assert {str(p) for p in files} == scp.jobs.known_paths()
+            assert all(p.stat().st_mode & 0o777 == 0o644 for p in files)
+            spooled[streamed] = [p.read_bytes() for p in files]
+    assert spooled[False] == spooled[True]
+    sent = pydicom.dcmread(sources[0])
+    assert pydicom.dcmread(tmp_path / "streamed-True" / "spool" / sent.StudyInstanceUID / sent.SeriesInstanceUID
+                           / f"{sent.SOPInstanceUID}.dcm").PixelData == sent.PixelData
+
+
+def test_resend_identical_is_acknowledged_and_different_bytes_replace(
+    scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="node.ingest")
+    sources = copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "in")
+    assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
+    first = [p.read_bytes() for p in scp.spooled()]
+    assert storescu("127.0.0.1", scp.port, sources[:1], called_aet="DICOMNODE").returncode == 0
+    assert "identical bytes: acknowledged, nothing changed" in caplog.text
+    assert [p.read_bytes() for p in scp.spooled()] == first
+    changed = pydicom.dcmread(sources[0])
+    changed.WindowCenter = 99
+    changed.save_as(sources[0])
+    assert storescu("127.0.0.1", scp.port, sources[:1], called_aet="DICOMNODE").returncode == 0
+    assert "received again with different bytes: replaced" in caplog.text
+    assert len(scp.spooled()) == 2 and [p.read_bytes() for p in scp.spooled()] != first
+    spooled = scp.spool.path_for(changed.StudyInstanceUID, changed.SeriesInstanceUID, changed.SOPInstanceUID)
+    assert pydicom.dcmread(spooled).WindowCenter == 99
+    assert not scp.incoming
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_invalid_uid_is_refused_and_nothing_is_left(scp: Scp, tmp_path: Path) -> None:
+    (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = "1.2.3/../../escape"
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == 0xC211
+    assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
+    assert not list(tmp_path.rglob("*escape*"))
+
+
+def test_disk_guard_refuses_stores_nothing_and_warns_once(
+    scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="node.ingest")
+    sources = copy_as_series([bundled("CT_small.dcm")] * 5, tmp_path / "in")
+    scp.handler.min_free_bytes = shutil.disk_usage(scp.spool.root).free + 2**40
+    pushed = storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE", no_halt=True)
+    assert store_responses(pushed) == ["Refused: OutOfResources"] * 5
+    assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
+    assert echoscu("127.0.0.1", scp.port, called_aet="DICOMNODE").returncode == 0
+    assert scp.handler.refused_low_disk == 5
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "C-STORE refused" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "5 refused (disk low)" in caplog.text
+    scp.handler.min_free_bytes = 1  # space again
+    assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
+    assert len(scp.spooled()) == 5
+    assert "C-STOREs accepted again; 5 refused in all" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def cine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 61 MB multi-frame file: long enough to interrupt its transfer midway."""
+    return write_cine(tmp_path_factory.mktemp("cine") / "cine.dcm", 200)
+
+
+def test_transfer_cut_short_leaves_nothing(cine: Path, tmp_path: Path) -> None:
+    for scp in _scp(tmp_path / "node", streamed=True):
+        sender = subprocess.Popen(
+            [STORESCU_BIN, "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), str(cine)],
+            env=_nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: any(p.stat().st_size > 5e6 for p in scp.incoming), 60, "the transfer under way")
+        finally:
+            os.killpg(sender.pid, signal.SIGKILL)
+            sender.wait(timeout=10)
+        wait_for(lambda: not scp.incoming, 10, "the partly received file deleted")
+        assert not scp.spooled() and not scp.jobs.known_paths()
+        # and the SCP still receives
+        (small,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+        assert storescu("127.0.0.1", scp.port, [small], called_aet="DICOMNODE").returncode == 0
+        assert len(scp.spooled()) == 1
+
+
+def test_left_over_receive_files_are_removed_at_start_up(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    folder = enable_streamed_receive(spool.root)
+    try:
+        (folder / ".recv-abc.tmp").write_bytes(b"half a data set")
+        assert spool.remove_temporaries() == 1
+        assert not list(folder.iterdir()) and not list(spool.walk())
+    finally:
+        disable_streamed_receive()
+
+
+def test_disk_guard_stops_a_streamed_transfer_while_it_arrives(
+    cine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="node.ingest")
+    for scp in _scp(tmp_path / "node", streamed=True, min_free_while_receiving=2**60):
+        pushed = storescu("127.0.0.1", scp.port, [cine], called_aet="DICOMNODE", no_halt=True)
+        assert store_responses(pushed) == ["Refused: OutOfResources"]
+        assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
+        assert scp.handler.refused_low_disk == 1
+        assert "while the instance arrived" in caplog.text
+
+
+def test_a_write_the_disk_refuses_is_answered_out_of_resources(cine: Path, tmp_path: Path) -> None:
+    """A full disk while a data set streams in: 0xA700, nothing left, the association goes on."""
+    (small,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    for scp in _scp(tmp_path / "node", streamed=True):
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, limits[1]))
+        try:
+            pushed = storescu("127.0.0.1", scp.port, [cine, small], called_aet="DICOMNODE", no_halt=True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+        assert store_responses(pushed) == ["Refused: OutOfResources", "Success"], pushed.stderr[-2000:]
+        assert len(scp.spooled()) == 1 and not scp.incoming
+
+
+def test_adopt_from_another_filesystem_copies(tmp_path: Path) -> None:
+    """The fallback when receive files are not on the spool's disk: copied, fsync'd, source removed."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary folder")
+    (source,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    spool = Spool(tmp_path / "spool")
+    with tempfile.NamedTemporaryFile(dir=shm, suffix=".dcm", delete=False) as handle:
+        handle.write(source.read_bytes())
+    stored = spool.adopt(handle.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert not Path(handle.name).exists()
+    assert stored.path.read_bytes() == source.read_bytes() and stored.size == source.stat().st_size
+    assert spool.holds_file(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, source)
+    assert [item.path for item in spool.walk()] == [stored.path]

@@ -85,9 +85,10 @@ def test_ct_series_from_storescu_reaches_orthanc_and_folder(ct_series_dir: Path,
         assert list(out.rglob(".complete")), "folder delivery marks the series complete"
         sc = pydicom.dcmread(folder_outputs(out, study)[0])
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID == study
+        wait_for(lambda: "delivered to pacs" in node.log() and "delivered to out" in node.log(), 30,
+                 "both deliveries logged", node.log)
         log = node.log()
         assert "association from STORESCU" in log and "28 instances stored" in log
-        assert "delivered to pacs" in log and "delivered to out" in log
         metrics = requests.get(f"http://127.0.0.1:{http}/metrics", timeout=5).text
         assert "dicomnode_instances_received_total 28" in metrics
         assert 'dicomnode_deliveries_total{destination="pacs",outcome="delivered"} 1' in metrics

@@ -114,22 +114,7 @@ def peak_rss(args: list[str]) -> tuple[float, float, str]:
 # A what-if, never used for the verdicts: the CLI with node.imaging.source._pixel_data_length reading
 # the Pixel Data length with keep_deferred=True (as shipped, Dataset.get_item loads the deferred
 # value: the whole pixel data of every opened file is read into its header and kept).
-WHAT_IF = """
-import sys
-import node.imaging.source as source
 
-def _pixel_data_length(ds):
-    elem = ds.get_item("PixelData", keep_deferred=True)
-    length = getattr(elem, "length", None)
-    if length is None or length == 0xFFFFFFFF:
-        value = getattr(elem, "value", None)
-        return len(value) if isinstance(value, (bytes, bytearray)) else None
-    return int(length)
-
-source._pixel_data_length = _pixel_data_length
-from node.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def main() -> int:
@@ -160,14 +145,6 @@ def main() -> int:
             ("(iii) 300-slice CT, --equalise --per series", [*cli, "process", str(series[0].parent), "--out",
              str(work / "eq"), "--equalise", "--per", "series"], work / "eq", "*.dcm", 300, None),
         )
-        what_if = work / "what_if_cli.py"
-        what_if.write_text(WHAT_IF)
-        patched = [python, str(what_if)]
-        cases += tuple(
-            (f"what-if {name.split(' ', 1)[0]}: _pixel_data_length keep_deferred=True (bench patch)",
-             [*patched, *args[len(cli):]], out, pattern, expected, None)
-            for name, args, out, pattern, expected, _ in cases
-        )
         for name, args, out, pattern, expected, limit in cases:
             bl.sync_disks()
             rss, seconds, _ = peak_rss(args)
@@ -184,7 +161,6 @@ def main() -> int:
     bl.print_table(["dicom-node process run", "peak RSS MB", "wall s", "output", "target", "verdict"], rows,
                    title="Peak resident memory")
     print(f"\n(ii): output pixel data {PIXEL_BYTES / MB:.1f} MB; 2.5x = {limit_sc:.0f} MB")
-    print("what-if rows: the same command with one function of node/ replaced in the child (not the shipped code)")
     print(f"\nat the end: {bl.load_average()}")
     return 0
 
