@@ -107,6 +107,24 @@ max_backoff_seconds = 2.0
 """
 
 
+def folder_route(out: Path, trigger: str = "series") -> str:
+    """Config tables: every series through a rescale-only pipeline to a folder destination *out*."""
+    return f"""
+[[pipelines]]
+name = "plain"
+steps = [{{ op = "rescale" }}]
+[[destinations]]
+name = "out"
+kind = "folder"
+path = "{out}"
+[[routes]]
+match = {{}}
+pipeline = "plain"
+destinations = ["out"]
+trigger = "{trigger}"
+"""
+
+
 def copy_as_series(sources: list[Path], out_dir: Path, *, tweak: Callable[[pydicom.Dataset, int], None] | None = None) -> list[Path]:
     """Copies of real files as one new series (new Study/Series/SOP UIDs), numbered 1..n."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from node.ingest import StoreHandler, build_application_entity, disable_streamed
 from node.jobstore import JobStore
 from node.spool import INCOMING, Spool
 from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
+from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import STORESCU_BIN, _nodelay_env, echoscu, free_port, store_responses, storescu
 from tests.test_huge import write_cine
 
@@ -35,19 +35,7 @@ pytestmark = pytest.mark.peers
 
 
 def folder_config(tmp_path: Path, port: int) -> str:
-    return node_config(tmp_path / "var", port, extra=f"""
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{tmp_path / 'out'}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["out"]
-""")
+    return node_config(tmp_path / "var", port, extra=folder_route(tmp_path / "out"))
 
 
 def test_same_instances_from_two_associations_at_once(tmp_path: Path) -> None:

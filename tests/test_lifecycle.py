@@ -10,27 +10,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
+from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import free_port, storescu
 
 pytestmark = pytest.mark.peers
-
-
-def folder_route(out: Path, trigger: str = "series") -> str:
-    return f"""
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["out"]
-trigger = "{trigger}"
-"""
 
 
 def test_study_sent_as_three_series_over_three_associations_is_processed_once(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from node.config import ConfigError, TlsSettings
 from node.senders import DeliveryError, DicomSender, sender_for
 from node.tls import client_context, server_context, start_tls_server
 from tests.conftest import bundled, tool
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
+from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import StoreSCP, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.peers
@@ -154,18 +154,7 @@ port = {tls_port}
 cert_file = "{pki.cert("server")}"
 key_file = "{pki.key("server")}"
 {ca_line}
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["out"]
-""")
+""" + folder_route(out))
 
 
 def tls_echo(port: int, args: list[str]) -> subprocess.CompletedProcess:
