@@ -95,6 +95,7 @@ data_dir = "{data_dir}"
 allowed_calling_aets = {allowed}
 settle_seconds = {settle}
 workers = 2
+{"" if "min_free_disk_mb" in node_extra else "min_free_disk_mb = 16  # small guard: CI disks can be small"}
 {node_extra}
 [http]
 host = "127.0.0.1"

@@ -84,8 +84,9 @@ def with_node_keys(config_text: str, **keys: object) -> str:
     """*config_text* (from :func:`node_config`) with more ``[node]`` keys."""
     anchor = "\n[http]\n"
     assert anchor in config_text
+    kept = [line for line in config_text.split("\n") if line.split(" = ")[0].strip() not in keys]
     lines = "".join(f"{key} = {value}\n" for key, value in keys.items())
-    return config_text.replace(anchor, f"\n{lines}[http]\n", 1)
+    return "\n".join(kept).replace(anchor, f"\n{lines}[http]\n", 1)
 
 
 def test_disk_guard_refuses_below_min_free_disk_then_accepts_after_restart(tmp_path: Path) -> None:
