@@ -13,6 +13,7 @@ so one rename.  Folders and files whose names start with a dot are never instanc
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.fsutil import atomic_output, fsync_dir
+
+log = logging.getLogger(__name__)
 
 __all__ = ["INCOMING", "InvalidUID", "Spool", "SpooledInstance", "check_uid"]
 
@@ -188,7 +191,7 @@ class Spool:
             try:
                 tmp.unlink()
                 removed += 1
-            except OSError:
-                pass
+            except OSError as exc:  # harmless where it is (never counted as an instance); say so
+                log.warning("cannot remove the half-written file %s: %s", tmp, exc)
         return removed
 

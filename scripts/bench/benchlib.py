@@ -50,6 +50,22 @@ __all__ = [
 # --------------------------------------------------------------------------- inputs
 
 
+# Config tables for the node in the ingest/scale benchmarks: CT through a brain window to a folder.
+CT_FOLDER_ROUTE = """
+[[pipelines]]
+name = "ct-brain"
+steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
+[[destinations]]
+name = "out"
+kind = "folder"
+path = "{out}"
+[[routes]]
+match = {{ Modality = "CT" }}
+pipeline = "ct-brain"
+destinations = ["out"]
+"""
+
+
 def ct_series(count: int = 300, *, series: int = 1) -> list[Path]:
     """*count* copies of the real CT slice as *series* new series of one study (new UIDs,
     InstanceNumber 1..count in each), files sorted by series then instance.

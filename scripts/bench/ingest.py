@@ -41,19 +41,7 @@ from tests.peers import OrthancServer  # noqa: E402
 
 TARGET = 1.15
 N = 300
-FOLDER_ROUTE = """
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["out"]
-"""
+
 
 
 # --------------------------------------------------------------------------- one push per receiver
@@ -62,7 +50,7 @@ destinations = ["out"]
 def run_node(files: list[Path], work: Path) -> float:
     port = bl.free_port()
     data = work / "var"
-    node = NodeProcess(node_config(data, port, settle=3600, extra=FOLDER_ROUTE.format(out=work / "out")),
+    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.CT_FOLDER_ROUTE.format(out=work / "out")),
                        work, port=port)
     try:
         node.start()

@@ -31,19 +31,7 @@ import benchlib as bl  # noqa: E402
 from tests.node_process import NodeProcess, node_config  # noqa: E402
 
 N, ASSOCIATIONS = 300, 10
-FOLDER_ROUTE = """
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["out"]
-"""
+
 
 
 def parallel_push(port: int, groups: list[list[Path]], called_aet: str) -> float:
@@ -85,7 +73,7 @@ def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False) 
     port = bl.free_port()
     data = work / "var"
     out = work / "out"
-    config = node_config(data, port, settle=1.0 if processing else 3600, extra=FOLDER_ROUTE.format(out=out))
+    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out))
     node = NodeProcess(config, work, port=port)
     try:
         node.start()
