@@ -44,6 +44,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from node.fsutil import start_writeback
 from node.jobstore import JobStore
 from node.metrics import Metrics
 from node.netutil import no_delay
@@ -73,18 +74,23 @@ LOW_DISK_WARNING_SECONDS = 30.0
 
 
 _SPACE_CHECK_BYTES = 4 << 20  # while a data set streams in, free space is checked every 4 MiB
-_WRITE_BYTES = 1 << 20  # PDUs are gathered into writes of 1 MiB (pynetdicom writes each PDU at once)
+# PDUs are gathered into writes of at least 64 KiB (pynetdicom writes each PDU at once, and some
+# senders send 16 KiB PDUs); each write is handed to the kernel's writeback straight away.
+_WRITE_BYTES = 64 << 10
+_HEAD_BYTES = 64 << 10  # the first bytes of each file, kept in memory for the header parse
 
 
 class _IncomingFile:
     """One data set being received into ``.incoming``, as pynetdicom uses it (write, flush, close, name).
 
-    Writes are gathered into 1 MiB pieces; :meth:`finish` writes the rest (the C-STORE handler
-    calls it before it reads the file).  A write the disk refuses (ENOSPC, EFBIG), or free space
-    falling below the guard while the data set arrives, does not kill the association (an exception
-    in pynetdicom's reader thread would, and leave the file behind): the file is emptied at once,
-    the rest of the data set is received and dropped, and :attr:`failure` says why, so the C-STORE
-    is answered 0xA700.
+    Writes are gathered into pieces of at least 64 KiB, each written and its writeback started at
+    once (:func:`node.fsutil.start_writeback`): the data set goes to disk while the rest of it
+    arrives, so the fsync before Success has little left to wait for.  :meth:`finish` writes the
+    rest (the C-STORE handler calls it before it reads the file).  A write the disk refuses
+    (ENOSPC, EFBIG), or free space falling below the guard while the data set arrives, does not
+    kill the association (an exception in pynetdicom's reader thread would, and leave the file
+    behind): the file is emptied at once, the rest of the data set is received and dropped, and
+    :attr:`failure` says why, so the C-STORE is answered 0xA700.
     """
 
     def __init__(self, raw, min_free_bytes: int) -> None:
@@ -95,7 +101,11 @@ class _IncomingFile:
         self.low_disk_free: int | None = None  # free bytes when the guard stopped the write
         self._min_free_bytes = min_free_bytes
         self._pending = bytearray()
+        self._written = 0
         self._unchecked = 0
+        #: The file's first bytes (preamble, file meta and the start of the data set), kept so the
+        #: C-STORE handler can parse the header without reading the file back.
+        self.head = b""
 
     def write(self, data: bytes) -> int:
         if self.failure is None:
@@ -105,7 +115,7 @@ class _IncomingFile:
         return len(data)
 
     def flush(self) -> None:
-        """Called by pynetdicom after every PDU: gathered writes wait for 1 MiB or :meth:`finish`."""
+        """Called by pynetdicom after every PDU: gathered writes wait for 64 KiB or :meth:`finish`."""
 
     def finish(self) -> None:
         """Write what is gathered: the whole data set is in the file (unless :attr:`failure`)."""
@@ -117,16 +127,21 @@ class _IncomingFile:
         self._raw.close()
 
     def _write_pending(self) -> None:
-        data = bytes(self._pending)
-        self._pending.clear()
-        view = memoryview(data)
+        length = len(self._pending)
         try:
-            while view:
-                view = view[self._raw.write(view):]
+            with memoryview(self._pending) as view:
+                done = 0
+                while done < length:
+                    done += self._raw.write(view[done:])
         except OSError as exc:
             self._stop(f"spool write failed: {exc.strerror or exc}")
             return
-        self._unchecked += len(data)
+        if not self._written:
+            self.head = bytes(self._pending[:_HEAD_BYTES])
+        self._pending.clear()
+        start_writeback(self._raw.fileno(), self._written, length)
+        self._written += length
+        self._unchecked += length
         if self._min_free_bytes and self._unchecked >= _SPACE_CHECK_BYTES:
             self._unchecked = 0
             self._check_space()
@@ -259,43 +274,8 @@ class _Header:
     modality: str | None
 
 
-def _read_header(event: evt.Event, raw: bytes) -> _Header:
-    """The placing attributes, parsed from the raw dataset *raw* up to Series Instance UID."""
-    ts = UID(event.context.transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian:
-        ds: Dataset = event.dataset  # pynetdicom inflates it
-    else:
-        stream = io.BytesIO(raw)
-        ds = read_dataset(
-            stream, ts.is_implicit_VR, ts.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > _LAST_HEADER_TAG,
-        )
-    request = event.request
-    sop_uid = str(ds.get("SOPInstanceUID") or request.AffectedSOPInstanceUID or "")
-    sop_class = str(ds.get("SOPClassUID") or request.AffectedSOPClassUID or "")
-    modality = ds.get("Modality")
-    return _Header(
-        study_uid=str(ds.get("StudyInstanceUID") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID") or ""),
-        sop_uid=sop_uid,
-        sop_class_uid=sop_class,
-        modality=str(modality) if modality else None,
-    )
-
-
-def _past_header(tag: int, vr: object, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
-
-
-def _read_file_header(event: evt.Event, path: Path) -> _Header:
-    """The placing attributes from the streamed file *path*, read up to Series Instance UID.
-
-    The same stop as for a data set in memory (so both ways accept and refuse the same data sets):
-    the reading ends at the first element past (0020,000E), long before any pixel data.
-    """
-    with path.open("rb") as handle:
-        ds = read_partial(handle, stop_when=_past_header)
-    request = event.request
+def _header_of(ds: Dataset, request) -> _Header:
+    """The placing attributes of *ds*; the SOP UIDs fall back to the C-STORE request's."""
     modality = ds.get("Modality")
     return _Header(
         study_uid=str(ds.get("StudyInstanceUID") or ""),
@@ -304,6 +284,42 @@ def _read_file_header(event: evt.Event, path: Path) -> _Header:
         sop_class_uid=str(ds.get("SOPClassUID") or request.AffectedSOPClassUID or ""),
         modality=str(modality) if modality else None,
     )
+
+
+def _past_header(tag: int, vr: object, length: int) -> bool:
+    return tag > _LAST_HEADER_TAG
+
+
+def _read_header(event: evt.Event, raw: bytes) -> _Header:
+    """The placing attributes, parsed from the raw dataset *raw* up to Series Instance UID."""
+    ts = UID(event.context.transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        ds: Dataset = event.dataset  # pynetdicom inflates it
+    else:
+        ds = read_dataset(io.BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_header)
+    return _header_of(ds, event.request)
+
+
+def _read_file_header(event: evt.Event, path: Path, head: bytes = b"") -> _Header:
+    """The placing attributes of the streamed file *path*, read up to Series Instance UID.
+
+    The same stop as for a data set in memory (so both ways accept and refuse the same data sets):
+    the reading ends at the first element past (0020,000E), long before any pixel data.  *head*,
+    the file's first bytes as they were written, is parsed first, without reading the file: the
+    header of an image is a few KB.  Only when the parse runs to the end of *head* (a header longer
+    than it, or a file no longer than it) is the file itself read.  Values are converted only after
+    that choice (pydicom converts lazily), so a value cut at the end of *head* is never looked at.
+    """
+    if head:
+        stream = io.BytesIO(head)
+        try:
+            ds = read_partial(stream, stop_when=_past_header)
+        except Exception:  # cut short in a way pydicom refuses: the file decides
+            ds = None
+        if ds is not None and stream.tell() < len(head):
+            return _header_of(ds, event.request)
+    with path.open("rb") as handle:
+        return _header_of(read_partial(handle, stop_when=_past_header), event.request)
 
 
 def _streamed_path(event: evt.Event) -> Path | None:
@@ -390,13 +406,13 @@ class StoreHandler:
                 incoming.finish()
                 if incoming.failure is not None:
                     return self._failed_receive(event, incoming)
-            return self._store(event, path)
+            return self._store(event, path, incoming.head if incoming is not None else b"")
         finally:
             with contextlib.suppress(FileNotFoundError):  # not adopted: refused, resent or failed
                 path.unlink()
             _forget(path)
 
-    def _store(self, event: evt.Event, path: Path | None) -> int | Dataset:
+    def _store(self, event: evt.Event, path: Path | None, head: bytes = b"") -> int | Dataset:
         calling = event.assoc.requestor.ae_title
         raw = b""
         try:
@@ -404,7 +420,7 @@ class StoreHandler:
                 raw = event.encoded_dataset(include_meta=False)  # the bytes as sent: never decoded, never transcoded
                 header = _read_header(event, raw)
             else:
-                header = _read_file_header(event, path)
+                header = _read_file_header(event, path, head)
         except Exception as exc:  # any parse failure of a peer's bytes is that peer's problem
             log.error("C-STORE from %s: cannot parse the dataset: %s", calling, exc)
             return _failure(STATUS["cannot_parse"], f"cannot parse dataset: {exc}")

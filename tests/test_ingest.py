@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
@@ -198,6 +199,31 @@ def test_resend_identical_is_acknowledged_and_different_bytes_replace(
     spooled = scp.spool.path_for(changed.StudyInstanceUID, changed.SeriesInstanceUID, changed.SOPInstanceUID)
     assert pydicom.dcmread(spooled).WindowCenter == 99
     assert not scp.incoming
+
+
+def test_a_header_longer_than_the_first_bytes_kept_is_read_from_the_file(
+    scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streamed, the header is parsed from the first 64 KiB kept in memory; past them, from the file."""
+    caplog.set_level(logging.WARNING)
+    (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    ds = pydicom.dcmread(path)
+    references = []
+    for _ in range(1500):  # (0008,1140) comes before the UIDs of (0020,000D/E): ~120 KB of header
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = generate_uid()
+        references.append(item)
+    ds.ReferencedImageSequence = references
+    ds.save_as(path)
+    assert path.stat().st_size - len(ds.PixelData) > 64 << 10  # the header alone is longer than the head kept
+    assert storescu("127.0.0.1", scp.port, [path], called_aet="DICOMNODE").returncode == 0
+    (spooled,) = scp.spooled()
+    assert spooled == scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    received = pydicom.dcmread(spooled)
+    assert received.ReferencedImageSequence[-1].ReferencedSOPInstanceUID == references[-1].ReferencedSOPInstanceUID
+    assert received.PixelData == ds.PixelData
+    assert "Invalid value" not in caplog.text and not scp.incoming
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
