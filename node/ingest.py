@@ -93,9 +93,9 @@ class _IncomingFile:
     :attr:`failure` says why, so the C-STORE is answered 0xA700.
     """
 
-    def __init__(self, raw, min_free_bytes: int) -> None:
-        self._raw = raw  # unbuffered: nothing of a failed write is left in a buffer
-        self.name: str = raw.name
+    def __init__(self, fd: int, name: str, min_free_bytes: int) -> None:
+        self._fd: int | None = fd  # a plain descriptor: nothing of a failed write is left in a buffer
+        self.name = name
         self.file = self  # pynetdicom calls .file.flush() after each write
         self.failure: str | None = None
         self.low_disk_free: int | None = None  # free bytes when the guard stopped the write
@@ -109,9 +109,12 @@ class _IncomingFile:
 
     def write(self, data: bytes) -> int:
         if self.failure is None:
-            self._pending += data
-            if len(self._pending) >= _WRITE_BYTES:
-                self._write_pending()
+            if self._pending or len(data) < _WRITE_BYTES:
+                self._pending += data
+                if len(self._pending) >= _WRITE_BYTES:
+                    self._write_pending()
+            else:
+                self._write(data)  # a whole PDU of 64 KiB or more: written as it is, not copied
         return len(data)
 
     def flush(self) -> None:
@@ -124,22 +127,27 @@ class _IncomingFile:
 
     def close(self) -> None:
         self._pending = bytearray()
-        self._raw.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _write_pending(self) -> None:
-        length = len(self._pending)
+        self._write(self._pending)
+        self._pending.clear()
+
+    def _write(self, data: bytes | bytearray) -> None:
+        length = len(data)
         try:
-            with memoryview(self._pending) as view:
+            with memoryview(data) as view:
                 done = 0
                 while done < length:
-                    done += self._raw.write(view[done:])
+                    done += os.write(self._fd, view[done:])
         except OSError as exc:
             self._stop(f"spool write failed: {exc.strerror or exc}")
             return
         if not self._written:
-            self.head = bytes(self._pending[:_HEAD_BYTES])
-        self._pending.clear()
-        start_writeback(self._raw.fileno(), self._written, length)
+            self.head = bytes(data[:_HEAD_BYTES])
+        start_writeback(self._fd, self._written, length)
         self._written += length
         self._unchecked += length
         if self._min_free_bytes and self._unchecked >= _SPACE_CHECK_BYTES:
@@ -148,7 +156,7 @@ class _IncomingFile:
 
     def _check_space(self) -> None:
         try:
-            st = os.statvfs(self._raw.fileno())
+            st = os.statvfs(self._fd)
         except OSError:
             return
         free = st.f_bavail * st.f_frsize
@@ -160,7 +168,7 @@ class _IncomingFile:
         self.failure = reason
         self._pending = bytearray()
         with contextlib.suppress(OSError):
-            os.ftruncate(self._raw.fileno(), 0)  # give the space back now, not after the transfer
+            os.ftruncate(self._fd, 0)  # give the space back now, not after the transfer
 
 
 # Every file being received, with the thread that made it (the association's DUL thread), kept
@@ -183,9 +191,9 @@ class _IncomingFiles:
         self.min_free_bytes = min_free_bytes
 
     def __call__(self, *args, **kwargs) -> _IncomingFile:
-        kwargs.update(dir=self.folder, prefix=".recv-", suffix=".tmp", buffering=0)
-        raw = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
-        incoming = _IncomingFile(raw, self.min_free_bytes)
+        """A new file, whatever pynetdicom asks for (it asks for a binary file it deletes itself)."""
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".recv-", suffix=".tmp")
+        incoming = _IncomingFile(fd, name, self.min_free_bytes)
         with _receiving_lock:
             _receiving[incoming.name] = (incoming, threading.current_thread())
         return incoming
