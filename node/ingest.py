@@ -37,8 +37,8 @@ from pathlib import Path
 
 import pynetdicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_partial
-from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, UID
+from pydicom.filereader import data_element_generator, read_partial
+from pydicom.uid import AllTransferSyntaxes, UID
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -282,52 +282,100 @@ class _Header:
     modality: str | None
 
 
-def _header_of(ds: Dataset, request) -> _Header:
-    """The placing attributes of *ds*; the SOP UIDs fall back to the C-STORE request's."""
-    modality = ds.get("Modality")
-    return _Header(
-        study_uid=str(ds.get("StudyInstanceUID") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID") or ""),
-        sop_uid=str(ds.get("SOPInstanceUID") or request.AffectedSOPInstanceUID or ""),
-        sop_class_uid=str(ds.get("SOPClassUID") or request.AffectedSOPClassUID or ""),
-        modality=str(modality) if modality else None,
-    )
+# The attributes that place an instance in the spool and the job store, by tag.
+_PLACING = {
+    0x00080016: "sop_class_uid", 0x00080018: "sop_uid", 0x00080060: "modality",
+    0x0020000D: "study_uid", 0x0020000E: "series_uid",
+}
+_PLACING_TAGS = list(_PLACING)
 
 
 def _past_header(tag: int, vr: object, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
+def _header(values: dict[str, str], request) -> _Header:
+    """A header from the placing values found; the SOP UIDs fall back to the C-STORE request's."""
+    return _Header(
+        study_uid=values.get("study_uid", ""),
+        series_uid=values.get("series_uid", ""),
+        sop_uid=values.get("sop_uid") or str(request.AffectedSOPInstanceUID or ""),
+        sop_class_uid=values.get("sop_class_uid") or str(request.AffectedSOPClassUID or ""),
+        modality=values.get("modality") or None,
+    )
+
+
+def _header_of(ds: Dataset, request) -> _Header:
+    """The placing attributes of a pydicom data set."""
+    return _header({name: str(ds[tag].value) for tag, name in _PLACING.items() if tag in ds and ds[tag].value},
+                   request)
+
+
+def _read_placing(fp, ts: UID, request) -> _Header:
+    """The placing attributes of the data set in *fp* (read from where it stands, up to (0020,000E)).
+
+    Read with pydicom's element generator rather than into a ``Dataset`` (``read_dataset``): the
+    node needs five values and building a Dataset of the whole header costs three times as much
+    (0.6 ms against 0.2 ms for a CT slice's header, on every C-STORE).  The five are of VR UI and
+    CS, plain ASCII padded with NUL or space, so their raw bytes need no character set.
+    """
+    values = {}
+    for element in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian,
+                                          stop_when=_past_header, specific_tags=_PLACING_TAGS):
+        name = _PLACING.get(element.tag)
+        if name is not None and element.value:
+            values[name] = bytes(element.value).decode("ascii", "replace").strip(" \x00")
+    return _header(values, request)
+
+
 def _read_header(event: evt.Event, raw: bytes) -> _Header:
     """The placing attributes, parsed from the raw dataset *raw* up to Series Instance UID."""
     ts = UID(event.context.transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian:
-        ds: Dataset = event.dataset  # pynetdicom inflates it
-    else:
-        ds = read_dataset(io.BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_header)
-    return _header_of(ds, event.request)
+    if ts.is_deflated:
+        return _header_of(event.dataset, event.request)  # pynetdicom inflates it
+    return _read_placing(io.BytesIO(raw), ts, event.request)
+
+
+def _data_set_start(head: bytes) -> int | None:
+    """Where the data set begins in a Part 10 file whose first bytes are *head*, or None if unsure.
+
+    After the preamble, ``DICM`` and the file meta, whose first element, (0002,0000) UL, gives the
+    length of the rest of it (pynetdicom writes it; PS3.10 7.1 requires it).
+    """
+    if head[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00" and len(head) >= 144:
+        return 144 + int.from_bytes(head[140:144], "little")
+    return None
 
 
 def _read_file_header(event: evt.Event, path: Path, head: bytes = b"") -> _Header:
     """The placing attributes of the streamed file *path*, read up to Series Instance UID.
 
-    The same stop as for a data set in memory (so both ways accept and refuse the same data sets):
-    the reading ends at the first element past (0020,000E), long before any pixel data.  *head*,
-    the file's first bytes as they were written, is parsed first, without reading the file: the
-    header of an image is a few KB.  Only when the parse runs to the end of *head* (a header longer
-    than it, or a file no longer than it) is the file itself read.  Values are converted only after
-    that choice (pydicom converts lazily), so a value cut at the end of *head* is never looked at.
+    The same reading as for a data set in memory (so both ways accept and refuse the same data
+    sets): it ends at the first element past (0020,000E), long before any pixel data.  *head*, the
+    file's first bytes as they were written, is read first, without reading the file: the header of
+    an image is a few KB.  Only when the reading runs to the end of *head* (a header longer than
+    it, or a file no longer than it) is the file itself read.  A deflated data set, or a file meta
+    without its group length, goes through pydicom's file reader (``read_partial``) instead.
     """
-    if head:
-        stream = io.BytesIO(head)
-        try:
-            ds = read_partial(stream, stop_when=_past_header)
-        except Exception:  # cut short in a way pydicom refuses: the file decides
-            ds = None
-        if ds is not None and stream.tell() < len(head):
-            return _header_of(ds, event.request)
+    ts = UID(event.context.transfer_syntax)
+    if not head:
+        with path.open("rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    start = _data_set_start(head)
+    if ts.is_deflated or start is None:
+        with path.open("rb") as handle:
+            return _header_of(read_partial(handle, stop_when=_past_header), event.request)
+    stream = io.BytesIO(head)
+    stream.seek(start)
+    try:
+        header = _read_placing(stream, ts, event.request)
+    except Exception:  # cut short in a way pydicom refuses: the file decides
+        header = None
+    if header is not None and stream.tell() < len(head):
+        return header
     with path.open("rb") as handle:
-        return _header_of(read_partial(handle, stop_when=_past_header), event.request)
+        handle.seek(start)
+        return _read_placing(handle, ts, event.request)
 
 
 def _streamed_path(event: evt.Event) -> Path | None:
