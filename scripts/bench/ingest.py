@@ -282,11 +282,13 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
     _, node_thread = node_run(timers=timers)
     per = timers.seconds
     steps = [
-        ("receive: PDUs written to .incoming (reader thread, outside on_store)", per["receive_write"]),
+        ("receive: PDUs written to .incoming (reader thread, outside on_store; GIL waits included)",
+         per["receive_write"]),
         ("_read_file_header (parse up to 0020,000E from the first 64 KiB)", per["read_header"]),
         ("_disk_guard (statvfs)", per["disk_guard"]),
-        ("Spool.adopt without the fsyncs (open, fchmod, rename)", per["adopt"] - per["fsync"] - per["fsync_dir"]),
-        ("os.fsync of the file", per["fsync"]),
+        # the os.fsync timer counts both calls, the file's and the one inside fsync_dir
+        ("Spool.adopt without the fsyncs (open, fchmod, rename)", per["adopt"] - per["fsync"]),
+        ("os.fsync of the file", per["fsync"] - per["fsync_dir"]),
         ("fsync_dir of the series folder", per["fsync_dir"]),
         ("jobs.record_instance (SQLite, WAL)", per["record_instance"]),
     ]
