@@ -64,6 +64,15 @@ STATUS = {
     "invalid_uid": 0xC211,
 }
 
+#: The status answered for each reason a C-STORE is refused (the reasons the metrics count).
+_REFUSAL_STATUS = {
+    "disk_low": STATUS["out_of_resources"],
+    "spool_write_failed": STATUS["out_of_resources"],
+    "not_recorded": STATUS["not_recorded"],
+    "cannot_parse": STATUS["cannot_parse"],
+    "invalid_uid": STATUS["invalid_uid"],
+}
+
 _LAST_HEADER_TAG = 0x0020000E  # Series Instance UID: everything needed to place the file
 
 #: Seconds between two "disk low" warnings; the refusals in between are counted, not logged.
@@ -479,12 +488,12 @@ class StoreHandler:
                 header = _read_file_header(event, path, head)
         except Exception as exc:  # any parse failure of a peer's bytes is that peer's problem
             log.error("C-STORE from %s: cannot parse the dataset: %s", calling, exc)
-            return _failure(STATUS["cannot_parse"], f"cannot parse dataset: {exc}")
+            return self._refusal("cannot_parse", f"cannot parse dataset: {exc}")
         try:
             self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
         except InvalidUID as exc:
             log.error("C-STORE from %s refused: %s", calling, exc)
-            return _failure(STATUS["invalid_uid"], str(exc))
+            return self._refusal("invalid_uid", str(exc))
         if path is None:
             chunks = (b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), raw)
             needed = sum(len(c) for c in chunks)
@@ -509,7 +518,7 @@ class StoreHandler:
                 stored = self.spool.adopt(path, header.study_uid, header.series_uid, header.sop_uid)
         except OSError as exc:
             log.error("C-STORE from %s: spool write failed for %s: %s", calling, header.sop_uid, exc)
-            return _failure(STATUS["out_of_resources"], f"spool write failed: {exc.strerror or exc}")
+            return self._refusal("spool_write_failed", f"spool write failed: {exc.strerror or exc}")
         try:
             self.jobs.record_instance(
                 study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
@@ -518,7 +527,7 @@ class StoreHandler:
             )
         except Exception as exc:  # the file is safe on disk; start-up reconciles it
             log.error("C-STORE from %s: job store failed for %s: %s", calling, header.sop_uid, exc)
-            return _failure(STATUS["not_recorded"], "job store error")
+            return self._refusal("not_recorded", "job store error")
         if self.metrics is not None:
             self.metrics.instance_received()
         if replacing:
@@ -530,13 +539,19 @@ class StoreHandler:
         log.debug("stored %s (series %s) from %s", header.sop_uid, header.series_uid, calling)
         return STATUS["success"]
 
+    def _refusal(self, reason: str, comment: str) -> Dataset:
+        """The failure reply for *reason* (a :data:`node.metrics.REFUSAL_REASONS` entry), counted."""
+        if self.metrics is not None:
+            self.metrics.instance_refused(reason)
+        return _failure(_REFUSAL_STATUS[reason], comment)
+
     def _failed_receive(self, event: evt.Event, incoming: _IncomingFile) -> Dataset:
         """0xA700 for a data set whose file stopped being written while it arrived."""
         if incoming.low_disk_free is not None:
             return self._refuse_low_disk(event, incoming.low_disk_free, "while the instance arrived")
         log.error("C-STORE from %s: %s for %s", event.assoc.requestor.ae_title, incoming.failure,
                   event.request.AffectedSOPInstanceUID)
-        return _failure(STATUS["out_of_resources"], incoming.failure or "spool write failed")
+        return self._refusal("spool_write_failed", incoming.failure or "spool write failed")
 
     def _disk_guard(self, event: evt.Event, needed: int) -> Dataset | None:
         """0xA700 when storing *needed* more bytes would leave less than ``min_free_bytes`` free.
@@ -583,7 +598,7 @@ class StoreHandler:
                 self.min_free_bytes >> 20, unlogged, self.refused_low_disk, LOW_DISK_WARNING_SECONDS,
             )
         comment = f"disk low: {free >> 20} MB free, min {self.min_free_bytes >> 20} MB"
-        return _failure(STATUS["out_of_resources"], comment)
+        return self._refusal("disk_low", comment)
 
     def on_established(self, event: evt.Event) -> None:
         """Log the new association."""

@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 
-__all__ = ["BUCKETS", "DELIVERY_OUTCOMES", "QUEUE_STATES", "Metrics", "CONTENT_TYPE"]
+__all__ = ["BUCKETS", "DELIVERY_OUTCOMES", "QUEUE_STATES", "REFUSAL_REASONS", "Metrics", "CONTENT_TYPE"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 #: What :meth:`Metrics.delivery` counts.
 DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
+
+#: Why a C-STORE was answered with a failure status (what :meth:`Metrics.instance_refused` counts;
+#: see :mod:`node.ingest` for the status of each).
+REFUSAL_REASONS = ("disk_low", "spool_write_failed", "not_recorded", "cannot_parse", "invalid_uid")
 
 #: Series states always present in ``dicomnode_queue_depth`` (0 when none), as in the job store.
 QUEUE_STATES = ("receiving", "queued", "processing", "delivering", "delivered", "failed", "unrouted")
@@ -69,6 +73,7 @@ class Metrics:
     def __init__(self, destinations: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._instances_received = 0
+        self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._series_processed = 0
         self._series_failed = 0
         self._deliveries: dict[tuple[str, str], int] = {}
@@ -88,6 +93,14 @@ class Metrics:
                 self._instances_received += int(count)
         except Exception:  # never let a metrics bug reach the caller
             log.debug("metrics: instance_received(%r) ignored", count, exc_info=True)
+
+    def instance_refused(self, reason: str) -> None:
+        """A C-STORE was answered with a failure status for *reason* (one of :data:`REFUSAL_REASONS`)."""
+        try:
+            with self._lock:
+                self._refused[str(reason)] = self._refused.get(str(reason), 0) + 1
+        except Exception:
+            log.debug("metrics: instance_refused(%r) ignored", reason, exc_info=True)
 
     def series_processed(self, seconds: float) -> None:
         """A series was processed into outputs in *seconds* (observed in the histogram)."""
@@ -130,6 +143,7 @@ class Metrics:
         with self._lock:
             return {
                 "instances_received": self._instances_received,
+                "instances_refused": dict(self._refused),
                 "series_processed": self._series_processed,
                 "series_failed": self._series_failed,
                 "deliveries": dict(self._deliveries),
@@ -151,6 +165,7 @@ class Metrics:
         """
         with self._lock:
             received = self._instances_received
+            refused = sorted(self._refused.items())
             processed = self._series_processed
             failed = self._series_failed
             deliveries = sorted(self._deliveries.items())
@@ -167,6 +182,10 @@ class Metrics:
 
         name = family("instances_received_total", "counter", "DICOM instances received, spooled and recorded.")
         lines.append(f"{name} {received}")
+        name = family("instances_refused_total", "counter",
+                      "C-STOREs answered with a failure status, by reason (nothing was stored for them).")
+        for reason, value in refused:
+            lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
         name = family("series_processed_total", "counter", "Series processed into outputs.")
         lines.append(f"{name} {processed}")
         name = family("series_failed_total", "counter", "Series whose processing failed.")

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.http import THUMBNAIL_SIZE, StatusServer
 from node.jobstore import JobStore, SeriesJob, SeriesState
-from node.metrics import Metrics
+from node.metrics import REFUSAL_REASONS, Metrics
 from node.pipeline import Pipeline, parse_steps
 from node.process import process_series
 from node.series import InputSeries, instance_order, open_images
@@ -115,6 +115,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     jobs = JobStore(root / "jobs.sqlite")
     node = Node(root, jobs, Spool(root / "spool"), root / "outputs", Metrics(destinations=["archive"]))
     node.outputs.mkdir()
+    node.metrics.instance_refused("disk_low")
+    node.metrics.instance_refused("disk_low")
 
     # delivered: 5 CT instances -> 8-bit Secondary Captures, delivered
     sent = copy_as_series([CT] * 5, root / "src-sc", tweak=_shifted)
@@ -241,6 +243,8 @@ def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> N
 
     assert families["dicomnode_instances_received"].type == "counter"
     assert samples[("dicomnode_instances_received_total", ())] == 5 + 3 + 1 + 2
+    refused = {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == "dicomnode_instances_refused_total"}
+    assert refused == {**dict.fromkeys(REFUSAL_REASONS, 0), "disk_low": 2}
     assert samples[("dicomnode_series_processed_total", ())] == 2
     assert samples[("dicomnode_series_failed_total", ())] == 1
     for outcome, value in (("delivered", 1), ("retry", 1), ("failed", 1)):

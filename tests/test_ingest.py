@@ -26,6 +26,7 @@ from pynetdicom import AE
 
 from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
 from node.jobstore import JobStore
+from node.metrics import Metrics
 from node.spool import INCOMING, Spool
 from tests.conftest import bundled
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
@@ -150,7 +151,7 @@ def _scp(folder: Path, *, streamed: bool, min_free_while_receiving: int = 0) -> 
     if streamed:
         enable_streamed_receive(spool.root, min_free_bytes=min_free_while_receiving)
     try:
-        handler = StoreHandler(spool, jobs)
+        handler = StoreHandler(spool, jobs, metrics=Metrics())
         port = free_port()
         server = build_application_entity("DICOMNODE").start_server(
             ("127.0.0.1", port), block=False, evt_handlers=handler.handlers())
@@ -241,6 +242,7 @@ def test_invalid_uid_is_refused_and_nothing_is_left(scp: Scp, tmp_path: Path) ->
         assoc.release()
     assert status == 0xC211
     assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
+    assert scp.handler.metrics.snapshot()["instances_refused"]["invalid_uid"] == 1
     assert not list(tmp_path.rglob("*escape*"))
 
 
@@ -255,6 +257,8 @@ def test_disk_guard_refuses_stores_nothing_and_warns_once(
     assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
     assert echoscu("127.0.0.1", scp.port, called_aet="DICOMNODE").returncode == 0
     assert scp.handler.refused_low_disk == 5
+    refused = scp.handler.metrics.snapshot()["instances_refused"]
+    assert refused == {**refused, "disk_low": 5} and sum(refused.values()) == 5
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "C-STORE refused" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "5 refused (disk low)" in caplog.text
