@@ -30,9 +30,10 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn
@@ -69,6 +70,14 @@ EMBEDDED_SOURCE = "<embedded default>"
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message starts with ``FILE:LINE: KEY:``."""
+
+
+def _client_context(destination: DicomDestination) -> object:
+    """The TLS context a DICOM destination will use (built here only to check its files)."""
+    from node.tls import client_context  # here: node.tls imports this module
+
+    return client_context(ca_file=destination.ca_file, cert_file=destination.cert_file,
+                          key_file=destination.key_file, host=destination.host)
 
 
 # --------------------------------------------------------------------------- settings
@@ -966,12 +975,29 @@ class _Checker:
         if table is None:
             return None
         self.keys(table, path, ("port", "cert_file", "key_file", "ca_file"), ("port", "cert_file", "key_file"))
-        return TlsSettings(
+        settings = TlsSettings(
             port=self.integer(table, path, "port", 1, 65535),
             cert_file=self.existing_file(table, path, "cert_file"),
             key_file=self.existing_file(table, path, "key_file"),
             ca_file=self.existing_file(table, path, "ca_file") if "ca_file" in table else None,
         )
+        from node.tls import server_context  # here: node.tls imports this module
+
+        self.usable_tls(path, lambda: server_context(settings))
+        return settings
+
+    def usable_tls(self, path: _KeyPath, load: Callable[[], object]) -> None:
+        """Load TLS files now (*load* builds the context), so ``config check`` refuses what serve would.
+
+        A file that exists but cannot be used (no PEM in it, a key that does not belong to the
+        certificate, an encrypted key) is reported at its own key's line.
+        """
+        from node.tls import TlsFileError
+
+        try:
+            load()
+        except TlsFileError as exc:
+            self.fail(path + (exc.key,), str(exc))
 
     def existing_file(self, table: Mapping[str, Any], path: _KeyPath, key: str) -> Path:
         file = self.folder(table, path, key)
@@ -1056,6 +1082,8 @@ class _Checker:
                     self.fail(path + ("tls",), "ca_file/cert_file/key_file are for TLS: set tls = true")
                 if (destination.cert_file is None) != (destination.key_file is None):
                     self.fail(path + ("cert_file",), "give cert_file and key_file together (client certificate)")
+                if destination.tls:
+                    self.usable_tls(path, partial(_client_context, destination))
             elif kind == "dicomweb":
                 url = self.string(table, path, "url")
                 parts = urlsplit(url)

@@ -36,6 +36,7 @@ from node.config import ConfigError, TlsSettings
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
+    "TlsFileError",
     "client_context",
     "describe_peer_certificate",
     "handshake_failure_reason",
@@ -55,6 +56,14 @@ HANDSHAKE_TIMEOUT = 30.0
 # --------------------------------------------------------------------------- contexts
 
 
+class TlsFileError(ConfigError):
+    """A TLS file that cannot be used; :attr:`key` is its setting (``cert_file``, ``key_file``, ``ca_file``)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _refuse_password(*_args) -> bytes:
     # Without a callback OpenSSL would prompt on the terminal of a service: say what is wrong instead.
     raise ConfigError("the private key is encrypted (a passphrase-protected key cannot be used)")
@@ -64,38 +73,39 @@ def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path, what: 
     """``load_cert_chain``; every failure becomes a ConfigError naming the file at fault."""
     cert_file, key_file = Path(cert_file), Path(key_file)
     texts = {}
-    for kind, path in (("certificate", cert_file), ("private key", key_file)):
+    for kind, path, key in (("certificate", cert_file, "cert_file"), ("private key", key_file, "key_file")):
         try:
             texts[kind] = path.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"{what} {kind} file {path}: cannot read: {exc.strerror or exc}") from exc
+            raise TlsFileError(f"{what} {kind} file {path}: cannot read: {exc.strerror or exc}", key) from exc
     if b"-----BEGIN CERTIFICATE-----" not in texts["certificate"]:
-        raise ConfigError(f"{what} certificate file {cert_file}: no PEM certificate in it")
+        raise TlsFileError(f"{what} certificate file {cert_file}: no PEM certificate in it", "cert_file")
     if b"PRIVATE KEY-----" not in texts["private key"]:
-        raise ConfigError(f"{what} private key file {key_file}: no PEM private key in it")
+        raise TlsFileError(f"{what} private key file {key_file}: no PEM private key in it", "key_file")
     try:
         context.load_cert_chain(cert_file, key_file, password=_refuse_password)
     except ConfigError as exc:
-        raise ConfigError(f"{what} private key file {key_file}: {exc}") from exc
+        raise TlsFileError(f"{what} private key file {key_file}: {exc}", "key_file") from exc
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(
-                f"{what} private key file {key_file} does not belong to certificate file {cert_file}"
+            raise TlsFileError(
+                f"{what} private key file {key_file} does not belong to certificate file {cert_file}", "key_file"
             ) from exc
-        raise ConfigError(
-            f"{what} certificate file {cert_file} / private key file {key_file}: cannot load: {_ssl_text(exc)}"
+        raise TlsFileError(
+            f"{what} certificate file {cert_file} / private key file {key_file}: cannot load: {_ssl_text(exc)}",
+            "cert_file",
         ) from exc
     except OSError as exc:
-        raise ConfigError(f"{what} certificate file {cert_file} / key file {key_file}: {exc}") from exc
+        raise TlsFileError(f"{what} certificate file {cert_file} / key file {key_file}: {exc}", "cert_file") from exc
 
 
 def _load_ca(context: ssl.SSLContext, ca_file: Path, what: str) -> None:
     try:
         context.load_verify_locations(cafile=str(ca_file))
     except ssl.SSLError as exc:
-        raise ConfigError(f"{what} CA file {ca_file}: no usable PEM certificate: {_ssl_text(exc)}") from exc
+        raise TlsFileError(f"{what} CA file {ca_file}: no usable PEM certificate: {_ssl_text(exc)}", "ca_file") from exc
     except OSError as exc:
-        raise ConfigError(f"{what} CA file {ca_file}: cannot read: {exc.strerror or exc}") from exc
+        raise TlsFileError(f"{what} CA file {ca_file}: cannot read: {exc.strerror or exc}", "ca_file") from exc
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:

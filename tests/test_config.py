@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -854,8 +855,10 @@ def test_source_error_names_file_line_and_key(tmp_path: Path, text: str, key: st
 
 
 def test_tls_disk_retention_study_keys(tmp_path: Path) -> None:
-    (tmp_path / "server.pem").write_text("cert")
-    (tmp_path / "server.key").write_text("key")
+    # TLS files are loaded when the config is: a real (self-signed) certificate and key
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", "server.key", "-out", "server.pem", "-days", "1", "-subj", "/CN=node"],
+                   cwd=tmp_path, check=True, capture_output=True)
     config = load_text(tmp_path, """
 [node]
 min_free_disk_mb = 2048

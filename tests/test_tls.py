@@ -143,6 +143,31 @@ def test_unusable_files_are_config_errors_naming_the_file(pki: Pki, tmp_path: Pa
         client_context(ca_file=pki.cert("ca"), cert_file=pki.cert("client"), key_file=locked)
 
 
+def test_config_check_reports_unusable_tls_files_at_their_line(pki: Pki, tmp_path: Path) -> None:
+    """Files that exist but cannot be used fail at load (so ``config check``), naming the key's line."""
+    from node.config import load_config
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    config = tmp_path / "node.toml"
+    lines = [
+        "[node]", f'data_dir = "{tmp_path / "var"}"',
+        "[tls]", "port = 2762", f'cert_file = "{pki.cert("server")}"', f'key_file = "{pki.key("client")}"',
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{config}:6: tls\.key_file: .*does not belong to certificate file"):
+        load_config(config)
+    lines[5] = f'key_file = "{pki.key("server")}"'
+    lines += ["[[destinations]]", 'name = "pacs"', 'kind = "dicom"', 'host = "127.0.0.1"', "port = 11112",
+              'ae_title = "PACS"', "tls = true", f'ca_file = "{garbage}"']
+    config.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf'^{config}:14: destinations\[1\] \(name "pacs"\)\.ca_file: destination CA file {garbage}: no usable PEM'):
+        load_config(config)
+    lines[-1] = f'ca_file = "{pki.cert("ca")}"'
+    config.write_text("\n".join(lines) + "\n")
+    assert load_config(config).tls is not None
+
+
 # --------------------------------------------------------------------------- the node's listener
 
 
