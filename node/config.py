@@ -17,7 +17,7 @@ typo is never silently ignored.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
-and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``auth``, ``page_size`` and
+and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``, ``auth``, ``page_size`` and
 ``timeout_seconds`` are optional.
 """
 
@@ -364,6 +364,10 @@ class DicomWebSource:
         :attr:`level`; the StudyDate range is the poller's own.
     lookback_hours : float
         How far back (StudyDate) the first poll looks.
+    late_arrival_hours : float
+        Later polls start this long before the saved watermark, so a study that reaches the
+        archive up to this long after its StudyDate (e.g. an outside study imported days later)
+        is still found. Larger values make every query return more series.
     auth : BasicAuth or BearerAuth or None
         How to authenticate, if at all.
     page_size : int
@@ -380,6 +384,7 @@ class DicomWebSource:
     level: str = "series"
     query: tuple[tuple[str, str], ...] = ()
     lookback_hours: float = 24.0
+    late_arrival_hours: float = 24.0
     auth: BasicAuth | BearerAuth | None = None
     page_size: int = 100
     timeout_seconds: float = 30.0
@@ -737,8 +742,8 @@ _DESTINATION_KEYS = {
 }
 _AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
 _SOURCE_KEYS = {
-    "dicomweb": ("name", "kind", "url", "every_seconds", "cron", "level", "query", "lookback_hours", "auth",
-                 "page_size", "timeout_seconds"),
+    "dicomweb": ("name", "kind", "url", "every_seconds", "cron", "level", "query", "lookback_hours",
+                 "late_arrival_hours", "auth", "page_size", "timeout_seconds"),
 }
 _SOURCE_LEVELS = ("series", "study")
 # Matching keys the poller sets itself, and series-level keys a study-level query cannot use.
@@ -1130,6 +1135,7 @@ class _Checker:
                 level=level,
                 query=self.source_query(table, path, level),
                 lookback_hours=self.number(table, path, "lookback_hours", 24.0, above=0),
+                late_arrival_hours=self.number(table, path, "late_arrival_hours", 24.0, at_least=0),
                 auth=self.auth(table, path),
                 page_size=self.integer(table, path, "page_size", 1, 10000, default=100),
                 timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),

@@ -9,9 +9,11 @@ One poll of one source (:meth:`DicomWebPoller.poll_once`):
 
 1. **Window.** QIDO-RS matches ``StudyDate=YYYYMMDD-`` (whole days, the archive's dates). The first
    poll looks ``lookback_hours`` back (that start is kept as the *floor*: the window never starts
-   earlier); later polls start at the saved watermark minus :data:`WATERMARK_MARGIN`, so studies that
-   reach the archive up to a day after their StudyDate are still found, and a node that was down
-   for a week catches up on the whole week.
+   earlier); later polls start at the saved watermark minus ``late_arrival_hours`` (default 24), so
+   studies that reach the archive up to that long after their StudyDate are still found, and a node
+   that was down for a week catches up on the whole week. A study imported later than that (an
+   outside study loaded a week after it was made) is not found: raise ``late_arrival_hours`` where
+   that happens, at the price of larger queries.
 2. **Find.** ``level = "series"``: one series query; ``"study"``: a study query, then each study's
    series. Every query is paged with ``limit``/``offset`` (``page_size``) until a short page.
 3. **Skip.** A series is not fetched when it is one of the node's own results (the job store knows
@@ -61,12 +63,9 @@ from node.jobstore import JobStore
 from node.spool import InvalidUID, Spool, check_uid
 from node.writers.secondary_capture import MANUFACTURER
 
-__all__ = ["RETRY_DELAYS", "WATERMARK_MARGIN", "DicomWebPoller", "PollResult", "run_poll", "schedule", "state_key"]
+__all__ = ["RETRY_DELAYS", "DicomWebPoller", "PollResult", "run_poll", "schedule", "state_key"]
 
 log = logging.getLogger(__name__)
-
-WATERMARK_MARGIN = datetime.timedelta(hours=24)
-"""How far before the watermark each later poll's StudyDate window starts."""
 
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
 """Seconds to wait before each retry of a failed request within one poll."""
@@ -419,7 +418,8 @@ class DicomWebPoller:
         since = state["floor"]
         watermark = _parse_stamp(state.get("watermark"))
         if watermark is not None:
-            since = max(since, (watermark - WATERMARK_MARGIN).strftime("%Y%m%d"))
+            margin = datetime.timedelta(hours=self.source.late_arrival_hours)
+            since = max(since, (watermark - margin).strftime("%Y%m%d"))
         return since
 
     def _advance(self, state: dict[str, Any], started: datetime.datetime, found: list[_Series],

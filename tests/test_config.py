@@ -721,6 +721,7 @@ every_seconds = 60
 level = "study"
 query = { ModalitiesInStudy = "CT", AccessionNumber = "A*", SeriesNumber = 3 }
 lookback_hours = 1.5
+late_arrival_hours = 168
 auth = { kind = "basic", username = "orthanc", password_env = "ARCHIVE_PASSWORD" }
 page_size = 25
 timeout_seconds = 5
@@ -738,15 +739,16 @@ token_env = "CLOUD_TOKEN"
     assert config.sources["archive"] == DicomWebSource(
         name="archive", url="http://127.0.0.1:8042/dicom-web", every_seconds=60.0, cron=None, level="study",
         query=(("ModalitiesInStudy", "CT"), ("AccessionNumber", "A*"), ("SeriesNumber", "3")),
-        lookback_hours=1.5, auth=BasicAuth("orthanc", "ARCHIVE_PASSWORD"), page_size=25, timeout_seconds=5.0,
+        lookback_hours=1.5, late_arrival_hours=168.0, auth=BasicAuth("orthanc", "ARCHIVE_PASSWORD"), page_size=25,
+        timeout_seconds=5.0,
     )
     assert config.sources["archive"].filters() == {"ModalitiesInStudy": "CT", "AccessionNumber": "A*",
                                                    "SeriesNumber": "3"}
     assert isinstance(config.sources["archive"].every_seconds, float)
     cloud = config.sources["cloud"]
     assert (cloud.every_seconds, cloud.cron) == (None, "*/5 7-19 * * mon-fri")
-    assert (cloud.level, cloud.query, cloud.lookback_hours, cloud.page_size, cloud.timeout_seconds) == (
-        "series", (), 24.0, 100, 30.0)
+    assert (cloud.level, cloud.query, cloud.lookback_hours, cloud.late_arrival_hours, cloud.page_size,
+            cloud.timeout_seconds) == ("series", (), 24.0, 24.0, 100, 30.0)
     assert cloud.auth == BearerAuth("CLOUD_TOKEN")
     assert cloud.kind == "dicomweb"
     assert cloud.schedule_text() == "cron '*/5 7-19 * * mon-fri'"

@@ -188,6 +188,19 @@ def test_date_window_first_poll_looks_back_lookback_hours(
     assert later.since == day(-1) and counts(later) == (1, 0, 0, 1, 0), later  # watermark (now) - 24 h
 
 
+def test_a_study_imported_days_after_its_date_is_found_within_late_arrival_hours(
+        orthanc: OrthancServer, spool: Spool, jobs: JobStore, tmp_path: Path) -> None:
+    # the first poll sets the floor (30 days back: the node has polled for a month) and the watermark (now)
+    assert counts(poller_for(archive(orthanc, lookback_hours=24 * 30), spool, jobs).poll_once())[0] == 0
+    # an outside study made five days ago is loaded into the archive only now
+    (late,) = upload(orthanc, series_files(tmp_path, date=day(-5)))
+    default = poller_for(archive(orthanc, lookback_hours=24 * 30), spool, jobs).poll_once()
+    assert default.since == day(-1) and counts(default)[0] == 0, default  # a day's margin: not found
+    week = poller_for(archive(orthanc, lookback_hours=24 * 30, late_arrival_hours=24 * 7), spool, jobs).poll_once()
+    assert week.since == day(-7) and counts(week) == (1, 1, 1, 0, 0), week
+    assert spooled(spool) == [spool.path_for(*uids(late))]
+
+
 def test_watermark_survives_restart_and_a_grown_series_costs_only_its_new_instances(
         orthanc: OrthancServer, spool: Spool, tmp_path: Path) -> None:
     first = upload(orthanc, series_files(tmp_path, count=2))
