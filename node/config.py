@@ -285,6 +285,10 @@ class DicomDestination:
         The peer's (called) AE title.
     calling_ae_title : str
         Our AE title towards this peer (default: ``node.ae_title``).
+    tls, ca_file, cert_file, key_file
+        DICOM over TLS towards the peer (see :mod:`node.tls`).
+    associations : int
+        Associations one delivery uses at once (1-16), its files split between them.
     """
 
     kind: ClassVar[str] = "dicom"
@@ -297,6 +301,7 @@ class DicomDestination:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    associations: int = 1
 
 
 @dataclass(frozen=True)
@@ -736,7 +741,7 @@ _NODE_KEYS = (
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
-              "key_file"),
+              "key_file", "associations"),
     "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds"),
     "folder": ("name", "kind", "path"),
 }
@@ -1067,7 +1072,8 @@ class _Checker:
             if kind not in _DESTINATION_KEYS:
                 self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
             allowed = _DESTINATION_KEYS[kind]
-            optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file"}
+            optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file",
+                        "associations"}
             self.keys(table, path, allowed, [k for k in allowed if k not in optional])
             name = self.name(table, path, seen)
             destination: Destination
@@ -1082,6 +1088,7 @@ class _Checker:
                     ca_file=self.existing_file(table, path, "ca_file") if "ca_file" in table else None,
                     cert_file=self.existing_file(table, path, "cert_file") if "cert_file" in table else None,
                     key_file=self.existing_file(table, path, "key_file") if "key_file" in table else None,
+                    associations=self.integer(table, path, "associations", 1, 16, default=1),
                 )
                 if not destination.tls and any(k in table for k in ("ca_file", "cert_file", "key_file")):
                     self.fail(path + ("tls",), "ca_file/cert_file/key_file are for TLS: set tls = true")

@@ -42,7 +42,9 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 import requests
@@ -52,6 +54,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node.config import DicomDestination, DicomWebDestination, Destination, FolderDestination
 from node.fsutil import atomic_output, fsync_dir
 from node.netutil import no_delay
+
+_T = TypeVar("_T")
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -240,7 +244,14 @@ _CONTEXT_RESULTS = {
 
 
 class DicomSender:
-    """C-STORE SCU: delivers the files over one association per :meth:`send`.
+    """C-STORE SCU: delivers the files over ``associations`` associations per :meth:`send` (default 1).
+
+    With more than one, the files are split into that many runs in their order, each sent over
+    its own association at the same time: a PACS that accepts several associations per AE
+    receives a large series several times faster (pynetdicom waits for each C-STORE response,
+    so one association is bound by round trips, not by the link).  When one run fails, the
+    delivery fails as a whole and is retried whole (the peer sees the instances already stored
+    again, as after any interrupted delivery).
 
     Presentation contexts are built from the files' own SOP Class and Transfer
     Syntax UIDs (headers only are read), with Explicit and Implicit VR Little
@@ -268,9 +279,13 @@ class DicomSender:
         ca_file: Path | str | None = None,
         cert_file: Path | str | None = None,
         key_file: Path | str | None = None,
+        associations: int = 1,
     ) -> None:
         self.host = host
         self.port = int(port)
+        self.associations = int(associations)
+        if self.associations < 1:
+            raise ValueError(f"associations must be at least 1, got {associations}")
         self.called_ae = called_ae
         self.calling_ae = calling_ae
         self.timeout = float(timeout)
@@ -304,8 +319,6 @@ class DicomSender:
         return DeliveryError(f"{self.describe()}: {reason}", permanent=permanent, status=status)
 
     def _send(self, files: list[Path], study_uid: str, series_uid: str) -> str | None:
-        from pynetdicom import AE  # imported here: pynetdicom is only needed for DICOM destinations
-
         _reject_non_dicom(files, self.describe())
         if not files:
             return None
@@ -313,6 +326,28 @@ class DicomSender:
             headers = [_Header(path) for path in files]
         except DeliveryError as exc:
             raise self._fail(exc.reason, permanent=True) from exc
+        runs = _split_runs(headers, self.associations)
+        if len(runs) == 1:
+            warnings = self._send_run(headers)
+        else:
+            with ThreadPoolExecutor(len(runs), thread_name_prefix="c-store") as pool:
+                futures = [pool.submit(self._send_run, run) for run in runs]
+            errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
+            if errors:
+                # a permanent failure says more than a transient one caused by it (or by nothing)
+                raise next((e for e in errors if getattr(e, "permanent", False)), errors[0])
+            warnings = {}
+            for future in futures:
+                for status, count in future.result().items():
+                    warnings[status] = warnings.get(status, 0) + count
+        if warnings:
+            parts = ", ".join(f"{n} x {_hex(s)}" for s, n in sorted(warnings.items()))
+            return f" (warning statuses: {parts})"
+        return None
+
+    def _send_run(self, headers: list[_Header]) -> dict[int, int]:
+        """Send *headers*' files over one association; returns the warning statuses counted."""
+        from pynetdicom import AE  # imported here: pynetdicom is only needed for DICOM destinations
 
         # One requested presentation context per (SOP class, transfer syntax) pair.
         wanted = list(dict.fromkeys((h.sop_class, h.transfer_syntax) for h in headers))
@@ -376,11 +411,7 @@ class DicomSender:
             if assoc.is_established:
                 assoc.release()
             ae.shutdown()
-
-        if warnings:
-            parts = ", ".join(f"{n} x {_hex(s)}" for s, n in sorted(warnings.items()))
-            return f" (warning statuses: {parts})"
-        return None
+        return warnings
 
     def _association_failure(self, assoc, elapsed: float) -> DeliveryError:
         primitive = assoc.acceptor.primitive
@@ -767,6 +798,18 @@ class FolderSender:
 Sender = DicomSender | DicomWebSender | FolderSender
 
 
+def _split_runs(items: list[_T], count: int) -> list[list[_T]]:
+    """*items* in at most *count* consecutive runs of nearly equal length (none empty)."""
+    count = max(1, min(count, len(items)))
+    size, extra = divmod(len(items), count)
+    runs, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        runs.append(items[start:end])
+        start = end
+    return runs
+
+
 def sender_for(destination: Destination) -> Sender:
     """The sender for a configured destination.
 
@@ -777,7 +820,7 @@ def sender_for(destination: Destination) -> Sender:
         return DicomSender(
             host=destination.host, port=destination.port, called_ae=destination.ae_title,
             calling_ae=destination.calling_ae_title, tls=destination.tls, ca_file=destination.ca_file,
-            cert_file=destination.cert_file, key_file=destination.key_file,
+            cert_file=destination.cert_file, key_file=destination.key_file, associations=destination.associations,
         )
     if isinstance(destination, DicomWebDestination):
         auth = destination.auth.resolve() if destination.auth is not None else None

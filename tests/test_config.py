@@ -179,6 +179,7 @@ host = "pacs.example.org"
 port = 104
 ae_title = "PACS"
 calling_ae_title = "ME"
+associations = 4
 [[destinations]]
 name = "archive"
 kind = "dicomweb"
@@ -213,7 +214,8 @@ destinations = []
     assert node.settle_seconds == 2.0 and isinstance(node.settle_seconds, float)
     assert config.delivery == DeliverySettings(1, 0.5, 0.5)
     assert config.pipelines["ct-soft"].output is OutputFormat.PNG16
-    assert config.destinations["pacs"] == DicomDestination("pacs", "pacs.example.org", 104, "PACS", "ME")
+    assert config.destinations["pacs"] == DicomDestination("pacs", "pacs.example.org", 104, "PACS", "ME",
+                                                           associations=4)
     assert config.destinations["archive"] == DicomWebDestination(
         "archive", "https://archive.example.org/dicom-web", BearerAuth("ARCHIVE_TOKEN"), 5.0
     )
@@ -360,6 +362,15 @@ port = 104
 ae_title = "PACS"
 calling_ae_title = "" # <-
 """ + TAIL, 'destinations[1] (name "pacs").calling_ae_title', "not a valid AE title"),
+    ("associations", HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "h"
+port = 104
+ae_title = "PACS"
+associations = 0 # <-
+""" + TAIL, 'destinations[1] (name "pacs").associations', "must be a whole number 1-16, got 0"),
     ("destination-name", HEAD + """\
 [[destinations]]
 name = "my pacs" # <-

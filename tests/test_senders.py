@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (
 )
 
 from node.senders import (
+    _split_runs,
     COMPLETE_MARKER,
     PNG_TO_DICOM,
     DeliveryError,
@@ -204,6 +205,42 @@ def test_dicom_sender_delivers_all(orthanc, tmp_path: Path, caplog) -> None:
     assert f"dicom ORTHANC@127.0.0.1:{orthanc.dicom_port}" in lines[0].getMessage()
     assert "4 file(s)" in lines[0].getMessage()
     assert PATIENT_NAME not in caplog.text
+
+
+def test_dicom_sender_splits_a_delivery_over_several_associations(orthanc, tmp_path: Path) -> None:
+    series = Series(tmp_path / "ct", 7)
+    sender = DicomSender(host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet, calling_ae="NODE",
+                         associations=3)
+    sender.send(series.files, **series.uids)
+    assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
+
+
+def test_split_runs_keeps_order_and_never_makes_an_empty_run() -> None:
+    assert _split_runs(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert _split_runs([1, 2], 4) == [[1], [2]]
+    assert _split_runs([1], 1) == [[1]]
+
+
+def test_one_failing_association_fails_the_delivery_and_the_others_finish(tmp_path: Path) -> None:
+    """Each association is its own connection: the SCP sees several at once; one refuses its file."""
+    series = Series(tmp_path / "ct", 6)
+    refused = series.sop_uids[4]
+    received: list[str] = []
+    peers: set[int] = set()
+
+    def handle(event):
+        peers.add(event.assoc.requestor.port)
+        if event.request.AffectedSOPInstanceUID == refused:
+            return 0xC000
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    with pynetdicom_scp(contexts=[CTImageStorage], handler=handle) as (port, _):
+        sender = DicomSender(host="127.0.0.1", port=port, called_ae="PYSCP", calling_ae="NODE", associations=3)
+        exc = send_error(sender, series)
+    assert exc.permanent and exc.status == 0xC000 and refused in exc.reason
+    assert len(peers) == 3  # three associations from three ports
+    assert sorted(received) == sorted(series.sop_uids[:4])  # the runs before the refused file's completed
 
 
 def test_dicom_sender_secondary_capture(orthanc, tmp_path: Path) -> None:
