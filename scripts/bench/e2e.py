@@ -12,7 +12,9 @@ an Orthanc destination (C-STORE). Measured:
 * the node's own log: settle/queue, open (headers), ``process_series`` ("N outputs in X s"),
   wait for the delivery loop, send ("delivered ... in X s"), Orthanc visibility;
 * a cProfile run of ``node.process.process_series`` on the spooled series, in this process,
-  summarised by phase (decode, render, SC header, encode/write, fsync), and the unprofiled time.
+  summarised by phase (decode, render, SC header, encode/write, fsync), and the unprofiled time;
+* the send alone: the 300 derived files into a fresh Orthanc with dcmtk ``storescu`` and with the
+  node's ``DicomSender`` over 1, 2 and 4 associations (the ``associations`` destination setting).
 """
 
 from __future__ import annotations
@@ -238,17 +240,7 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
 
 def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     """The same derived files into a fresh Orthanc: dcmtk storescu vs the node's DicomSender."""
-    import socket
-
     from node.senders import DicomSender
-    from pynetdicom import transport
-
-    def nodelay_socket(original):
-        def create(self, address):
-            sock = original(self, address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        return create
 
     def with_orthanc(name: str, send) -> tuple[str, float]:
         with OrthancServer(aet="ORTHANC", workdir=work / f"orthanc-{len(results)}") as orthanc:
@@ -260,25 +252,21 @@ def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
             raise RuntimeError(f"{name}: Orthanc has {stored} of {len(outputs)}")
         return name, seconds
 
-    def node_sender(orthanc) -> float:
-        sender = DicomSender(host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet, calling_ae="DICOMNODE")
-        started = time.perf_counter()
-        sender.send(outputs, study_uid="", series_uid="")
-        return time.perf_counter() - started
-
-    def node_sender_nodelay(orthanc) -> float:
-        original = transport.AssociationSocket._create_socket
-        transport.AssociationSocket._create_socket = nodelay_socket(original)
-        try:
-            return node_sender(orthanc)
-        finally:
-            transport.AssociationSocket._create_socket = original
+    def node_sender(associations: int):
+        def send(orthanc) -> float:
+            sender = DicomSender(host="127.0.0.1", port=orthanc.dicom_port, called_ae=orthanc.aet,
+                                 calling_ae="DICOMNODE", associations=associations)
+            started = time.perf_counter()
+            sender.send(outputs, study_uid="", series_uid="")
+            return time.perf_counter() - started
+        return send
 
     results: list[tuple[str, float]] = []
     for name, send in (
         ("dcmtk storescu (TCP_NODELAY=1)", lambda o: bl.push(o.dicom_port, outputs, called_aet=o.aet)),
-        ("node.senders.DicomSender as shipped", node_sender),
-        ("DicomSender, TCP_NODELAY set on pynetdicom's socket (bench patch)", node_sender_nodelay),
+        ("node.senders.DicomSender, one association (the default)", node_sender(1)),
+        ("DicomSender, associations = 2", node_sender(2)),
+        ("DicomSender, associations = 4", node_sender(4)),
     ):
         results.append(with_orthanc(name, send))
     return results
