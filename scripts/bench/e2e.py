@@ -2,7 +2,7 @@
 
 Run from the checkout (a venv with the project's test dependencies; dcmtk and Orthanc installed)::
 
-    scripts/bench/run e2e               # or: .venv/bin/python scripts/bench/e2e.py [--settle 2]
+    scripts/bench/run e2e               # or: .venv/bin/python scripts/bench/e2e.py [--settle 2] [--associations 1]
 
 The node routes CT through a ``rescale`` + ``window brain`` pipeline (8-bit Secondary Capture) to
 an Orthanc destination (C-STORE). Measured:
@@ -38,7 +38,7 @@ N = 300
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 
-def config_extra(orthanc: OrthancServer) -> str:
+def config_extra(orthanc: OrthancServer, associations: int) -> str:
     return f"""
 [[pipelines]]
 name = "ct-brain"
@@ -50,6 +50,7 @@ kind = "dicom"
 host = "127.0.0.1"
 port = {orthanc.dicom_port}
 ae_title = "{orthanc.aet}"
+associations = {associations}
 [[routes]]
 match = {{ Modality = "CT" }}
 pipeline = "ct-brain"
@@ -80,10 +81,11 @@ def first(events, pattern: str) -> tuple[float, re.Match]:
 # --------------------------------------------------------------------------- the service run
 
 
-def run_service(files: list[Path], work: Path, settle: float) -> dict:
+def run_service(files: list[Path], work: Path, settle: float, associations: int) -> dict:
     with OrthancServer(aet="ORTHANC", workdir=work / "orthanc") as orthanc:
         port = bl.free_port()
-        node = NodeProcess(node_config(work / "var", port, settle=settle, extra=config_extra(orthanc)), work, port=port)
+        node = NodeProcess(node_config(work / "var", port, settle=settle, extra=config_extra(orthanc, associations)),
+                           work, port=port)
         try:
             node.start()
             bl.sync_disks()
@@ -278,15 +280,18 @@ def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settle", type=float, default=2.0, help="node settle_seconds (default 2)")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="the Orthanc destination's associations setting (default 1)")
     args = parser.parse_args()
     print(f"# end-to-end benchmark\n{bl.machine_info()}")
     files = bl.ct_series(N)
     bl.warm_cache(files)
     with bl.tempdir("e2e-") as work:
-        r = run_service(files, work, args.settle)
+        r = run_service(files, work, args.settle, args.associations)
         total = r["done"] - r["acked"]
         pipeline_s = total - args.settle
-        print(f"push: {r['push']:.2f} s ({N / r['push']:.0f} images/s); settle {args.settle} s")
+        print(f"push: {r['push']:.2f} s ({N / r['push']:.0f} images/s); settle {args.settle} s; "
+              f"destination associations {args.associations}")
         rows = [
             ("settle + assembler poll (from last ack to queued)", r["queued"] - r["acked"]),
             ("claim + open_images (headers of 300 files)", r["opened"] - r["queued"]),
