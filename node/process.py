@@ -25,9 +25,8 @@ from node.series import InputSeries
 from node.writers.png import write_png
 from node.writers.secondary_capture import (
     DerivedSeries,
+    SecondaryCaptureSeriesWriter,
     SourceImage,
-    secondary_capture_header,
-    write_secondary_capture,
 )
 from node.writers.uids import derived_uid
 
@@ -110,10 +109,12 @@ def process_series(
     failed_paths = {f.path for f in failed}
     folder = out_dir / series.study_uid / derived.series_instance_uid
     todo = [image for image in series.images if image.path not in failed_paths]
+    # One writer for the whole series: it encodes the header its SCs share once (see there).
+    sc_writer = SecondaryCaptureSeriesWriter(derived, now)
 
     def one(image: ImageFile) -> list[Path] | UnsupportedImage:
         try:
-            return _process_image(image, pipeline, derived, folder, bins, now)
+            return _process_image(image, pipeline, sc_writer, folder, bins)
         except UnsupportedImage as exc:
             return exc
         except OSError as exc:  # the output side: disk full, permissions
@@ -139,27 +140,25 @@ def process_series(
 def _process_image(
     image: ImageFile,
     pipeline: Pipeline,
-    derived: DerivedSeries,
+    sc_writer: SecondaryCaptureSeriesWriter,
     folder: Path,
     bins: np.ndarray | None,
-    now: datetime.datetime,
 ) -> list[Path]:
     renderer = FrameRenderer(pipeline, image, bins)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
     sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
-        return [_write_sc(image, renderer, derived, folder / f"{sop_uid}.dcm", sop_uid, now)]
+        return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
     return _write_pngs(image, renderer, folder, sop_uid)
 
 
 def _write_sc(
     image: ImageFile,
     renderer: FrameRenderer,
-    derived: DerivedSeries,
+    sc_writer: SecondaryCaptureSeriesWriter,
     path: Path,
     sop_uid: str,
-    now: datetime.datetime,
 ) -> Path:
     header = image.header
     source = SourceImage(
@@ -171,21 +170,20 @@ def _write_sc(
         instance_number = int(header.get("InstanceNumber") or 1)
     except (TypeError, ValueError):
         instance_number = 1
-    sc = secondary_capture_header(
+    return sc_writer.write(
+        path,
         header,
         rows=int(header.Rows),
         columns=int(header.Columns),
         number_of_frames=image.number_of_frames,
         samples_per_pixel=3 if renderer.colour_out else 1,
         bits_allocated=renderer.bits,
-        series=derived,
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         source_images=[source],
-        content_datetime=now,
+        frames=renderer.render_all(),
         multi_frame=image.number_of_frames > 1,
     )
-    return write_secondary_capture(path, sc, renderer.render_all())
 
 
 def _write_pngs(image: ImageFile, renderer: FrameRenderer, folder: Path, sop_uid: str) -> list[Path]:
