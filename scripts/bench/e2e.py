@@ -212,18 +212,18 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     decode = _cum(stats, "iter_frames", "node/imaging/source.py")
     render = _cum(stats, "render", "node/render.py")
     render_all = _cum(stats, "render_all", "node/render.py")
-    header_s = _cum(stats, "secondary_capture_header", "node/writers/secondary_capture.py")
-    write_total = _cum(stats, "write_secondary_capture", "node/writers/secondary_capture.py")
+    sc_file = "node/writers/secondary_capture.py"
+    write_total = _cum(stats, "write", sc_file)  # SecondaryCaptureSeriesWriter.write, frames rendered inside
+    file_s = _cum(stats, "_write_instance_file", sc_file)  # atomic output: header bytes, frames, fsync, rename
+    full_headers = _cum(stats, "_encode_in_full", sc_file)
     fsync = _own(stats, "fsync")
-    dcmwrite = _cum(stats, "dcmwrite", "pydicom/filewriter.py")
-    write_only = write_total - render_all
     phases = {
         "decode (pydicom iter_pixels)": decode,
         "render (rescale + window + floor)": render,
-        "SC header (secondary_capture_header)": header_s,
-        "encode/write: pydicom dcmwrite of the header": dcmwrite,
+        "SC header: built and encoded in full (first of the series)": full_headers,
+        "SC header: the others, spliced into the series' encoding": write_total - file_s - full_headers,
         "encode/write: fsync (file + folder)": fsync,
-        "encode/write: frame checks + pixel bytes + rename": write_only - dcmwrite - fsync,
+        "encode/write: frame checks + pixel bytes + rename": file_s - render_all - fsync,
     }
     phases["other (UIDs, mkdir, thread pool, bookkeeping)"] = total - sum(phases.values())
     phases["= process_series total (profiled)"] = total
@@ -235,8 +235,9 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     begin = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
     print("\ncProfile of process_series, 1 thread (top 12 by own time):")
     print("\n".join(line for line in lines[begin:] if line.strip()))
-    if decode == 0 or render == 0 or write_total == 0:
-        print("warning: the profile did not find iter_frames/render/write_secondary_capture: node/ changed?")
+    if decode == 0 or render == 0 or write_total == 0 or file_s == 0:
+        print("warning: the profile did not find iter_frames/render/SecondaryCaptureSeriesWriter.write/"
+              "_write_instance_file: node/ changed?")
     return open_s, plain, phases
 
 
