@@ -15,6 +15,8 @@ Each run is the CLI as a child process (``python -m node.cli process ...``) unde
 * (i)   1,000 frames -> PNG frames: peak RSS under 200 MB
 * (ii)  1,000 frames -> one multi-frame Secondary Capture: under 2.5 x the output pixel data (768 MB)
 * (iii) 300-slice CT, ``--equalise --per series``: reported (no target)
+* (iv)  the SC of (ii) (307 MB) sent to a fresh Orthanc with ``node.senders.DicomSender``: reported
+        (no target; the file goes as its bytes in chunks, so it should stay near the baseline)
 
 For context: the RSS of ``python -c "import node.cli"`` and of importing the processing modules.
 """
@@ -117,6 +119,30 @@ def peak_rss(args: list[str]) -> tuple[float, float, str]:
 
 
 
+_SEND = """
+import sys
+from pathlib import Path
+from node.senders import DicomSender
+port, aet, path = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+DicomSender(host="127.0.0.1", port=port, called_ae=aet, calling_ae="DICOMNODE").send([path], study_uid="", series_uid="")
+"""
+
+
+def send_case(python: str, sc_file: Path, work: Path) -> tuple:
+    """(iv): peak RSS of a child process sending *sc_file* to a fresh Orthanc with DicomSender."""
+    from tests.peers import OrthancServer
+
+    with OrthancServer(aet="ORTHANC", workdir=work / "orthanc") as orthanc:
+        bl.sync_disks()
+        rss, seconds, _ = peak_rss([python, "-c", _SEND, str(orthanc.dicom_port), orthanc.aet, str(sc_file)])
+        stored = orthanc.get("/statistics")["CountInstances"]
+        orthanc.stop(grace=0)
+    if stored != 1:
+        raise RuntimeError(f"(iv): Orthanc holds {stored} instances, expected 1")
+    size = sc_file.stat().st_size / MB
+    return ("(iv) that SC sent to Orthanc (DicomSender)", rss, seconds, f"1 file, {size:.0f} MB", "-", "-")
+
+
 def main() -> int:
     print(f"# memory benchmark\n{bl.machine_info()}")
     print(f"peak RSS from: {TIME + ' -v' if Path(TIME).exists() else 'getrusage(RUSAGE_CHILDREN).ru_maxrss'}")
@@ -157,6 +183,8 @@ def main() -> int:
                 failures.append(name)
             rows.append((name, rss, seconds, f"{produced} files, {size:.0f} MB",
                          "-" if limit is None else f"< {limit:.0f} MB", verdict))
+            if out.name == "sc":
+                rows.append(send_case(python, next(out.rglob(pattern)), work))
             shutil.rmtree(out, ignore_errors=True)
     bl.print_table(["dicom-node process run", "peak RSS MB", "wall s", "output", "target", "verdict"], rows,
                    title="Peak resident memory")
