@@ -17,8 +17,8 @@ typo is never silently ignored.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
-and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``, ``auth``, ``page_size`` and
-``timeout_seconds`` are optional.
+and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``,
+``auth``, ``page_size`` and ``timeout_seconds`` are optional.
 """
 
 from __future__ import annotations
