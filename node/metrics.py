@@ -183,7 +183,7 @@ class Metrics:
         name = family("instances_received_total", "counter", "DICOM instances received, spooled and recorded.")
         lines.append(f"{name} {received}")
         name = family("instances_refused_total", "counter",
-                      "C-STOREs answered with a failure status, by reason (nothing was stored for them).")
+                      "C-STOREs answered with a failure status, by reason (see node.ingest).")
         for reason, value in refused:
             lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
         name = family("series_processed_total", "counter", "Series processed into outputs.")
