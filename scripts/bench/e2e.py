@@ -100,7 +100,11 @@ def run_service(files: list[Path], work: Path, settle: float, associations: int)
                     raise RuntimeError(f"{count} of {N} derived instances in Orthanc\n{node.log()[-3000:]}")
                 time.sleep(0.05)
             done = time.time()
-            text = node.log()
+            # Orthanc counts the last instance before the node has released the association and
+            # logged the delivery: wait for that line (the timings come from it)
+            delivered_line = re.compile(rf"delivered {N} file\(s\) to ")
+            while not delivered_line.search(text := node.log()) and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             node.stop()
         orthanc.stop(grace=0)
