@@ -133,12 +133,19 @@ class TlsSettings:
         The node's certificate chain and private key (PEM).
     ca_file : Path or None
         When set, a client must present a certificate this CA signed.
+    match_ae_title : bool
+        When true (needs ``ca_file``), an association over TLS is kept only if its calling AE
+        title is its client certificate's Common Name or one of the certificate's DNS names;
+        otherwise it is aborted as soon as it is negotiated, before anything can be stored.
+        Without it any certificate of the CA may use any AE title (``allowed_calling_aets``
+        then trusts the title the peer claims).
     """
 
     port: int
     cert_file: Path
     key_file: Path
     ca_file: Path | None = None
+    match_ae_title: bool = False
 
 
 @dataclass(frozen=True)
@@ -984,13 +991,17 @@ class _Checker:
         table = self.table(self.data, (), "tls", required=False)
         if table is None:
             return None
-        self.keys(table, path, ("port", "cert_file", "key_file", "ca_file"), ("port", "cert_file", "key_file"))
+        self.keys(table, path, ("port", "cert_file", "key_file", "ca_file", "match_ae_title"),
+                  ("port", "cert_file", "key_file"))
         settings = TlsSettings(
             port=self.integer(table, path, "port", 1, 65535),
             cert_file=self.existing_file(table, path, "cert_file"),
             key_file=self.existing_file(table, path, "key_file"),
             ca_file=self.existing_file(table, path, "ca_file") if "ca_file" in table else None,
+            match_ae_title=self.boolean(table, path, "match_ae_title", False),
         )
+        if settings.match_ae_title and settings.ca_file is None:
+            self.fail(path + ("match_ae_title",), "needs ca_file: without client certificates there is nothing to match")
         from node.tls import server_context  # here: node.tls imports this module
 
         self.usable_tls(path, lambda: server_context(settings))

@@ -16,6 +16,8 @@ Each failure has its own status so the sender's log says what happened:
 
 ========  ==========================================================
 0x0000    stored (on disk, fsync'd) and recorded in the job store
+0x0124    not authorised: over TLS with ``[tls] match_ae_title``, a calling AE title its client
+          certificate does not name (the association is also aborted at once)
 0xA700    out of resources: free disk below ``min_free_disk_mb``, or the spool could not be written
 0xA701    written, but the job store refused it (the file is kept and re-recorded at start-up)
 0xC210    the dataset cannot be parsed
@@ -29,6 +31,7 @@ import contextlib
 import io
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -49,6 +52,7 @@ from node.jobstore import JobStore
 from node.metrics import Metrics
 from node.netutil import no_delay
 from node.spool import INCOMING, InvalidUID, Spool
+from node.tls import certificate_names
 
 __all__ = [
     "STATUS", "StoreHandler", "build_application_entity", "disable_streamed_receive", "enable_streamed_receive",
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 
 STATUS = {
     "success": 0x0000,
+    "not_authorised": 0x0124,
     "out_of_resources": 0xA700,
     "not_recorded": 0xA701,
     "cannot_parse": 0xC210,
@@ -71,6 +76,7 @@ _REFUSAL_STATUS = {
     "not_recorded": STATUS["not_recorded"],
     "cannot_parse": STATUS["cannot_parse"],
     "invalid_uid": STATUS["invalid_uid"],
+    "not_authorised": STATUS["not_authorised"],
 }
 
 _LAST_HEADER_TAG = 0x0020000E  # Series Instance UID: everything needed to place the file
@@ -416,10 +422,16 @@ class StoreHandler:
         Disk guard: a C-STORE that would leave less than this free on the spool's filesystem is
         refused with 0xA700 and nothing is stored (0: no guard).  The free space is read with
         ``os.statvfs`` (space an unprivileged process may use) for each instance.
+    match_tls_ae_title : bool
+        ``[tls] match_ae_title``: an association over TLS whose calling AE title is neither the
+        Common Name nor a DNS name of its client certificate is aborted as soon as it is
+        established (and any C-STORE on it answered 0x0124).  Plain associations are not
+        concerned (a TLS-only node has ``port = 0``).
     """
 
     def __init__(
-        self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None, min_free_bytes: int = 0
+        self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None, min_free_bytes: int = 0,
+        match_tls_ae_title: bool = False,
     ) -> None:
         self.spool = spool
         self.jobs = jobs
@@ -433,6 +445,8 @@ class StoreHandler:
         self._low_disk_warned_at: float | None = None  # monotonic time of the last warning
         self._low_disk_unlogged = 0  # refusals since that warning
         self._spool_device = os.stat(self.spool.root).st_dev
+        self.match_tls_ae_title = match_tls_ae_title
+        self._unauthorised: set[int] = set()  # id() of the associations refused for their AE title
 
     def handlers(self) -> list[tuple]:
         """The (event, handler) pairs to give ``AE.start_server``."""
@@ -463,6 +477,12 @@ class StoreHandler:
         deleted before this returns.
         """
         path = _streamed_path(event)
+        if id(event.assoc) in self._unauthorised:
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                _forget(path)
+            return self._refusal("not_authorised", "calling AE title not in the client certificate")
         if path is None:
             return self._store(event, None)
         try:
@@ -601,9 +621,22 @@ class StoreHandler:
         return self._refusal("disk_low", comment)
 
     def on_established(self, event: evt.Event) -> None:
-        """Log the new association."""
+        """Log the new association; abort it if its AE title is not its TLS certificate's (see match_tls_ae_title)."""
         peer = event.assoc.requestor
         log.info("association from %s at %s:%s", peer.ae_title, peer.address, peer.port)
+        if not self.match_tls_ae_title:
+            return
+        sock = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+        if not isinstance(sock, ssl.SSLSocket):
+            return  # a plain association: nothing to match
+        names = certificate_names(sock)
+        if peer.ae_title.strip() in names:
+            return
+        with self._lock:
+            self._unauthorised.add(id(event.assoc))
+        log.warning("association from %s at %s aborted: its TLS client certificate names %s, not that AE title "
+                    "([tls] match_ae_title)", peer.ae_title, peer.address, ", ".join(names) or "nothing")
+        event.assoc.abort(block=False)
 
     def on_closed(self, event: evt.Event) -> None:
         """Log the end of an association with how many instances it stored (and the disk guard refused)."""
@@ -611,6 +644,7 @@ class StoreHandler:
         with self._lock:
             count = self._counts.pop(id(event.assoc), 0)
             refused = self._refused.pop(id(event.assoc), 0)
+            self._unauthorised.discard(id(event.assoc))
         how = "released" if event.event == evt.EVT_RELEASED else "aborted"
         log.info("association from %s %s: %d instances stored%s", peer.ae_title, how, count,
                  f", {refused} refused (disk low)" if refused else "")

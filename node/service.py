@@ -107,7 +107,8 @@ class NodeService:
             )
             min_free = node.min_free_disk_mb * 2**20
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
-            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free)
+            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
+                                   match_tls_ae_title=tls is not None and tls.match_ae_title)
             if node.port:
                 self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)

@@ -37,6 +37,7 @@ from node.config import ConfigError, TlsSettings
 __all__ = [
     "HANDSHAKE_TIMEOUT",
     "TlsFileError",
+    "certificate_names",
     "client_context",
     "describe_peer_certificate",
     "handshake_failure_reason",
@@ -223,6 +224,18 @@ def describe_peer_certificate(sock: ssl.SSLSocket) -> str:
     until = cert.get("notAfter", "?")
     return (f"{version}, certificate {_name_text(cert.get('subject'))} "
             f"(issuer {_name_text(cert.get('issuer'))}, until {until})")
+
+
+def certificate_names(sock: ssl.SSLSocket) -> tuple[str, ...]:
+    """The Common Name(s) and subjectAltName DNS names of the peer's verified certificate.
+
+    Empty when the peer sent none (or it was not verified). What ``[tls] match_ae_title`` compares
+    the calling AE title with.
+    """
+    cert = sock.getpeercert() or {}
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    return tuple(dict.fromkeys(names))
 
 
 def _ssl_text(exc: BaseException) -> str:

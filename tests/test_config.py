@@ -124,7 +124,8 @@ def test_shipped_node_toml_matches_the_default() -> None:
     default = load_config(None)
     assert config.source == str(path)
     assert config.node.data_dir == path.parent / "var"  # relative to the file's folder
-    for field in ("ae_title", "host", "port", "allowed_calling_aets", "max_associations", "settle_seconds"):
+    for field in ("ae_title", "host", "port", "allowed_calling_aets", "max_associations", "settle_seconds",
+                  "min_free_disk_mb", "retention_hours", "study_settle_seconds", "force_complete_seconds"):
         assert getattr(config.node, field) == getattr(default.node, field)
     assert config.http == default.http
     assert config.delivery == default.delivery

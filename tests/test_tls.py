@@ -166,12 +166,17 @@ def test_config_check_reports_unusable_tls_files_at_their_line(pki: Pki, tmp_pat
     lines[-1] = f'ca_file = "{pki.cert("ca")}"'
     config.write_text("\n".join(lines) + "\n")
     assert load_config(config).tls is not None
+    lines.insert(6, "match_ae_title = true")  # in [tls], which has no ca_file
+    config.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{config}:7: tls\.match_ae_title: needs ca_file"):
+        load_config(config)
 
 
 # --------------------------------------------------------------------------- the node's listener
 
 
-def tls_node_config(data: Path, port: int, tls_port: int, out: Path, pki: Pki, *, ca: bool = True) -> str:
+def tls_node_config(data: Path, port: int, tls_port: int, out: Path, pki: Pki, *, ca: bool = True,
+                    match_ae_title: bool = False) -> str:
     ca_line = f'ca_file = "{pki.cert("ca")}"' if ca else ""
     return node_config(data, port, extra=f"""
 [tls]
@@ -179,6 +184,7 @@ port = {tls_port}
 cert_file = "{pki.cert("server")}"
 key_file = "{pki.key("server")}"
 {ca_line}
+match_ae_title = {"true" if match_ae_title else "false"}
 """ + folder_route(out))
 
 
@@ -224,6 +230,34 @@ def test_storescu_over_tls_is_received_and_processed(tls_node: TlsNode, pki: Pki
                       extra_args=pki.tls_args("client"))
     assert result.returncode == 0, result.stdout + result.stderr
     wait_for(lambda: len(outputs(tls_node.out, study)) == 3, 60, "3 outputs of the TLS series", tls_node.node.log)
+
+
+def test_match_ae_title_keeps_only_the_ae_title_the_certificate_names(
+        pki: Pki, tmp_path: Path) -> None:
+    """The client certificate is CN=MODALITY: as MODALITY it stores; claiming another title it is aborted."""
+    port, tls_port, out = free_port(), free_port(), tmp_path / "out"
+    config = tls_node_config(tmp_path / "var", port, tls_port, out, pki, match_ae_title=True)
+    with NodeProcess(config, tmp_path, port=port) as node:
+        wait_tls_listener(node, tls_port, ["-aet", "MODALITY", *pki.tls_args("client")])
+        impostor = copy_as_series([bundled("CT_small.dcm")], tmp_path / "impostor")
+        refused = storescu(LOCALHOST, tls_port, impostor, called_aet="DICOMNODE", calling_aet="PACS_ADMIN",
+                           extra_args=pki.tls_args("client"))
+        assert refused.returncode != 0, refused.stdout + refused.stderr
+        wait_for(lambda: "association from PACS_ADMIN at 127.0.0.1 aborted: its TLS client certificate names "
+                 "MODALITY, not that AE title" in node.log(), 10, "the refusal in the log", node.log)
+        genuine = copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "genuine")
+        accepted = storescu(LOCALHOST, tls_port, genuine, called_aet="DICOMNODE", calling_aet="MODALITY",
+                            extra_args=pki.tls_args("client"))
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        spooled = sorted((tmp_path / "var" / "spool").rglob("*.dcm"))
+        assert len(spooled) == 2 and not any(impostor_uid(impostor) in str(p) for p in spooled)
+        # the plain listener is not concerned: it has no certificate to match
+        plain = storescu(LOCALHOST, port, impostor, called_aet="DICOMNODE", calling_aet="PACS_ADMIN")
+        assert plain.returncode == 0, plain.stdout + plain.stderr
+
+
+def impostor_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
 
 
 def test_refused_handshakes_are_logged_and_the_node_goes_on(tls_node: TlsNode, pki: Pki, tmp_path: Path) -> None:
