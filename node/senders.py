@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +153,36 @@ def _reject_non_dicom(files: Sequence[Path], destination: str) -> None:
     for path in files:
         if path.suffix.lower() != ".dcm":
             raise DeliveryError(f"{destination}: {path.name}: {PNG_TO_DICOM}", permanent=True)
+
+
+#: Seconds between two progress lines of one delivery (a 1,000-instance series takes minutes).
+PROGRESS_SECONDS = 10.0
+
+
+class _Progress:
+    """Counts the files one delivery has sent and logs a line at most every PROGRESS_SECONDS.
+
+    Thread-safe: the associations of one delivery count into the same total.
+    """
+
+    def __init__(self, destination: str, total: int) -> None:
+        self._destination = destination
+        self._total = total
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._started = self._last = time.monotonic()
+
+    def sent(self, count: int = 1) -> None:
+        """*count* more files were accepted by the peer."""
+        with self._lock:
+            now = time.monotonic()
+            self._sent += count
+            if now - self._last < PROGRESS_SECONDS or self._sent >= self._total:
+                return
+            self._last = now
+            sent = self._sent
+        log.info("delivery to %s: %d of %d file(s) sent in %.0f s", self._destination, sent, self._total,
+                 now - self._started)
 
 
 def _timed_delivery(sender, files: Sequence[Path], deliver) -> None:
@@ -340,11 +371,12 @@ class DicomSender:
         except DeliveryError as exc:
             raise self._fail(exc.reason, permanent=True) from exc
         runs = _split_runs(headers, self.associations)
+        progress = _Progress(self.describe(), len(headers))
         if len(runs) == 1:
-            warnings = self._send_run(headers)
+            warnings = self._send_run(headers, progress)
         else:
             with ThreadPoolExecutor(len(runs), thread_name_prefix="c-store") as pool:
-                futures = [pool.submit(self._send_run, run) for run in runs]
+                futures = [pool.submit(self._send_run, run, progress) for run in runs]
             errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
             if errors:
                 # a permanent failure says more than a transient one caused by it (or by nothing)
@@ -358,7 +390,7 @@ class DicomSender:
             return f" (warning statuses: {parts})"
         return None
 
-    def _send_run(self, headers: list[_Header]) -> dict[int, int]:
+    def _send_run(self, headers: list[_Header], progress: _Progress) -> dict[int, int]:
         """Send *headers*' files over one association; returns the warning statuses counted."""
         from pynetdicom import AE, _config  # imported here: pynetdicom is only needed for DICOM destinations
 
@@ -419,6 +451,7 @@ class DicomSender:
             warnings: dict[int, int] = {}
             for header in headers:
                 status = self._store(assoc, header)
+                progress.sent()
                 if classify_store_status(status) == "warning":
                     warnings[status] = warnings.get(status, 0) + 1
         finally:
@@ -628,11 +661,13 @@ class DicomWebSender:
         _check_uid("study", study_uid)
         if not files:
             return None
+        progress = _Progress(self.describe(), len(files))
         with requests.Session() as session:
             client = self._client(session)
             for batch in self._batches(files):
                 datasets = [self._read(path, study_uid) for path in batch]
                 self._store_batch(client, datasets, batch, study_uid)
+                progress.sent(len(batch))
                 del datasets
         return None
 

@@ -264,6 +264,21 @@ def test_a_file_in_another_transfer_syntax_than_accepted_is_converted(tmp_path: 
     assert converted.SOPInstanceUID == sent.SOPInstanceUID and converted.PixelData == sent.PixelData
 
 
+def test_a_long_delivery_logs_its_progress(tmp_path: Path, caplog, monkeypatch) -> None:
+    import node.senders
+
+    monkeypatch.setattr(node.senders, "PROGRESS_SECONDS", 0.0)  # a line for every file but the last
+    caplog.set_level(logging.INFO, logger="node.senders")
+    series = Series(tmp_path / "ct", 4)
+    with pynetdicom_scp(contexts=[CTImageStorage], handler=lambda event: 0x0000) as (port, _):
+        DicomSender(host="127.0.0.1", port=port, called_ae="PYSCP", calling_ae="NODE", associations=2).send(
+            series.files, **series.uids)
+    lines = [r.getMessage() for r in caplog.records if "file(s) sent in" in r.getMessage()]
+    assert len(lines) == 3 and all(f"delivery to dicom PYSCP@127.0.0.1:{port}: " in line for line in lines)
+    assert sorted(int(line.split(": ")[1].split(" of ")[0]) for line in lines) == [1, 2, 3]
+    assert all(" of 4 file(s) sent in " in line for line in lines)
+
+
 def test_split_runs_keeps_order_and_never_makes_an_empty_run() -> None:
     assert _split_runs(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert _split_runs([1, 2], 4) == [[1], [2]]
