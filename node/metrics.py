@@ -76,6 +76,7 @@ class Metrics:
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._series_processed = 0
         self._series_failed = 0
+        self._certificates: dict[str, float] = {}
         self._deliveries: dict[tuple[str, str], int] = {}
         self._bucket_counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf (above every bound)
         self._seconds_sum = 0.0
@@ -136,6 +137,14 @@ class Metrics:
         except Exception:
             log.debug("metrics: delivery(%r, %r) ignored", destination, outcome, exc_info=True)
 
+    def certificates_expire(self, not_after: Mapping[str, float]) -> None:
+        """The end of validity (epoch seconds) of each TLS certificate, by setting (replaces the last)."""
+        try:
+            with self._lock:
+                self._certificates = {str(k): float(v) for k, v in not_after.items()}
+        except Exception:
+            log.debug("metrics: certificates_expire(%r) ignored", not_after, exc_info=True)
+
     # -- reading ------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, object]:
@@ -147,6 +156,7 @@ class Metrics:
                 "series_processed": self._series_processed,
                 "series_failed": self._series_failed,
                 "deliveries": dict(self._deliveries),
+                "certificates": dict(self._certificates),
                 "processing_seconds": {
                     "buckets": dict(zip((*BUCKETS, math.inf), self._bucket_counts)),
                     "sum": self._seconds_sum,
@@ -169,6 +179,7 @@ class Metrics:
             processed = self._series_processed
             failed = self._series_failed
             deliveries = sorted(self._deliveries.items())
+            certificates = sorted(self._certificates.items())
             buckets = list(self._bucket_counts)
             seconds_sum = self._seconds_sum
             seconds_count = self._seconds_count
@@ -196,6 +207,11 @@ class Metrics:
         for (destination, outcome), value in deliveries:
             lines.append(f'{name}{{destination="{_escape_label(destination)}",'
                          f'outcome="{_escape_label(outcome)}"}} {value}')
+
+        name = family("tls_certificate_expiry_timestamp_seconds", "gauge",
+                      "When each configured TLS certificate stops being valid (alert on it minus time()).")
+        for certificate, value in certificates:
+            lines.append(f'{name}{{certificate="{_escape_label(certificate)}"}} {_number(value)}')
 
         name = family("queue_depth", "gauge", "Series in the job store by state.")
         counts = {state: 0 for state in QUEUE_STATES}

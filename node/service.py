@@ -38,11 +38,14 @@ from node.process import process_series
 from node.senders import DeliveryError, Sender, sender_for
 from node.series import InputSeries, instance_order, open_images
 from node.spool import Spool
-from node.tls import server_context, start_tls_server
+from node.tls import check_certificate_expiry, server_context, start_tls_server
 
 __all__ = ["NodeService"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two checks of the TLS certificates' expiry (the first is at start-up).
+CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
 
 
 class NodeService:
@@ -120,6 +123,8 @@ class NodeService:
         self._spawn("delivery", self._delivery_loop)
         if node.retention_hours > 0:
             self._spawn("retention", self._retention_loop)
+        if self._certificates():
+            self._spawn("certificates", self._certificate_loop)
         if self._scheduler is not None:
             schedule(self.pollers, self._scheduler)
             self._scheduler.start()
@@ -226,6 +231,27 @@ class NodeService:
             route = self.config.route_for(header)
             return route.trigger if route is not None else "series"
         return "series"
+
+    # -- certificates ---------------------------------------------------------------------------
+
+    def _certificates(self) -> dict[str, Path]:
+        """The node's own TLS certificates, by the setting that names them."""
+        found = {"tls.cert_file": self.config.tls.cert_file} if self.config.tls is not None else {}
+        for name, destination in self.config.destinations.items():
+            if getattr(destination, "cert_file", None) is not None:
+                found[f"destinations.{name}.cert_file"] = destination.cert_file
+        return found
+
+    def _certificate_loop(self) -> None:
+        """Check the certificates' expiry at start-up and every CERTIFICATE_CHECK_SECONDS (files renewed
+        in place are seen: destinations load theirs for every association)."""
+        while True:
+            try:
+                self.metrics.certificates_expire(check_certificate_expiry(self._certificates()))
+            except Exception:
+                log.exception("certificate expiry check failed; trying again later")
+            if self._stop.wait(CERTIFICATE_CHECK_SECONDS):
+                return
 
     # -- retention ------------------------------------------------------------------------------
 

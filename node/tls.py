@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -36,8 +38,11 @@ from node.config import ConfigError, TlsSettings
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
+    "EXPIRY_WARNING_DAYS",
     "TlsFileError",
     "certificate_names",
+    "certificate_not_after",
+    "check_certificate_expiry",
     "client_context",
     "describe_peer_certificate",
     "handshake_failure_reason",
@@ -236,6 +241,58 @@ def certificate_names(sock: ssl.SSLSocket) -> tuple[str, ...]:
     names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
     names += [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
     return tuple(dict.fromkeys(names))
+
+
+#: A certificate this close to the end of its validity is warned about.
+EXPIRY_WARNING_DAYS = 30
+
+
+def certificate_not_after(path: str | os.PathLike) -> float | None:
+    """When the first certificate of the PEM file *path* stops being valid (epoch seconds); None if unknown.
+
+    The standard library has no public reader for a certificate file: this uses
+    ``ssl._ssl._test_decode_cert`` (CPython's own tests use it; it has been there since Python
+    2.7), and without it the expiry checks are simply off.  ``ssl.cert_time_to_seconds`` reads
+    its ``notAfter``.
+    """
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        return ssl.cert_time_to_seconds(decode(os.fspath(path))["notAfter"])
+    except (OSError, ssl.SSLError, KeyError, ValueError, TypeError):
+        return None
+
+
+def check_certificate_expiry(certificates: Mapping[str, Path], *, now: float | None = None) -> dict[str, float]:
+    """Log the certificates that have expired (ERROR) or expire within :data:`EXPIRY_WARNING_DAYS` (WARNING).
+
+    Parameters
+    ----------
+    certificates : mapping of str to Path
+        A label naming the setting (``tls.cert_file``, ``destinations.pacs.cert_file``) and its file.
+    now : float, optional
+        Epoch seconds (default: the current time).
+
+    Returns
+    -------
+    dict of str to float
+        Each label whose expiry could be read, with its end of validity (epoch seconds).
+    """
+    now = time.time() if now is None else now
+    found = {}
+    for label, path in certificates.items():
+        not_after = certificate_not_after(path)
+        if not_after is None:
+            continue
+        found[label] = not_after
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+        days = (not_after - now) / 86400
+        if days < 0:
+            log.error("TLS certificate %s (%s) expired on %s: its TLS connections fail", label, path, when)
+        elif days < EXPIRY_WARNING_DAYS:
+            log.warning("TLS certificate %s (%s) expires on %s, in %.1f days: renew it", label, path, when, days)
+    return found
 
 
 def _ssl_text(exc: BaseException) -> str:

@@ -117,6 +117,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     node.outputs.mkdir()
     node.metrics.instance_refused("disk_low")
     node.metrics.instance_refused("disk_low")
+    node.metrics.certificates_expire({"tls.cert_file": 1_800_000_000})
 
     # delivered: 5 CT instances -> 8-bit Secondary Captures, delivered
     sent = copy_as_series([CT] * 5, root / "src-sc", tweak=_shifted)
@@ -245,6 +246,7 @@ def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> N
     assert samples[("dicomnode_instances_received_total", ())] == 5 + 3 + 1 + 2
     refused = {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == "dicomnode_instances_refused_total"}
     assert refused == {**dict.fromkeys(REFUSAL_REASONS, 0), "disk_low": 2}
+    assert samples[("dicomnode_tls_certificate_expiry_timestamp_seconds", (("certificate", "tls.cert_file"),))] == 1.8e9
     assert samples[("dicomnode_series_processed_total", ())] == 2
     assert samples[("dicomnode_series_failed_total", ())] == 1
     for outcome, value in (("delivered", 1), ("retry", 1), ("failed", 1)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -40,7 +41,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import ConfigError, TlsSettings
 from node.senders import DeliveryError, DicomSender, sender_for
-from node.tls import client_context, server_context, start_tls_server
+from node.tls import check_certificate_expiry, client_context, server_context, start_tls_server
 from tests.conftest import bundled, tool
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import StoreSCP, echoscu, free_port, storescu
@@ -172,6 +173,25 @@ def test_config_check_reports_unusable_tls_files_at_their_line(pki: Pki, tmp_pat
         load_config(config)
 
 
+def test_certificate_expiry_is_warned_about_and_an_expired_one_is_an_error(
+        pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node.tls")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    found = check_certificate_expiry({"tls.cert_file": pki.cert("server"), "destinations.x.cert_file": garbage})
+    assert list(found) == ["tls.cert_file"]  # an unreadable file is left out, never an exception
+    assert 1 < (found["tls.cert_file"] - time.time()) / 86400 <= 2  # the test PKI is valid two days
+    assert re.search(r"TLS certificate tls\.cert_file \(.*\) expires on .* UTC, in [12]\.\d days: renew it",
+                     caplog.text), caplog.text
+    caplog.clear()
+    check_certificate_expiry({"tls.cert_file": pki.cert("server")}, now=found["tls.cert_file"] + 1)
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and "expired on" in record.getMessage()
+    caplog.clear()
+    check_certificate_expiry({"tls.cert_file": pki.cert("server")}, now=found["tls.cert_file"] - 31 * 86400)
+    assert not caplog.records  # far from its end: nothing to say
+
+
 # --------------------------------------------------------------------------- the node's listener
 
 
@@ -221,6 +241,7 @@ def test_listener_logs_that_client_certificates_are_required(tls_node: TlsNode, 
     assert f"TLS listener on 127.0.0.1:{tls_node.tls_port}, client certificates required" in tls_node.node.log()
     assert "TLS connection from 127.0.0.1:" in tls_node.node.log()
     assert "certificate CN=MODALITY (issuer CN=Test Hospital CA" in tls_node.node.log()
+    assert f"TLS certificate tls.cert_file ({pki.cert('server')}) expires on " in tls_node.node.log()
 
 
 def test_storescu_over_tls_is_received_and_processed(tls_node: TlsNode, pki: Pki, tmp_path: Path) -> None:
