@@ -574,6 +574,8 @@ class DicomWebSender:
     Files are sent in batches of at most ``batch_size`` instances (and roughly
     ``max_batch_bytes`` of files), so a large series is never in memory at once.
     dicomweb-client's own retrying is switched off: the delivery loop retries.
+    The HTTP session ignores the environment (``HTTP(S)_PROXY``, ``NO_PROXY``, netrc), as the
+    poller's does: the node talks to the addresses configured and no others.
     """
 
     def __init__(
@@ -663,6 +665,7 @@ class DicomWebSender:
             return None
         progress = _Progress(self.describe(), len(files))
         with requests.Session() as session:
+            session.trust_env = False  # no proxy or netrc from the environment (see the class notes)
             client = self._client(session)
             for batch in self._batches(files):
                 datasets = [self._read(path, study_uid) for path in batch]

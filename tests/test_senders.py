@@ -480,6 +480,18 @@ def test_dicomweb_sender_delivers_in_batches(orthanc, tmp_path: Path, caplog) ->
     assert PATIENT_NAME not in caplog.text
 
 
+def test_dicomweb_sender_ignores_proxy_variables(orthanc, tmp_path: Path, monkeypatch) -> None:
+    """Only the configured address: a proxy named in the environment is not used (it would fail here)."""
+    dead_proxy = f"http://127.0.0.1:{closed_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    series = Series(tmp_path / "ct", 2)
+    DicomWebSender(url=orthanc.dicomweb_url).send(series.files, **series.uids)
+    assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
+
+
 def test_dicomweb_sender_rejected_class_is_transient(rejecting_orthanc, tmp_path: Path) -> None:
     # Orthanc's DICOMweb plugin 1.7 answers HTTP 200 with empty Referenced/Failed SOP Sequences.
     series = Series(tmp_path / "ct", 2)
