@@ -325,6 +325,9 @@ class DicomWebDestination:
         How to authenticate, if at all.
     timeout_seconds : float
         Timeout of one HTTP request.
+    ca_file : Path or None
+        ``https://`` only: trust this CA (PEM) for the server's certificate instead of the
+        system's store (a hospital PKI).
     """
 
     kind: ClassVar[str] = "dicomweb"
@@ -332,6 +335,7 @@ class DicomWebDestination:
     url: str
     auth: BasicAuth | BearerAuth | None = None
     timeout_seconds: float = 30.0
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,9 @@ class DicomWebSource:
         QIDO-RS ``limit``; pages are asked with ``offset`` until a short page.
     timeout_seconds : float
         Timeout of one HTTP request.
+    ca_file : Path or None
+        ``https://`` only: trust this CA (PEM) for the archive's certificate instead of the
+        system's store.
     """
 
     kind: ClassVar[str] = "dicomweb"
@@ -400,6 +407,7 @@ class DicomWebSource:
     auth: BasicAuth | BearerAuth | None = None
     page_size: int = 100
     timeout_seconds: float = 30.0
+    ca_file: Path | None = None
 
     def filters(self) -> dict[str, str]:
         """:attr:`query` as a dict (QIDO-RS search filters)."""
@@ -749,13 +757,13 @@ _NODE_KEYS = (
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
               "key_file", "associations"),
-    "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds"),
+    "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds", "ca_file"),
     "folder": ("name", "kind", "path"),
 }
 _AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
 _SOURCE_KEYS = {
     "dicomweb": ("name", "kind", "url", "every_seconds", "cron", "level", "query", "lookback_hours",
-                 "late_arrival_hours", "auth", "page_size", "timeout_seconds"),
+                 "late_arrival_hours", "auth", "page_size", "timeout_seconds", "ca_file"),
 }
 _SOURCE_LEVELS = ("series", "study")
 # Matching keys the poller sets itself, and series-level keys a study-level query cannot use.
@@ -1020,6 +1028,14 @@ class _Checker:
         except TlsFileError as exc:
             self.fail(path + (exc.key,), str(exc))
 
+    def https_ca_file(self, table: Mapping[str, Any], path: _KeyPath, url: str) -> Path | None:
+        """The optional ``ca_file`` of an ``https://`` URL (an error for ``http://``)."""
+        if "ca_file" not in table:
+            return None
+        if urlsplit(url).scheme != "https":
+            self.fail(path + ("ca_file",), "is for https:// URLs")
+        return self.existing_file(table, path, "ca_file")
+
     def existing_file(self, table: Mapping[str, Any], path: _KeyPath, key: str) -> Path:
         file = self.folder(table, path, key)
         if not file.is_file():
@@ -1117,6 +1133,7 @@ class _Checker:
                     url=url,
                     auth=self.auth(table, path),
                     timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                    ca_file=self.https_ca_file(table, path, url),
                 )
             else:
                 destination = FolderDestination(name=name, path=self.folder(table, path, "path"))
@@ -1157,6 +1174,7 @@ class _Checker:
                 auth=self.auth(table, path),
                 page_size=self.integer(table, path, "page_size", 1, 10000, default=100),
                 timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                ca_file=self.https_ca_file(table, path, url),
             )
         return out
 

@@ -616,6 +616,8 @@ class DicomWebPoller:
         """A session that ignores proxy variables and netrc, with the source's credentials (read now)."""
         session = _Session()
         session.trust_env = False
+        if self.source.ca_file is not None:
+            session.verify = str(self.source.ca_file)  # the hospital's CA instead of the system's store
         headers = None
         auth = self.source.auth
         try:
@@ -652,6 +654,8 @@ class DicomWebPoller:
                     failure = _SeriesFailure if per_series else _SourceFailure
                     raise failure(f"{what}: {_reason(exc, self.source.timeout_seconds)}") from exc
                 reason = _reason(exc, self.source.timeout_seconds)
+            except requests.exceptions.SSLError as exc:  # a refused certificate stays refused: no retry
+                raise _SourceFailure(f"{what}: TLS: {exc}") from exc
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 reason = _reason(exc, self.source.timeout_seconds)
             except requests.RequestException as exc:

@@ -586,6 +586,7 @@ class DicomWebSender:
         timeout: float = 30.0,
         batch_size: int = 20,
         max_batch_bytes: int = 32 * 1024 * 1024,
+        ca_file: Path | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -594,6 +595,7 @@ class DicomWebSender:
         self.timeout = float(timeout)
         self.batch_size = batch_size
         self.max_batch_bytes = max_batch_bytes
+        self.ca_file = Path(ca_file) if ca_file is not None else None
 
     def describe(self) -> str:
         return f"dicomweb {self.url}"
@@ -666,6 +668,8 @@ class DicomWebSender:
         progress = _Progress(self.describe(), len(files))
         with requests.Session() as session:
             session.trust_env = False  # no proxy or netrc from the environment (see the class notes)
+            if self.ca_file is not None:
+                session.verify = str(self.ca_file)  # the hospital's CA instead of the system's store
             client = self._client(session)
             for batch in self._batches(files):
                 datasets = [self._read(path, study_uid) for path in batch]
@@ -692,6 +696,9 @@ class DicomWebSender:
                 permanent=classify_http_status(code),
                 status=code,
             ) from exc
+        except requests.exceptions.SSLError as exc:
+            # a certificate refused (untrusted, expired, wrong name) stays refused until someone acts
+            raise self._fail(f"STOW-RS of {batch_desc} failed: TLS: {exc}", permanent=True) from exc
         except _TRANSIENT_REQUEST_ERRORS as exc:
             raise self._fail(
                 f"STOW-RS of {batch_desc} failed: {type(exc).__name__}: {exc}", permanent=False
@@ -887,7 +894,8 @@ def sender_for(destination: Destination) -> Sender:
         )
     if isinstance(destination, DicomWebDestination):
         auth = destination.auth.resolve() if destination.auth is not None else None
-        return DicomWebSender(url=destination.url, auth=auth, timeout=destination.timeout_seconds)
+        return DicomWebSender(url=destination.url, auth=auth, timeout=destination.timeout_seconds,
+                              ca_file=destination.ca_file)
     if isinstance(destination, FolderDestination):
         return FolderSender(path=destination.path)
     raise TypeError(f"no sender for destination {destination!r}")

@@ -26,8 +26,10 @@ import json
 import os
 import re
 import shutil
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -795,3 +797,64 @@ def require_test_data() -> Path:
     if not path.is_dir():
         pytest.fail(f"${TEST_DATA_ENV}={value!r} is not a directory")
     return path
+
+
+# --------------------------------------------------------------------------- an HTTPS front for Orthanc
+
+
+class TlsFront:
+    """A TLS-terminating relay on 127.0.0.1 in front of a plain TCP service (here Orthanc's HTTP).
+
+    Debian's Orthanc 1.10 crashes (SIGSEGV) on its first HTTPS request with ``SslEnabled``, so the
+    tests put it behind this, as hospitals often put a reverse proxy: clients speak HTTPS to
+    :attr:`port`, each connection is relayed as plain TCP to ``127.0.0.1:target_port``.
+    """
+
+    def __init__(self, target_port: int, cert_file: Path, key_file: Path) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file, key_file)
+        self._listener = socket.create_server((LOCALHOST, 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="tls-front", daemon=True)
+
+    def __enter__(self) -> TlsFront:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust us: its error is the test's point
+            client.close()
+            return
+        with tls, socket.create_connection((LOCALHOST, self.target_port)) as upstream:
+            with contextlib.suppress(OSError):
+                self._relay(tls, upstream)
+
+    @staticmethod
+    def _relay(tls: ssl.SSLSocket, upstream: socket.socket) -> None:
+        """Copy bytes both ways in one thread (an SSL socket must not be read and written at once)."""
+        while True:
+            readable = [tls] if tls.pending() else select.select([tls, upstream], [], [], 30)[0]
+            if not readable:
+                return  # idle for 30 s
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (upstream if sock is tls else tls).sendall(data)

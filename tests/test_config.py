@@ -363,6 +363,13 @@ port = 104
 ae_title = "PACS"
 calling_ae_title = "" # <-
 """ + TAIL, 'destinations[1] (name "pacs").calling_ae_title', "not a valid AE title"),
+    ("ca-file-http", HEAD + """\
+[[destinations]]
+name = "archive"
+kind = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web"
+ca_file = "ca.pem" # <-
+""" + TAIL, 'destinations[1] (name "archive").ca_file', "is for https:// URLs"),
     ("associations", HEAD + """\
 [[destinations]]
 name = "pacs"

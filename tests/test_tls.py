@@ -44,7 +44,7 @@ from node.senders import DeliveryError, DicomSender, sender_for
 from node.tls import check_certificate_expiry, client_context, server_context, start_tls_server
 from tests.conftest import bundled, tool
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import StoreSCP, echoscu, free_port, storescu
+from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -570,3 +570,63 @@ def test_start_tls_server_in_process(pki: Pki, caplog: pytest.LogCaptureFixture)
         started = time.monotonic()
         server.shutdown()
         assert time.monotonic() - started < 5
+
+
+# --------------------------------------------------------------------------- DICOMweb over https with a private CA
+
+
+class HttpsOrthanc:
+    """Orthanc behind an HTTPS front whose certificate the test hospital CA signed."""
+
+    def __init__(self, orthanc: OrthancServer, front: TlsFront) -> None:
+        self.orthanc, self.front = orthanc, front
+        self.dicomweb_url = f"https://{LOCALHOST}:{front.port}/dicom-web"
+
+
+@pytest.fixture(scope="module")
+def https_orthanc(pki: Pki) -> Iterator[HttpsOrthanc]:
+    with OrthancServer(aet="HTTPSORTHANC") as orthanc, \
+            TlsFront(orthanc.http_port, pki.cert("server"), pki.key("server")) as front:
+        yield HttpsOrthanc(orthanc, front)
+
+
+def test_stow_over_https_trusts_the_destination_ca_file(https_orthanc: HttpsOrthanc, pki: Pki,
+                                                        tmp_path: Path) -> None:
+    from node.config import DicomWebDestination
+
+    assert https_orthanc.dicomweb_url.startswith("https://")
+    files, uids = ct_files(tmp_path / "out", 2)
+    destination = DicomWebDestination(name="archive", url=https_orthanc.dicomweb_url, ca_file=pki.cert("ca"))
+    sender_for(destination).send(files, **uids)
+    found = https_orthanc.orthanc.post("/tools/find", json={"Level": "Instance", "Query": {}, "Expand": True})
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert sent <= {item["MainDicomTags"]["SOPInstanceUID"] for item in found}
+    # without the CA the system's store does not know the hospital's certificate: refused for good
+    with pytest.raises(DeliveryError) as info:
+        sender_for(DicomWebDestination(name="archive", url=https_orthanc.dicomweb_url)).send(files, **uids)
+    assert info.value.permanent and "TLS" in info.value.reason and "certificate verify failed" in info.value.reason
+
+
+def test_poller_over_https_trusts_the_source_ca_file(https_orthanc: HttpsOrthanc, pki: Pki, tmp_path: Path) -> None:
+    from node.config import DicomWebSource
+    from node.jobstore import JobStore
+    from node.poller import DicomWebPoller
+    from node.spool import Spool
+
+    (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    https_orthanc.orthanc.upload(path)
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        def poll(ca_file: Path | None):
+            source = DicomWebSource(name="archive", url=https_orthanc.dicomweb_url, every_seconds=60.0,
+                                    lookback_hours=24 * 365 * 50, ca_file=ca_file)
+            return DicomWebPoller(source, spool=Spool(tmp_path / "spool"), jobs=jobs, retry_delays=()).poll_once()
+
+        refused = poll(None)
+        assert not refused.ok and any("certificate verify failed" in e for e in refused.errors), refused
+        trusted = poll(pki.cert("ca"))
+        assert trusted.ok and trusted.instances_fetched >= 1, trusted
+    finally:
+        jobs.close()
+    sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert any(p.name == f"{sop}.dcm" for p in (tmp_path / "spool").rglob("*.dcm"))
