@@ -11,14 +11,15 @@ text; a key that is missing is reported at the line of its table's header.
 The settings in ``[node]``, ``[http]`` and ``[delivery]`` are optional, each defaulting to the value in
 the embedded default (``node/default.toml``; ``node.workers``: the number of CPUs, at most 4). In
 ``[[pipelines]]``, ``[[destinations]]`` and ``[[routes]]`` every key is required except
-``output``, ``calling_ae_title``, ``auth`` and ``timeout_seconds``. A file without routes is
+``output``, ``calling_ae_title``, ``auth``, ``timeout_seconds``, ``trigger``, the TLS keys of
+dicom destinations, ``associations`` and ``ca_file`` (see ``config/node.toml``). A file without routes is
 valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
 typo is never silently ignored.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
 and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``,
-``auth``, ``page_size`` and ``timeout_seconds`` are optional.
+``auth``, ``page_size``, ``timeout_seconds`` and ``ca_file`` (``https://`` only) are optional.
 """
 
 from __future__ import annotations
