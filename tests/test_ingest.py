@@ -227,6 +227,29 @@ def test_a_header_longer_than_the_first_bytes_kept_is_read_from_the_file(
     assert "Invalid value" not in caplog.text and not scp.incoming
 
 
+def test_a_deflated_data_set_is_placed_and_spooled_as_sent(scp: Scp, tmp_path: Path) -> None:
+    """Deflated Explicit VR Little Endian: the header is read through pydicom's inflating reader."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ae = AE(ae_title="DEFLATER")
+    ae.add_requested_context(ds.SOPClassUID, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == 0x0000
+    (spooled,) = scp.spooled()
+    assert spooled == scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    received = pydicom.dcmread(spooled)
+    assert received.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian  # kept as sent
+    assert received.PixelData == ds.PixelData and not scp.incoming
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_invalid_uid_is_refused_and_nothing_is_left(scp: Scp, tmp_path: Path) -> None:
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
