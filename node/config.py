@@ -1029,6 +1029,24 @@ class _Checker:
         except TlsFileError as exc:
             self.fail(path + (exc.key,), str(exc))
 
+    def kind(self, table: Mapping[str, Any], path: _KeyPath, keys_by_kind: Mapping[str, Sequence[str]]) -> str:
+        """The table's ``kind``, one of *keys_by_kind*; without it a misspelt ``kind`` is named as such."""
+        if "kind" not in table:
+            every_key = tuple(dict.fromkeys(k for keys in keys_by_kind.values() for k in keys))
+            self.keys(table, path, every_key, ())
+        kind = self.value(table, path, "kind")
+        if kind not in keys_by_kind:
+            self.fail(path + ("kind",), f"must be one of {', '.join(keys_by_kind)}, got {_show(kind)}")
+        return kind
+
+    def http_url(self, table: Mapping[str, Any], path: _KeyPath) -> str:
+        """The table's ``url``: ``http://`` or ``https://`` with a host."""
+        url = self.string(table, path, "url")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+        return url
+
     def https_ca_file(self, table: Mapping[str, Any], path: _KeyPath, url: str) -> Path | None:
         """The optional ``ca_file`` of an ``https://`` URL (an error for ``http://``)."""
         if "ca_file" not in table:
@@ -1090,15 +1108,9 @@ class _Checker:
     def destinations(self, node: NodeSettings) -> dict[str, Destination]:
         out: dict[str, Destination] = {}
         seen: dict[str, _KeyPath] = {}
-        kinds = ", ".join(_DESTINATION_KEYS)
-        every_key = tuple(dict.fromkeys(k for keys in _DESTINATION_KEYS.values() for k in keys))
         for index, table in enumerate(self.tables_array("destinations")):
             path: _KeyPath = ("destinations", index)
-            if "kind" not in table:
-                self.keys(table, path, every_key, ())  # a misspelt "kind" is reported as such
-            kind = self.value(table, path, "kind")
-            if kind not in _DESTINATION_KEYS:
-                self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
+            kind = self.kind(table, path, _DESTINATION_KEYS)
             allowed = _DESTINATION_KEYS[kind]
             optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file",
                         "associations"}
@@ -1125,10 +1137,7 @@ class _Checker:
                 if destination.tls:
                     self.usable_tls(path, partial(_client_context, destination))
             elif kind == "dicomweb":
-                url = self.string(table, path, "url")
-                parts = urlsplit(url)
-                if parts.scheme not in ("http", "https") or not parts.netloc:
-                    self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+                url = self.http_url(table, path)
                 destination = DicomWebDestination(
                     name=name,
                     url=url,
@@ -1144,21 +1153,12 @@ class _Checker:
     def sources(self) -> dict[str, DicomWebSource]:
         out: dict[str, DicomWebSource] = {}
         seen: dict[str, _KeyPath] = {}
-        kinds = ", ".join(_SOURCE_KEYS)
-        every_key = tuple(dict.fromkeys(k for keys in _SOURCE_KEYS.values() for k in keys))
         for index, table in enumerate(self.tables_array("sources")):
             path: _KeyPath = ("sources", index)
-            if "kind" not in table:
-                self.keys(table, path, every_key, ())  # a misspelt "kind" is reported as such
-            kind = self.value(table, path, "kind")
-            if kind not in _SOURCE_KEYS:
-                self.fail(path + ("kind",), f"must be one of {kinds}, got {_show(kind)}")
+            kind = self.kind(table, path, _SOURCE_KEYS)
             self.keys(table, path, _SOURCE_KEYS[kind], ("name", "kind", "url"))
             name = self.name(table, path, seen)
-            url = self.string(table, path, "url")
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+            url = self.http_url(table, path)
             every_seconds, cron = self.source_schedule(table, path)
             level = self.value(table, path, "level", "series")
             if level not in _SOURCE_LEVELS:
