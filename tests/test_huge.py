@@ -10,6 +10,7 @@ one frame at a time.  ``scripts/bench/huge.py`` does the same with 1 GB.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,14 @@ def frame(index: int, rows: int = ROWS, columns: int = COLUMNS) -> np.ndarray:
     return ((x + y + 3 * index) % 256).astype(np.uint8)
 
 
-def write_cine(path: Path, frames: int, *, rows: int = ROWS, columns: int = COLUMNS) -> Path:
+def write_cine(path: Path, frames: int, *, rows: int = ROWS, columns: int = COLUMNS,
+               make_frame: Callable[[int, int, int], np.ndarray] = frame) -> Path:
     """Write an 8-bit MONOCHROME2 US Multi-frame Image of *frames* frames, one frame at a time.
 
     The header is pydicom's bundled CT_small.dcm made into ultrasound (new UIDs); Pixel Data is
     appended frame by frame after it (Explicit VR Little Endian, OB, defined length), so a 1 GB
-    file costs a frame of memory to make.
+    file costs a frame of memory to make.  ``make_frame(index, rows, columns)`` gives each frame
+    (``uint8``; default :func:`frame`).
     """
     ds = pydicom.dcmread(bundled("CT_small.dcm"))
     for keyword in ("PixelData", *_DROP):
@@ -70,7 +73,7 @@ def write_cine(path: Path, frames: int, *, rows: int = ROWS, columns: int = COLU
         ds.save_as(handle, enforce_file_format=True)
         handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, length))
         for index in range(frames):
-            handle.write(frame(index, rows, columns).tobytes())
+            handle.write(np.ascontiguousarray(make_frame(index, rows, columns), dtype=np.uint8).tobytes())
         if (frames * rows * columns) % 2:
             handle.write(b"\x00")
     return path

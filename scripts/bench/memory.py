@@ -44,48 +44,26 @@ TIME = "/usr/bin/time"
 MB = 1e6
 
 
+def gradient_frame(index: int, rows: int, columns: int) -> np.ndarray:
+    """A moving gradient with a little noise: compressible like real images, not a constant."""
+    y, x = np.mgrid[0:rows, 0:columns]
+    base = ((x + y) * 255 // (rows + columns)).astype(np.uint8)
+    noise = np.random.default_rng(index).integers(0, 8, (rows, columns), dtype=np.uint8)
+    return base + np.uint8(index % 64) + noise
+
+
 def multiframe_file() -> Path:
-    """The 1,000-frame 8-bit US file (built once into the cache)."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """The 1,000-frame 8-bit US file (built once into the cache, a frame at a time, by
+    ``tests.test_huge.write_cine``)."""
+    from tests.test_huge import write_cine
 
     path = bl.CACHE / "us1000.dcm"
     if path.exists():
         return path
     bl.CACHE.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
-    for keyword in ("PixelData", "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
-                    "SmallestImagePixelValue", "LargestImagePixelValue", "KVP", "SliceThickness",
-                    "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "US"
-    ds.SeriesDescription = "bench 1000 frames"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = ROWS, COLUMNS, FRAMES
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.FrameIncrementPointer = 0x00181063  # Frame Time
-    ds.FrameTime = 33.3
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    # A moving gradient with a little noise: compressible like real images, not a constant.
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:ROWS, 0:COLUMNS]
-    base = ((x + y) * 255 // (ROWS + COLUMNS)).astype(np.uint8)
-    pixels = np.empty((FRAMES, ROWS, COLUMNS), dtype=np.uint8)
-    for index in range(FRAMES):
-        pixels[index] = base + np.uint8(index % 64) + rng.integers(0, 8, (ROWS, COLUMNS), dtype=np.uint8)
-    ds.PixelData = pixels.tobytes()
-    ds["PixelData"].VR = "OB"
-    del pixels
     tmp = Path(tempfile.mkstemp(dir=bl.CACHE, prefix=".us1000.", suffix=".tmp")[1])
     try:
-        ds.save_as(tmp, enforce_file_format=True)
+        write_cine(tmp, FRAMES, rows=ROWS, columns=COLUMNS, make_frame=gradient_frame)
         tmp.rename(path)
     finally:
         tmp.unlink(missing_ok=True)
