@@ -20,7 +20,7 @@ Each failure has its own status so the sender's log says what happened:
           certificate does not name (the association is also aborted at once)
 0xA700    out of resources: free disk below ``min_free_disk_mb``, or the spool could not be written
 0xA701    written, but the job store refused it (the file is kept and re-recorded at start-up)
-0xC210    the dataset cannot be parsed
+0xC210    the data set header cannot be parsed, or has no Study or Series Instance UID
 0xC211    a UID is not valid (it would have become a file name)
 ========  ==========================================================
 """
@@ -402,6 +402,12 @@ def _streamed_path(event: evt.Event) -> Path | None:
     return Path(path) if isinstance(path, (str, os.PathLike)) else None
 
 
+def _missing_placing(header: _Header) -> str:
+    """The UIDs that place an instance in the spool which its header lacks ("" when none is missing)."""
+    return " and ".join(name for name, value in (("Study Instance UID (0020,000D)", header.study_uid),
+                                                 ("Series Instance UID (0020,000E)", header.series_uid)) if not value)
+
+
 def _failure(status: int, comment: str) -> Dataset:
     reply = Dataset()
     reply.Status = status
@@ -507,8 +513,16 @@ class StoreHandler:
             else:
                 header = _read_file_header(event, path, head)
         except Exception as exc:  # any parse failure of a peer's bytes is that peer's problem
-            log.error("C-STORE from %s: cannot parse the dataset: %s", calling, exc)
-            return self._refusal("cannot_parse", f"cannot parse dataset: {exc}")
+            log.error("C-STORE from %s refused: cannot parse the data set header: %s: %s",
+                      calling, type(exc).__name__, exc)
+            return self._refusal("cannot_parse", f"cannot parse the header: {exc}")
+        missing = _missing_placing(header)
+        if missing:  # not in the header, or the bytes are not a data set in the transfer syntax agreed
+            log.error("C-STORE from %s refused: cannot parse the data set header: %s missing (read as %s)",
+                      calling, missing, UID(event.context.transfer_syntax).name)
+            comment = f"{missing} missing"
+            return self._refusal("cannot_parse", comment if len(comment) <= 64 else "Study and Series Instance UID "
+                                 "(0020,000D/E) missing")
         try:
             self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
         except InvalidUID as exc:

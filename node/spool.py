@@ -44,7 +44,9 @@ class InvalidUID(ValueError):
 def check_uid(value: object, keyword: str) -> str:
     """Return *value* as a UID string, or raise :class:`InvalidUID` naming *keyword*."""
     text = str(value or "").strip().rstrip("\x00")
-    if not text or len(text) > 64 or not _UID.match(text):
+    if not text:
+        raise InvalidUID(f"{keyword} missing")
+    if len(text) > 64 or not _UID.match(text):
         raise InvalidUID(f"{keyword} {text[:80]!r} is not a valid UID")
     return text
 

@@ -372,3 +372,65 @@ def test_adopt_from_another_filesystem_copies(tmp_path: Path) -> None:
     assert stored.path.read_bytes() == source.read_bytes() and stored.size == source.stat().st_size
     assert spool.holds_file(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, source)
     assert [item.path for item in spool.walk()] == [stored.path]
+
+
+def raw_file(tmp_path: Path, name: str, transfer_syntax: str, body: bytes) -> Path:
+    """A Part 10 file of CT_small's file meta (with *transfer_syntax*) followed by *body* as the data set."""
+    from pynetdicom.dsutils import encode_file_meta
+
+    meta = pydicom.dcmread(bundled("CT_small.dcm"), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / name
+    path.write_bytes(b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + body)
+    return path
+
+
+def send_as_is(port: int, items: list[pydicom.Dataset | Path]) -> list[pydicom.Dataset]:
+    """C-STORE each data set, or each file's data set bytes exactly as written (never decoded), on one association."""
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom.dsutils import split_dataset
+
+    ae = AE(ae_title="BROKEN")
+    for item in items:
+        meta = item.file_meta if isinstance(item, pydicom.Dataset) else split_dataset(item)[0]
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    sending_files_raw = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # this test process only (the sender): files sent as is
+    try:
+        return [assoc.send_c_store(item) for item in items]
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = sending_files_raw
+        assoc.release()
+
+
+def test_a_header_that_cannot_be_parsed_is_refused_saying_what(
+    scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    caplog.set_level(logging.INFO, logger="node.ingest")
+    (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
+    no_study = pydicom.dcmread(path)
+    del no_study.StudyInstanceUID
+    noise = bytes(range(7, 250)) * 20  # not a data set in any transfer syntax
+    replies = send_as_is(scp.port, [
+        no_study,
+        raw_file(tmp_path, "noise.dcm", ExplicitVRLittleEndian, noise),
+        raw_file(tmp_path, "bad-deflate.dcm", DeflatedExplicitVRLittleEndian, noise),
+    ])
+    assert [int(r.Status) for r in replies] == [0xC210] * 3
+    comments = [str(r.ErrorComment) for r in replies]
+    assert comments[0] == "Study Instance UID (0020,000D) missing"
+    assert comments[1] == "Study and Series Instance UID (0020,000D/E) missing"
+    assert comments[2].startswith("cannot parse the header: ") and "decompress" in comments[2], comments[2]
+    assert "is not a valid UID" not in caplog.text
+    assert "C-STORE from BROKEN refused: cannot parse the data set header: Study Instance UID (0020,000D) missing" \
+        in caplog.text
+    assert ("cannot parse the data set header: Study Instance UID (0020,000D) and Series Instance UID (0020,000E)"
+            " missing (read as Explicit VR Little Endian)") in caplog.text
+    assert "cannot parse the data set header: error: Error -3 while decompressing data" in caplog.text
+    assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
+    assert scp.handler.metrics.snapshot()["instances_refused"]["cannot_parse"] == 3
