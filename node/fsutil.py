@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import sys
 import tempfile
@@ -11,7 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_output", "fsync_dir", "start_writeback"]
+__all__ = ["TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_temporaries", "start_writeback"]
+
+log = logging.getLogger(__name__)
+
+#: The names :func:`atomic_output` gives its temporary files: ``.<name>.<random>.tmp``.
+TEMPORARY_GLOB = ".*.tmp"
 
 _FILE_MODE = 0o644
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h> on Linux
@@ -78,7 +84,7 @@ def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # TEMPORARY_GLOB
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; outputs are for other programs to read
         with os.fdopen(fd, "wb") as handle:
@@ -93,3 +99,25 @@ def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def remove_temporaries(root: str | os.PathLike, *, skip: str | os.PathLike | None = None) -> int:
+    """Delete the temporary files :func:`atomic_output` left under *root* when its process was killed.
+
+    Call it only while nothing writes under *root* (at start-up, before any worker runs).  Files
+    in the folder *skip* are left alone.  Returns how many were removed; one that cannot be
+    removed is logged (it is harmless where it is: hidden, and never an output).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for tmp in list(root.rglob(TEMPORARY_GLOB)):
+        if (skip is not None and tmp.parent == Path(skip)) or not tmp.is_file():
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError as exc:
+            log.warning("cannot remove the half-written file %s: %s", tmp, exc)
+    return removed

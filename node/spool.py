@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import atomic_output, fsync_dir
+from node.fsutil import atomic_output, fsync_dir, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,11 @@ class Spool:
         """
         removed = 0
         incoming = self.root / INCOMING
-        leftovers = [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []
-        for tmp in [*leftovers, *(p for p in self.root.rglob(".*.tmp") if p.parent != incoming)]:
+        for leftover in [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []:
             try:
-                tmp.unlink()
+                leftover.unlink()
                 removed += 1
             except OSError as exc:  # harmless where it is (never counted as an instance); say so
-                log.warning("cannot remove the half-written file %s: %s", tmp, exc)
-        return removed
+                log.warning("cannot remove the half-written file %s: %s", leftover, exc)
+        return removed + remove_temporaries(self.root, skip=incoming)
 
