@@ -106,6 +106,9 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing workers.
+    max_processing_attempts : int
+        A series whose processing did not finish this many times (its worker was killed, e.g. out
+        of memory, or timed out) is failed instead of being queued again.
     """
 
     ae_title: str
@@ -120,6 +123,7 @@ class NodeSettings:
     retention_hours: float = 72.0
     study_settle_seconds: float = 120.0
     force_complete_seconds: float = 3600.0
+    max_processing_attempts: int = 2
 
 
 @dataclass(frozen=True)
@@ -753,7 +757,7 @@ _TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "ro
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds",
+    "force_complete_seconds", "max_processing_attempts",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -993,6 +997,7 @@ class _Checker:
             retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
             study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
             force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
+            max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
         )
 
     def tls_settings(self) -> TlsSettings | None:

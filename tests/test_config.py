@@ -926,3 +926,21 @@ def test_tls_errors_point_at_the_line(tmp_path: Path) -> None:
     message = error_of(tmp_path, '[[destinations]]\nname = "d"\nkind = "dicom"\nhost = "h"\nport = 1\n'
                                  'ae_title = "A"\nca_file = "ca.pem"\n')
     assert "destinations[1] (name \"d\").tls: ca_file/cert_file/key_file are for TLS" in message, message
+
+
+@pytest.mark.parametrize(("value", "message"), [("0", "must be a whole number >= 1, got 0"),
+                                                ('"two"', 'must be a whole number >= 1, got "two"'),
+                                                ("1.5", "must be a whole number >= 1, got 1.5")])
+def test_max_processing_attempts_refused_at_its_line(tmp_path: Path, value: str, message: str) -> None:
+    text = HEAD.replace("settle_seconds = 10.0", f"settle_seconds = 10.0\nmax_processing_attempts = {value} # <-") + TAIL
+    error = error_of(tmp_path, text)
+    prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: node.max_processing_attempts: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error
+
+
+def test_max_processing_attempts_default_and_set(tmp_path: Path) -> None:
+    assert load_config(None).node.max_processing_attempts == 2
+    assert load_config(ROOT / "config" / "node.toml").node.max_processing_attempts == 2  # documented default
+    text = HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nmax_processing_attempts = 5") + TAIL
+    assert load_text(tmp_path, text).node.max_processing_attempts == 5
