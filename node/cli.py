@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import ConfigError
+from node.jobstore import JobStoreError
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
 __all__ = ["main"]
@@ -322,6 +323,45 @@ def _run_retry(args: argparse.Namespace) -> int:
     return 0 if count or args.all_failed else 1
 
 
+def _add_store_parser(sub: argparse._SubParsersAction) -> None:
+    store = sub.add_parser("store", help="job store tools")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    rebuild = store_sub.add_parser(
+        "rebuild", help="set a damaged job store aside and record the spool into a new one",
+        description="With the node stopped: move data_dir/jobs.sqlite (with its -wal and -shm) aside as "
+        "jobs.sqlite.corrupt-<time> and record every spooled instance into a new job store. Every series "
+        "is then processed and delivered again when the node starts (derived UIDs are deterministic: "
+        "receivers get replacements, not duplicates). A readable store is left alone unless --force.",
+    )
+    rebuild.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    rebuild.add_argument("--force", action="store_true", help="rebuild even a store that passes the integrity check")
+    rebuild.set_defaults(func=_run_store_rebuild)
+
+
+def _run_store_rebuild(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.jobstore import JobStore
+    from node.spool import Spool
+
+    data_dir = load_config(args.config).node.data_dir
+    path = data_dir / "jobs.sqlite"
+    spool = Spool(data_dir / "spool")
+    rebuilt = JobStore.rebuild(path, spool, only_if_damaged=not args.force)
+    if rebuilt.recorded is None:
+        print(f"{path}: readable (integrity check ok): nothing done; --force rebuilds it anyway")
+        return 1
+    if rebuilt.damage is not None:
+        print(f"{path}: damaged ({rebuilt.damage})")
+    for moved in rebuilt.set_aside:
+        print(f"set aside: {moved}")
+    recorded = rebuilt.recorded
+    print(f"{path}: new job store: {recorded.instances} instances of {recorded.series} series recorded from "
+          f"{spool.root}" + (f"; {recorded.unreadable} spool files unreadable (kept, see above)"
+                             if recorded.unreadable else ""))
+    print("start the node: every recorded series is processed and delivered again")
+    return 1 if recorded.unreadable else 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM processing node.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -332,6 +372,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_service_parsers(sub)
     _add_operator_parsers(sub)
     _add_poll_parser(sub)
+    _add_store_parser(sub)
     return parser
 
 
@@ -380,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PipelineError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
+    except JobStoreError as exc:  # one line naming the file and the fix; never a traceback
+        log.error("%s", exc.message(getattr(args, "config", None)))
+        return 3
 
 
 if __name__ == "__main__":

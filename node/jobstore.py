@@ -12,12 +12,26 @@ older generation then schedules nothing, so the series settles and is processed 
 The store is the hand-off between series assembly and processing: workers claim queued series
 with one atomic UPDATE, so nothing in the pipeline depends on running in the receiver's process.
 The spool stays the source of truth for received instances: :meth:`JobStore.reconcile` re-records
-any spooled file the database does not know (after a crash between the two writes).
+any spooled file the database does not know (after a crash between the two writes), and
+:meth:`JobStore.rebuild` sets a damaged database aside and records the whole spool again.
+
+A series whose processing never finishes (the worker was killed, e.g. by the kernel's out-of-memory
+killer, or timed out) is not re-queued for ever: each claim is counted
+(``series.processing_attempts``), a finished processing resets the count, and an interrupted one
+(:meth:`JobStore.recover` at start-up, :meth:`JobStore.abandon` for a worker that died) is queued
+again only while the count is below ``[node] max_processing_attempts``; then the series is failed
+with that reason, kept for ``dicom-node retry`` (which resets the count).
+
+Opening a store checks it (``PRAGMA quick_check``, bounded in time); a file that is damaged or
+cannot be opened raises :class:`JobStoreError`, whose message names the file and the fix.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -28,7 +42,29 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Delivery", "JobStore", "SeriesJob", "SeriesState", "DeliveryState"]
+import pydicom
+
+from node.fsutil import fsync_dir
+from node.spool import Spool
+
+__all__ = [
+    "DEFAULT_MAX_PROCESSING_ATTEMPTS", "Delivery", "DeliveryState", "JobStore", "JobStoreError", "Rebuilt",
+    "Reconciled", "SeriesJob", "SeriesState",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``[node] max_processing_attempts`` when not configured.
+DEFAULT_MAX_PROCESSING_ATTEMPTS = 2
+
+#: Seconds the integrity check at open may take (0.2 s for a 300 MB store of a million instances,
+#: warm); a check that has not finished by then is given up with a warning and the store is used.
+CHECK_SECONDS = 20.0
+
+#: Why a series' processing was interrupted when the node restarts with it still ``processing``.
+NODE_STOPPED = "the node stopped during processing (killed, crashed or out of memory)"
+
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
 
 class SeriesState(str, Enum):
@@ -73,10 +109,10 @@ CREATE TABLE IF NOT EXISTS series (
     outputs INTEGER,
     error TEXT,
     processing_seconds REAL,
+    processing_attempts INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
-CREATE INDEX IF NOT EXISTS series_derived ON series(derived_series_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_id INTEGER NOT NULL REFERENCES series(id),
@@ -137,6 +173,155 @@ class Delivery:
     output_dir: Path
 
 
+class JobStoreError(Exception):
+    """The job store cannot be used: damaged, unreadable, or being rebuilt.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The database file.
+    problem : str
+        What is wrong with it.
+    damaged : bool
+        True when the file itself is damaged (the fix is ``dicom-node store rebuild``).
+    """
+
+    def __init__(self, path: Path, problem: str, *, damaged: bool = False) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.damaged = damaged
+        super().__init__(self.message())
+
+    def message(self, config: Path | None = None) -> str:
+        """One line for the operator: the file, what is wrong, and the fix (*config*: their config file)."""
+        if not self.damaged:
+            return f"{self.path}: {self.problem}"
+        command = "dicom-node store rebuild" + (f" --config {config}" if config is not None else "")
+        return (f"{self.path}: the job store is damaged ({self.problem}); every received instance is still in "
+                f"the spool: stop the node and run `{command}` to set the damaged file aside and record the "
+                "spool again")
+
+
+def _cannot_open(path: Path, exc: BaseException) -> JobStoreError:
+    """The :class:`JobStoreError` for *exc*, raised while opening or checking *path*."""
+    if getattr(exc, "sqlite_errorname", None) in _DAMAGED:
+        return JobStoreError(path, str(exc), damaged=True)
+    return JobStoreError(path, f"the job store cannot be opened ({exc}): check that it and its folder are readable "
+                               "and writable by the user the node runs as, and that the disk is not full or failing")
+
+
+class _FolderLock:
+    """An advisory lock (``flock``) on the folder of a job store.
+
+    Every open :class:`JobStore` holds it shared; :meth:`JobStore.rebuild` holds it exclusive, so a
+    store is never rebuilt under a running node, and a node never starts on one being rebuilt.
+    Released when closed (or when the process ends, however it ends).
+    """
+
+    def __init__(self, path: Path, *, exclusive: bool) -> None:
+        self._fd: int | None = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            if exclusive:
+                raise JobStoreError(path, "the job store is in use (a running node, or another dicom-node command): "
+                                          "stop the node first") from None
+            raise JobStoreError(path, "the job store is being rebuilt (`dicom-node store rebuild`): "
+                                      "start the node when it has finished") from None
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _check(db: sqlite3.Connection, path: Path, seconds: float) -> None:
+    """``PRAGMA quick_check`` of *db*, given up after *seconds*; raises :class:`JobStoreError` if damaged."""
+    deadline = time.monotonic() + seconds
+    db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    try:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.OperationalError as exc:
+        if time.monotonic() <= deadline:
+            raise
+        log.warning("%s: the integrity check did not finish in %g s; the store is used unchecked", path, seconds)
+        return
+    finally:
+        db.set_progress_handler(None, 0)
+    if problems != ["ok"]:
+        lines = [line.strip() for problem in problems for line in problem.splitlines()
+                 if line.strip() and not line.startswith("***")]  # "*** in database main ***"
+        raise JobStoreError(path, "integrity check failed: " + "; ".join(lines)[:300], damaged=True)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What :meth:`JobStore.reconcile` recorded."""
+
+    instances: int
+    series: int
+    unreadable: int
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What :meth:`JobStore.rebuild` did.
+
+    Attributes
+    ----------
+    damage : str or None
+        What the check found wrong with the old file (None: it was readable, or absent).
+    set_aside : tuple of pathlib.Path
+        Where the old database and its ``-wal``/``-shm`` files were moved (empty: nothing rebuilt).
+    recorded : Reconciled or None
+        What was recorded from the spool (None: nothing rebuilt).
+    """
+
+    damage: str | None
+    set_aside: tuple[Path, ...]
+    recorded: Reconciled | None
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the database at *path* (None: it opens and passes ``quick_check``, or is absent)."""
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        _check(db, path, CHECK_SECONDS)
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except JobStoreError as exc:
+        return exc.problem
+    except sqlite3.Error as exc:
+        return str(exc)
+    finally:
+        db.close()
+    return None
+
+
+def _set_aside(path: Path, label: str) -> tuple[Path, ...]:
+    """Rename the database *path* and its -wal and -shm to ``<name>.<label>-<time>``; the new paths."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
+    number = 1
+    while any(target.with_name(target.name + s).exists() for s in ("", "-wal", "-shm")):
+        number += 1
+        target = path.with_name(f"{path.name}.{label}-{stamp}.{number}")
+    moved = []
+    for suffix in ("-wal", "-shm", ""):  # the WAL first: a new database must never meet the old WAL
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, target.with_name(target.name + suffix))
+            moved.append(target.with_name(target.name + suffix))
+    fsync_dir(path.parent)
+    return tuple(reversed(moved))
+
+
 class JobStore:
     """SQLite job store in one file; safe to share between threads of one process.
 
@@ -146,14 +331,35 @@ class JobStore:
         The database file (created with its folder when absent).
     clock : callable, optional
         Returns the current time in seconds (``time.time``); injected by tests.
+
+    Raises
+    ------
+    JobStoreError
+        The file is damaged, cannot be opened, or is being rebuilt.
     """
 
-    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Any = time.time, _folder_lock: _FolderLock | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._folder_lock = _folder_lock or _FolderLock(self.path, exclusive=False)
+        except OSError as exc:
+            raise _cannot_open(self.path, exc) from exc
+        try:
+            self._open()
+        except (sqlite3.Error, JobStoreError) as exc:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            self._folder_lock.close()
+            if isinstance(exc, JobStoreError):
+                raise
+            raise _cannot_open(self.path, exc) from exc
+
+    def _open(self) -> None:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        _check(self._db, self.path, CHECK_SECONDS)  # before anything is written to it
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
@@ -163,16 +369,20 @@ class JobStore:
 
     def _add_missing_columns(self) -> None:
         """Bring a job store written by an older version up to this schema (columns only added)."""
-        wanted = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT"}
+        wanted = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT",
+                  "processing_attempts": "INTEGER NOT NULL DEFAULT 0"}
         have = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
         for column, kind in wanted.items():
             if column not in have:
                 self._db.execute(f"ALTER TABLE series ADD COLUMN {column} {kind}")
+        # indexes on added columns only once they exist (in _SCHEMA, an older store could not open)
+        self._db.execute("CREATE INDEX IF NOT EXISTS series_derived ON series(derived_series_uid)")
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
             self._db.close()
+            self._folder_lock.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -319,21 +529,27 @@ class JobStore:
         return ready
 
     def claim_next(self) -> SeriesJob | None:
-        """Take the oldest queued series for processing (atomic); None when there is none."""
+        """Take the oldest queued series for processing (atomic); None when there is none.
+
+        The claim is counted (``processing_attempts``) until a processing of the series finishes.
+        """
         now = self._clock()
         with self._transaction() as db:
             row = db.execute(
-                "SELECT id, study_uid, series_uid, generation FROM series WHERE state = ?"
+                "SELECT id, study_uid, series_uid, generation, processing_attempts FROM series WHERE state = ?"
                 " ORDER BY last_received LIMIT 1",
                 (SeriesState.QUEUED.value,),
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE id = ?",
+                "UPDATE series SET state = ?, error = NULL, processing_attempts = processing_attempts + 1,"
+                " updated_at = ? WHERE id = ?",
                 (SeriesState.PROCESSING.value, now, row["id"]),
             )
-            self._event(db, row["id"], SeriesState.PROCESSING.value)
+            attempt = row["processing_attempts"] + 1
+            self._event(db, row["id"], SeriesState.PROCESSING.value,
+                        None if attempt == 1 else f"attempt {attempt}: the last did not finish")
             paths = tuple(
                 Path(r[0]) for r in db.execute(
                     "SELECT path FROM instances WHERE series_id = ? ORDER BY path", (row["id"],)
@@ -347,7 +563,7 @@ class JobStore:
         if not current:
             now = self._clock()
             db.execute(
-                "UPDATE series SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                "UPDATE series SET state = ?, processing_attempts = 0, updated_at = ? WHERE id = ? AND state = ?",
                 (SeriesState.RECEIVING.value, now, job.id, SeriesState.PROCESSING.value),
             )
             self._event(db, job.id, SeriesState.RECEIVING.value, "new instances arrived while processing")
@@ -376,7 +592,7 @@ class JobStore:
                 return False
             db.execute(
                 "UPDATE series SET state = ?, route = ?, pipeline = ?, output_dir = ?, derived_series_uid = ?,"
-                " outputs = ?, processing_seconds = ?, error = ?, updated_at = ? WHERE id = ?",
+                " outputs = ?, processing_seconds = ?, error = ?, processing_attempts = 0, updated_at = ? WHERE id = ?",
                 (SeriesState.DELIVERING.value, route, pipeline, str(output_dir), derived_series_uid, outputs,
                  seconds, error, now, job.id),
             )
@@ -399,7 +615,7 @@ class JobStore:
             if not self._still_current(db, job):
                 return False
             db.execute(
-                "UPDATE series SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                "UPDATE series SET state = ?, error = ?, processing_attempts = 0, updated_at = ? WHERE id = ?",
                 (state.value, reason, now, job.id),
             )
             self._event(db, job.id, state.value, reason)
@@ -485,24 +701,82 @@ class JobStore:
 
     # -- recovery and operators -----------------------------------------------------------------
 
-    def recover(self) -> dict[str, int]:
-        """After a restart: work that was in flight goes back to its queue. Returns counts."""
+    def recover(self, *, max_attempts: int = DEFAULT_MAX_PROCESSING_ATTEMPTS) -> dict[str, int]:
+        """After a restart: work that was in flight goes back to its queue. Returns counts.
+
+        A series still ``processing`` was interrupted: it is queued again, or failed when its
+        processing has now not finished *max_attempts* times (see :meth:`abandon`).  Deliveries
+        being sent are due again at once.
+        """
         now = self._clock()
         with self._transaction() as db:
-            requeued = db.execute(
-                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
-                (SeriesState.QUEUED.value, now, SeriesState.PROCESSING.value),
-            ).rowcount
+            interrupted = db.execute(
+                "SELECT id, processing_attempts FROM series WHERE state = ?", (SeriesState.PROCESSING.value,)
+            ).fetchall()
+            outcomes = [self._interrupted(db, row, NODE_STOPPED, max_attempts, now) for row in interrupted]
             resent = db.execute(
                 "UPDATE deliveries SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ?",
                 (DeliveryState.PENDING.value, now, now, DeliveryState.SENDING.value),
             ).rowcount
-        return {"series_requeued": requeued, "deliveries_resumed": resent}
+        return {
+            "series_requeued": outcomes.count(SeriesState.QUEUED),
+            "series_failed": outcomes.count(SeriesState.FAILED),
+            "deliveries_resumed": resent,
+        }
+
+    def abandon(self, series_id: int, reason: str, *, max_attempts: int = DEFAULT_MAX_PROCESSING_ATTEMPTS
+                ) -> SeriesState | None:
+        """Give up a processing that will not finish (its worker died or timed out).
+
+        The series is queued again, unless its processing has now not finished *max_attempts*
+        times: then it is failed with that reason (a series whose input kills its worker must not
+        take the node down for ever), and kept for ``dicom-node retry``.
+
+        Parameters
+        ----------
+        series_id : int
+            The claimed series (:attr:`SeriesJob.id`).
+        reason : str
+            Why this attempt did not finish, e.g. ``"worker 2 killed by signal 9"``; recorded.
+        max_attempts : int
+            ``[node] max_processing_attempts``.
+
+        Returns
+        -------
+        SeriesState or None
+            ``QUEUED`` or ``FAILED``; None when the series was not being processed (nothing changed).
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, processing_attempts FROM series WHERE id = ? AND state = ?",
+                (series_id, SeriesState.PROCESSING.value),
+            ).fetchone()
+            return None if row is None else self._interrupted(db, row, reason, max_attempts, now)
+
+    def _interrupted(self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, max_attempts: int,
+                     now: float) -> SeriesState:
+        """Queue again, or fail, a series whose processing did not finish (inside a transaction)."""
+        attempts = row["processing_attempts"]
+        if attempts >= max_attempts:
+            error = (f"processing did not finish {attempts} times: the worker died or timed out (last: {reason}); "
+                     "see the node's log and the kernel's (out of memory?) at the times of this series' events; "
+                     f"`dicom-node retry {row['id']}` tries again")
+            db.execute("UPDATE series SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                       (SeriesState.FAILED.value, error, now, row["id"]))
+            self._event(db, row["id"], SeriesState.FAILED.value, error)
+            return SeriesState.FAILED
+        db.execute("UPDATE series SET state = ?, updated_at = ? WHERE id = ?",
+                   (SeriesState.QUEUED.value, now, row["id"]))
+        self._event(db, row["id"], SeriesState.QUEUED.value,
+                    f"{reason}: attempt {attempts} of {max_attempts} did not finish, queued again")
+        return SeriesState.QUEUED
 
     def retry(self, series_ids: Iterable[int] | None = None) -> int:
         """Retry failed series (all failed ones when *series_ids* is None); returns how many.
 
-        Failed deliveries are sent again; a series that failed before delivery is processed again.
+        Failed deliveries are sent again; a series that failed before delivery is processed again,
+        with its count of unfinished processings (``max_processing_attempts``) back to 0.
         """
         now = self._clock()
         with self._transaction() as db:
@@ -521,11 +795,92 @@ class JobStore:
                     (DeliveryState.PENDING.value, now, now, series_id, DeliveryState.FAILED.value),
                 ).rowcount
                 state = SeriesState.DELIVERING if failed_deliveries else SeriesState.QUEUED
-                db.execute("UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE id = ?",
-                           (state.value, now, series_id))
+                db.execute("UPDATE series SET state = ?, error = NULL, processing_attempts = 0, updated_at = ?"
+                           " WHERE id = ?", (state.value, now, series_id))
                 self._event(db, series_id, state.value, "retry asked by operator")
                 count += 1
         return count
+
+    def reconcile(self, spool: Spool) -> Reconciled:
+        """Record every spooled instance the store does not know (after a crash, or into a new store).
+
+        Each file's header is read outside any transaction, then the instance is recorded in its own
+        (:meth:`record_instance`, received at the file's modification time); its series (re-)opens
+        and is processed once it settles.  A file whose header cannot be read is kept where it is,
+        logged and counted.
+        """
+        known = self.known_paths()
+        recorded = 0
+        unreadable = 0
+        series: set[str] = set()
+        for item in spool.walk():
+            if str(item.path) in known:
+                continue
+            try:
+                header = pydicom.dcmread(item.path, stop_before_pixels=True)
+                received_at = item.path.stat().st_mtime
+            except Exception as exc:  # a spooled file we cannot read again: keep it, say so
+                log.error("spool file %s cannot be read: %s", item.path, exc)
+                unreadable += 1
+                continue
+            self.record_instance(
+                study_uid=item.study_uid, series_uid=item.series_uid, sop_uid=item.sop_uid,
+                sop_class_uid=str(header.get("SOPClassUID", "")), path=item.path, size=item.size,
+                modality=str(header.get("Modality") or "") or None, received_at=received_at,
+            )
+            recorded += 1
+            series.add(item.series_uid)
+        return Reconciled(recorded, len(series), unreadable)
+
+    @classmethod
+    def rebuild(cls, path: Path, spool: Spool, *, only_if_damaged: bool = True, clock: Any = time.time) -> Rebuilt:
+        """Set the database at *path* aside and record the spool into a new one (``dicom-node store rebuild``).
+
+        The old file and its ``-wal`` and ``-shm`` are renamed ``<name>.corrupt-<time>[-wal|-shm]``
+        (``<name>.set-aside-<time>`` when it was readable), the WAL first, so a new database never
+        meets an old WAL.  Every spooled instance is then recorded (:meth:`reconcile`): every series
+        is processed and delivered again (derived UIDs are deterministic, so receivers get
+        replacements, not duplicates).  The history (states, deliveries, events) stays in the file
+        set aside.
+
+        Parameters
+        ----------
+        path : pathlib.Path
+            The job store file.
+        spool : Spool
+            The node's spool.
+        only_if_damaged : bool
+            When the file passes the integrity check, change nothing (:attr:`Rebuilt.set_aside` empty).
+
+        Raises
+        ------
+        JobStoreError
+            The store is in use (a node or another command has it open), or cannot be replaced.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = _FolderLock(path, exclusive=True)
+        except OSError as exc:
+            raise _cannot_open(path, exc) from exc
+        try:
+            damage = _damage(path)
+            if damage is None and only_if_damaged and path.exists():
+                lock.close()
+                return Rebuilt(None, (), None)
+            set_aside = _set_aside(path, "corrupt" if damage is not None else "set-aside")
+            store = cls(path, clock=clock, _folder_lock=lock)
+        except OSError as exc:
+            lock.close()
+            raise JobStoreError(path, f"cannot set the job store aside: {exc}") from exc
+        except BaseException:
+            lock.close()
+            raise
+        try:
+            recorded = store.reconcile(spool)
+        finally:
+            store.close()
+        return Rebuilt(damage, set_aside, recorded)
 
     def expired(self, retention_seconds: float) -> list[dict[str, Any]]:
         """Delivered series last changed more than *retention_seconds* ago (with their paths)."""

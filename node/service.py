@@ -29,6 +29,7 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
+from node.fsutil import remove_temporaries
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
@@ -180,27 +181,20 @@ class NodeService:
 
     def _recover(self) -> None:
         removed = self.spool.remove_temporaries()
-        known = self.jobs.known_paths()
-        recorded = 0
-        for item in self.spool.walk():
-            if str(item.path) in known:
-                continue
-            try:
-                header = pydicom.dcmread(item.path, stop_before_pixels=True)
-            except Exception as exc:  # a spooled file we cannot read again: keep it, say so
-                log.error("spool file %s cannot be read: %s", item.path, exc)
-                continue
-            self.jobs.record_instance(
-                study_uid=item.study_uid, series_uid=item.series_uid, sop_uid=item.sop_uid,
-                sop_class_uid=str(header.get("SOPClassUID", "")), path=item.path, size=item.size,
-                modality=str(header.get("Modality") or "") or None, received_at=item.path.stat().st_mtime,
-            )
-            recorded += 1
-        counts = self.jobs.recover()
+        removed_outputs = remove_temporaries(self.outputs)  # outputs half-written when the node was killed
+        recorded = self.jobs.reconcile(self.spool)
+        attempts = self.config.node.max_processing_attempts
+        counts = self.jobs.recover(max_attempts=attempts)
         log.info(
-            "recovery: %d temporary files removed, %d spooled instances re-recorded, %d series re-queued, "
-            "%d deliveries resumed", removed, recorded, counts["series_requeued"], counts["deliveries_resumed"],
+            "recovery: %d temporary spool files and %d temporary output files removed, %d spooled instances "
+            "re-recorded, %d series re-queued, %d deliveries resumed", removed, removed_outputs,
+            recorded.instances, counts["series_requeued"], counts["deliveries_resumed"],
         )
+        for _ in range(counts["series_failed"]):
+            self.metrics.series_failed()
+        if counts["series_failed"]:
+            log.error("recovery: %d series failed: their processing did not finish %d times (see dicom-node status)",
+                      counts["series_failed"], attempts)
 
     # -- series assembly --------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.jobstore import JobStore, SeriesState
+from node.jobstore import JobStore, JobStoreError, Reconciled, SeriesState
 from node.spool import InvalidUID, Spool
 
 
@@ -95,7 +95,7 @@ def test_permanent_failure_ends_at_once_and_recover_resumes(store) -> None:
                    outputs=1, destinations=["pacs"], seconds=0.1)
     (delivery,) = jobs.claim_due_deliveries()
     # a crash while sending: recover() makes it due again
-    assert jobs.recover() == {"series_requeued": 0, "deliveries_resumed": 1}
+    assert jobs.recover() == {"series_requeued": 0, "series_failed": 0, "deliveries_resumed": 1}
     (delivery,) = jobs.claim_due_deliveries()
     assert jobs.delivery_failed(delivery, "0xA900", permanent=True, max_attempts=10, retry_in=1)
     assert jobs.series(1)["state"] == SeriesState.FAILED
@@ -194,3 +194,210 @@ def test_expired_and_forget(store) -> None:
     assert row["paths"] == [Path("/spool/1.1.dcm")] and row["output_dir"] == "/out/x"
     jobs.forget(row["id"])
     assert jobs.series(row["id"]) is None and jobs.counts() == {}
+
+
+def claim_settled(jobs: JobStore, clock: Clock):
+    clock.now += 10
+    jobs.settle(10)
+    return jobs.claim_next()
+
+
+def test_a_series_whose_processing_never_finishes_is_failed_after_max_attempts(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1")
+    first = claim_settled(jobs, clock)
+    assert jobs.series(first.id)["processing_attempts"] == 1
+    # the node is killed while processing: recovery queues it again (attempt 1 of 2)
+    assert jobs.recover(max_attempts=2) == {"series_requeued": 1, "series_failed": 0, "deliveries_resumed": 0}
+    row = jobs.series(first.id)
+    assert row["state"] == SeriesState.QUEUED and row["processing_attempts"] == 1
+    assert "attempt 1 of 2 did not finish, queued again" in row["events"][-1]["detail"]
+    second = jobs.claim_next()
+    assert second.id == first.id and jobs.series(first.id)["processing_attempts"] == 2
+    assert jobs.series(first.id)["events"][-1]["detail"] == "attempt 2: the last did not finish"
+    # killed again: failed with the reason, not queued for ever
+    assert jobs.recover(max_attempts=2) == {"series_requeued": 0, "series_failed": 1, "deliveries_resumed": 0}
+    row = jobs.series(first.id)
+    assert row["state"] == SeriesState.FAILED
+    assert row["error"].startswith("processing did not finish 2 times: the worker died or timed out (last: the node "
+                                   "stopped during processing")
+    assert f"dicom-node retry {first.id}" in row["error"] and row["events"][-1]["state"] == SeriesState.FAILED
+    assert jobs.claim_next() is None and jobs.recover(max_attempts=2)["series_failed"] == 0  # stays failed
+    # the operator's retry starts the count again
+    assert jobs.retry([first.id]) == 1
+    row = jobs.series(first.id)
+    assert row["state"] == SeriesState.QUEUED and row["processing_attempts"] == 0 and row["error"] is None
+    third = jobs.claim_next()
+    assert jobs.series(third.id)["processing_attempts"] == 1
+    assert jobs.recover(max_attempts=2)["series_requeued"] == 1
+
+
+def test_a_finished_processing_resets_the_count(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1", series="1.2.3.1")
+    receive(jobs, "2.1", series="1.2.3.2")
+    receive(jobs, "3.1", series="1.2.3.3")
+    clock.now += 10
+    jobs.settle(10)
+    jobs.claim_next(), jobs.claim_next(), jobs.claim_next()
+    assert jobs.recover(max_attempts=3)["series_requeued"] == 3
+    done, unrouted, reopened = jobs.claim_next(), jobs.claim_next(), jobs.claim_next()
+    assert [jobs.series(j.id)["processing_attempts"] for j in (done, unrouted, reopened)] == [2, 2, 2]
+    assert jobs.processed(done, route="r", pipeline="p", output_dir=Path("/out"), derived_series_uid="2.25.7",
+                          outputs=1, destinations=["pacs"], seconds=0.1)
+    assert jobs.set_outcome(unrouted, SeriesState.UNROUTED, "no route")
+    receive(jobs, "3.2", series="1.2.3.3")  # arrives during processing: the result is for an older generation
+    assert not jobs.set_outcome(reopened, SeriesState.FAILED, "no output")
+    assert [jobs.series(j.id)["processing_attempts"] for j in (done, unrouted, reopened)] == [0, 0, 0]
+    assert jobs.series(reopened.id)["state"] == SeriesState.RECEIVING
+
+
+def test_abandon_requeues_then_fails_and_ignores_what_is_not_processing(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1")
+    job = claim_settled(jobs, clock)
+    assert jobs.abandon(job.id, "worker 1 killed by signal 9", max_attempts=2) == SeriesState.QUEUED
+    assert jobs.abandon(job.id, "again", max_attempts=2) is None  # queued: nothing to abandon
+    assert jobs.series(job.id)["events"][-1]["detail"].startswith("worker 1 killed by signal 9: attempt 1 of 2")
+    job = jobs.claim_next()
+    assert jobs.abandon(job.id, "worker 2 timed out after 600 s", max_attempts=2) == SeriesState.FAILED
+    row = jobs.series(job.id)
+    assert row["state"] == SeriesState.FAILED and "(last: worker 2 timed out after 600 s)" in row["error"]
+    assert jobs.abandon(999, "no such series") is None
+    # max_attempts = 1: the first interruption fails it
+    receive(jobs, "2.1", series="1.2.3.9")
+    job = claim_settled(jobs, clock)
+    assert jobs.abandon(job.id, "worker died", max_attempts=1) == SeriesState.FAILED
+    assert jobs.series(job.id)["error"].startswith("processing did not finish 1 times")
+
+
+def test_an_older_store_gets_the_attempts_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE series (id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL UNIQUE,"
+               " state TEXT NOT NULL, generation INTEGER NOT NULL DEFAULT 0, instances INTEGER NOT NULL DEFAULT 0,"
+               " modality TEXT, calling_ae TEXT, first_received REAL, last_received REAL, route TEXT, pipeline TEXT,"
+               " output_dir TEXT, outputs INTEGER, error TEXT, processing_seconds REAL, updated_at REAL NOT NULL)")
+    db.execute("INSERT INTO series(study_uid, series_uid, state, last_received, updated_at)"
+               " VALUES ('1.2', '1.2.3', 'processing', 1, 1)")
+    db.commit()
+    db.close()
+    jobs = JobStore(path)
+    try:
+        assert jobs.series(1)["processing_attempts"] == 0  # claimed before the upgrade: not counted
+        assert jobs.recover(max_attempts=1)["series_requeued"] == 1
+        jobs.claim_next()
+        assert jobs.recover(max_attempts=1)["series_failed"] == 1
+        assert jobs.is_derived("2.25.1") is False  # the index on an added column exists too
+    finally:
+        jobs.close()
+
+
+def spool_with(tmp_path: Path, count: int) -> tuple[Spool, list[Path]]:
+    """A spool holding *count* real instances in two series (pydicom's bundled CT, new UIDs)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    spool = Spool(tmp_path / "spool")
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    paths = []
+    for number in range(count):
+        source.SOPInstanceUID = f"1.2.3.{number % 2}.{number + 1}"
+        buffer = __import__("io").BytesIO()
+        source.save_as(buffer)
+        paths.append(spool.store("1.2.3", f"1.2.3.{number % 2}", source.SOPInstanceUID, [buffer.getvalue()]).path)
+    return spool, paths
+
+
+def damaged_copies(tmp_path: Path) -> dict[str, Path]:
+    """A job store file with a bad header, and one whose pages after the first are garbage."""
+    import random
+
+    good = tmp_path / "good" / "jobs.sqlite"
+    jobs = JobStore(good)
+    for number in range(20):
+        receive(jobs, f"1.{number + 1}", series=f"1.2.3.{number}")
+    jobs.close()  # the last connection: the WAL is checkpointed into the file
+    data = good.read_bytes()
+    assert len(data) > 3 * 4096
+    header = tmp_path / "header" / "jobs.sqlite"
+    header.parent.mkdir()
+    header.write_bytes(b"this is not an SQLite file" + data[26:])
+    pages = tmp_path / "pages" / "jobs.sqlite"
+    pages.parent.mkdir()
+    noise = random.Random(7)
+    pages.write_bytes(data[:4096] + bytes(noise.randrange(256) for _ in range(len(data) - 4096)))
+    return {"header": header, "pages": pages}
+
+
+@pytest.mark.parametrize("damage", ["header", "pages"])
+def test_a_damaged_store_is_refused_at_open_naming_the_file_and_the_fix(tmp_path: Path, damage: str) -> None:
+    path = damaged_copies(tmp_path)[damage]
+    before = path.read_bytes()
+    with pytest.raises(JobStoreError) as info:
+        JobStore(path)
+    error = info.value
+    assert error.damaged and error.path == path
+    line = error.message(Path("/etc/dicom-node.toml"))
+    assert "\n" not in line and line.startswith(f"{path}: the job store is damaged (")
+    assert "`dicom-node store rebuild --config /etc/dicom-node.toml`" in line
+    assert any(words in line for words in (["file is not a database"] if damage == "header"
+                                           else ["malformed", "integrity check failed: "]))
+    assert path.read_bytes() == before  # nothing written to it
+    assert JobStore.rebuild(path, Spool(tmp_path / "spool")).recorded.instances == 0  # the failed open left no lock
+
+
+def test_an_unopenable_store_says_so_without_calling_it_damaged(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite").mkdir()  # a folder where the file should be
+    with pytest.raises(JobStoreError) as info:
+        JobStore(tmp_path / "jobs.sqlite")
+    assert not info.value.damaged and "cannot be opened" in str(info.value) and "store rebuild" not in str(info.value)
+
+
+def test_rebuild_sets_the_damaged_store_aside_and_records_the_spool(tmp_path: Path) -> None:
+    path = damaged_copies(tmp_path)["pages"]
+    (path.parent / "jobs.sqlite-wal").write_bytes(b"old wal")
+    spool, paths = spool_with(path.parent, 5)
+    rebuilt = JobStore.rebuild(path, spool, clock=lambda: 5000.0)
+    assert "malformed" in rebuilt.damage or "integrity check failed" in rebuilt.damage
+    aside = rebuilt.set_aside[0]
+    assert aside.name.startswith("jobs.sqlite.corrupt-") and aside.read_bytes()[:16] == b"SQLite format 3\x00"
+    assert aside.with_name(aside.name + "-wal").read_bytes() == b"old wal"  # moved with it, as it was
+    assert {p.name for p in path.parent.iterdir() if p.name.startswith("jobs.sqlite")} == {
+        p.name for p in rebuilt.set_aside} | {"jobs.sqlite"}
+    assert rebuilt.recorded == Reconciled(instances=5, series=2, unreadable=0)
+    jobs = JobStore(path)
+    try:
+        assert jobs.known_paths() == {str(p) for p in paths}
+        assert sorted(r["instances"] for r in jobs.list_series()) == [2, 3]
+        assert jobs.counts() == {"receiving": 2}
+    finally:
+        jobs.close()
+    # a readable store is left alone unless forced
+    assert JobStore.rebuild(path, spool).set_aside == ()
+    forced = JobStore.rebuild(path, spool, only_if_damaged=False)
+    assert ".set-aside-" in forced.set_aside[0].name and forced.recorded.instances == 5
+
+
+def test_rebuild_refuses_a_store_in_use_and_a_node_does_not_open_one_being_rebuilt(tmp_path: Path) -> None:
+    from node.jobstore import _FolderLock
+
+    path = tmp_path / "jobs.sqlite"
+    jobs = JobStore(path)
+    try:
+        with pytest.raises(JobStoreError, match="in use"):
+            JobStore.rebuild(path, Spool(tmp_path / "spool"), only_if_damaged=False)
+        reader = JobStore(path)  # another reader (status) is fine
+        assert reader.counts() == {}
+        reader.close()
+    finally:
+        jobs.close()
+    lock = _FolderLock(path, exclusive=True)  # as a rebuild holds it
+    try:
+        with pytest.raises(JobStoreError, match="being rebuilt"):
+            JobStore(path)
+    finally:
+        lock.close()
+    JobStore(path).close()
