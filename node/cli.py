@@ -7,12 +7,12 @@ import datetime
 import logging
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import ConfigError
 from node.jobstore import JobStoreError
+from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
 __all__ = ["main"]
@@ -277,7 +277,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     log.info("config: %s", config.source)
-    NodeService(config).run_forever()
+    NodeService(config, log_settings=args.log_settings).run_forever()
     return 0
 
 
@@ -376,46 +376,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname,
-            "logger": record.name,
-            "thread": record.threadName,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-node`` command; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
-    _setup_logging(args.log_level, args.log_format)
-    if args.log_level != "DEBUG":  # pynetdicom narrates every PDU at INFO; our own lines say what matters
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request
-        logging.getLogger("retrying").setLevel(logging.ERROR)  # a traceback per failed request otherwise
-    # pydicom both logs and warns about damaged files; its log line is the one we keep.
-    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+    args.log_settings = LogSettings(args.log_level, args.log_format)
+    setup_logging(args.log_settings)
     try:
         return args.func(args)
     except (PipelineError, ConfigError) as exc:
