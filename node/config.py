@@ -24,6 +24,7 @@ and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arri
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.resources
 import json
@@ -105,10 +106,13 @@ class NodeSettings:
     settle_seconds : float
         Quiet time after the last instance of a series before the series is processed.
     workers : int
-        Processing workers.
+        Processing worker processes (:mod:`node.workers`).
     max_processing_attempts : int
         A series whose processing did not finish this many times (its worker was killed, e.g. out
         of memory, or timed out) is failed instead of being queued again.
+    processing_timeout_seconds : float
+        A series still being processed after this long has its worker process killed (and is
+        given back to the queue, or failed once it has used up its attempts).
     """
 
     ae_title: str
@@ -124,6 +128,7 @@ class NodeSettings:
     study_settle_seconds: float = 120.0
     force_complete_seconds: float = 3600.0
     max_processing_attempts: int = 2
+    processing_timeout_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,8 @@ class DicomDestination:
         DICOM over TLS towards the peer (see :mod:`node.tls`).
     associations : int
         Associations one delivery uses at once (1-16), its files split between them.
+    concurrency : int
+        Deliveries to this destination in flight at once (1-16; its own lane: see :mod:`node.delivery`).
     """
 
     kind: ClassVar[str] = "dicom"
@@ -314,6 +321,7 @@ class DicomDestination:
     cert_file: Path | None = None
     key_file: Path | None = None
     associations: int = 1
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -333,6 +341,8 @@ class DicomWebDestination:
     ca_file : Path or None
         ``https://`` only: trust this CA (PEM) for the server's certificate instead of the
         system's store (a hospital PKI).
+    concurrency : int
+        Deliveries to this destination in flight at once (1-16).
     """
 
     kind: ClassVar[str] = "dicomweb"
@@ -341,6 +351,7 @@ class DicomWebDestination:
     auth: BasicAuth | BearerAuth | None = None
     timeout_seconds: float = 30.0
     ca_file: Path | None = None
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -353,11 +364,14 @@ class FolderDestination:
         Name used by routes.
     path : Path
         Absolute folder.
+    concurrency : int
+        Deliveries to this folder in flight at once (1-16).
     """
 
     kind: ClassVar[str] = "folder"
     name: str
     path: Path
+    concurrency: int = 1
 
 
 Destination = DicomDestination | DicomWebDestination | FolderDestination
@@ -517,6 +531,11 @@ class Config:
     sources: Mapping[str, DicomWebSource] = field(default_factory=lambda: MappingProxyType({}))
     tls: TlsSettings | None = None
 
+    def __reduce__(self) -> tuple[Callable[..., Config], tuple[dict[str, Any]]]:
+        """Pickle support (read-only mappings become dicts and back): worker processes get the config."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _config_from_fields, ({k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in fields.items()},)
+
     def route_for(self, ds: Dataset) -> Route | None:
         """The first route that matches *ds*, or None.
 
@@ -534,6 +553,11 @@ class Config:
             if route.matches(ds):
                 return route
         return None
+
+
+def _config_from_fields(fields: dict[str, Any]) -> Config:
+    """The :class:`Config` of pickled *fields* (see :meth:`Config.__reduce__`)."""
+    return Config(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in fields.items()})
 
 
 # --------------------------------------------------------------------------- line numbers
@@ -757,13 +781,13 @@ _TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "ro
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds", "max_processing_attempts",
+    "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
-              "key_file", "associations"),
-    "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds", "ca_file"),
-    "folder": ("name", "kind", "path"),
+              "key_file", "associations", "concurrency"),
+    "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds", "ca_file", "concurrency"),
+    "folder": ("name", "kind", "path", "concurrency"),
 }
 _AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
 _SOURCE_KEYS = {
@@ -998,6 +1022,7 @@ class _Checker:
             study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
             force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
             max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
+            processing_timeout_seconds=self.number(table, path, "processing_timeout_seconds", 3600.0, at_least=1.0),
         )
 
     def tls_settings(self) -> TlsSettings | None:
@@ -1118,7 +1143,7 @@ class _Checker:
             kind = self.kind(table, path, _DESTINATION_KEYS)
             allowed = _DESTINATION_KEYS[kind]
             optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file",
-                        "associations"}
+                        "associations", "concurrency"}
             self.keys(table, path, allowed, [k for k in allowed if k not in optional])
             name = self.name(table, path, seen)
             destination: Destination
@@ -1152,7 +1177,8 @@ class _Checker:
                 )
             else:
                 destination = FolderDestination(name=name, path=self.folder(table, path, "path"))
-            out[name] = destination
+            concurrency = self.integer(table, path, "concurrency", 1, 16, default=1)
+            out[name] = dataclasses.replace(destination, concurrency=concurrency)
         return out
 
     def sources(self) -> dict[str, DicomWebSource]:
