@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS series (
     error TEXT,
     processing_seconds REAL,
     processing_attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
@@ -370,7 +371,7 @@ class JobStore:
     def _add_missing_columns(self) -> None:
         """Bring a job store written by an older version up to this schema (columns only added)."""
         wanted = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT",
-                  "processing_attempts": "INTEGER NOT NULL DEFAULT 0"}
+                  "processing_attempts": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT"}
         have = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
         for column, kind in wanted.items():
             if column not in have:
@@ -486,6 +487,13 @@ class JobStore:
         """
         now = self._clock()
         force = float("inf") if force_complete_seconds is None else force_complete_seconds
+
+        def due(row: sqlite3.Row) -> tuple[bool, bool]:
+            forced = row["opened_at"] is not None and row["opened_at"] <= now - force
+            return row["last_received"] <= now - settle_seconds, forced
+
+        if trigger_of is not None:
+            self._find_triggers(trigger_of, lambda row: any(due(row)))
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, study_uid, instances, last_received, opened_at, trigger FROM series WHERE state = ?",
@@ -494,14 +502,12 @@ class JobStore:
             ready: dict[int, str] = {}
             studies: dict[str, list[sqlite3.Row]] = {}
             for row in rows:
-                forced = row["opened_at"] is not None and row["opened_at"] <= now - force
-                quiet = row["last_received"] <= now - settle_seconds
+                quiet, forced = due(row)
                 if not (quiet or forced):
                     continue
                 trigger = row["trigger"]
                 if trigger is None and trigger_of is not None:
-                    trigger = trigger_of(row["id"])
-                    db.execute("UPDATE series SET trigger = ? WHERE id = ?", (trigger, row["id"]))
+                    continue  # settled since its trigger was looked up: the next pass has it
                 if trigger == "study" and study_settle_seconds is not None:
                     studies.setdefault(row["study_uid"], [])
                 elif forced and not quiet:
@@ -528,11 +534,37 @@ class JobStore:
                 self._event(db, series_id, SeriesState.QUEUED.value, why)
         return ready
 
-    def claim_next(self) -> SeriesJob | None:
+    def _find_triggers(self, trigger_of: Callable[[int], str], wanted: Callable[[sqlite3.Row], bool]) -> None:
+        """Ask *trigger_of* (which reads a file) for the receiving series *wanted* that have no trigger yet.
+
+        Outside any write transaction: recording instances never waits behind file reads.
+        """
+        with self._lock:
+            rows = [r for r in self._db.execute(
+                "SELECT id, last_received, opened_at FROM series WHERE state = ? AND trigger IS NULL",
+                (SeriesState.RECEIVING.value,),
+            ) if wanted(r)]
+        triggers = {row["id"]: trigger_of(row["id"]) for row in rows}
+        if triggers:
+            with self._transaction() as db:
+                db.executemany("UPDATE series SET trigger = ? WHERE id = ? AND trigger IS NULL",
+                               [(trigger, series_id) for series_id, trigger in triggers.items()])
+
+    def claim_next(self, worker: str | None = None) -> SeriesJob | None:
         """Take the oldest queued series for processing (atomic); None when there is none.
+
+        Parameters
+        ----------
+        worker : str, optional
+            Who claims it (kept in ``claimed_by`` until processing ends), so the claims of a worker
+            that died can be found (:meth:`claimed_by`).
 
         The claim is counted (``processing_attempts``) until a processing of the series finishes.
         """
+        with self._lock:  # idle workers ask often: a read first, the write lock only when there is work
+            if self._db.execute("SELECT 1 FROM series WHERE state = ? LIMIT 1",
+                                (SeriesState.QUEUED.value,)).fetchone() is None:
+                return None
         now = self._clock()
         with self._transaction() as db:
             row = db.execute(
@@ -544,18 +576,26 @@ class JobStore:
                 return None
             db.execute(
                 "UPDATE series SET state = ?, error = NULL, processing_attempts = processing_attempts + 1,"
-                " updated_at = ? WHERE id = ?",
-                (SeriesState.PROCESSING.value, now, row["id"]),
+                " claimed_by = ?, updated_at = ? WHERE id = ?",
+                (SeriesState.PROCESSING.value, worker, now, row["id"]),
             )
             attempt = row["processing_attempts"] + 1
-            self._event(db, row["id"], SeriesState.PROCESSING.value,
-                        None if attempt == 1 else f"attempt {attempt}: the last did not finish")
+            detail = f"claimed by {worker}" if worker else None
+            if attempt > 1:
+                detail = f"attempt {attempt}: the last did not finish" + (f"; {detail}" if detail else "")
+            self._event(db, row["id"], SeriesState.PROCESSING.value, detail)
             paths = tuple(
                 Path(r[0]) for r in db.execute(
                     "SELECT path FROM instances WHERE series_id = ? ORDER BY path", (row["id"],)
                 )
             )
         return SeriesJob(row["id"], row["study_uid"], row["series_uid"], row["generation"], paths)
+
+    def claimed_by(self, worker: str) -> list[int]:
+        """Ids of the series *worker* is processing (claimed, not yet finished)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT id FROM series WHERE state = ? AND claimed_by = ?", (SeriesState.PROCESSING.value, worker))]
 
     def _still_current(self, db: sqlite3.Connection, job: SeriesJob) -> bool:
         row = db.execute("SELECT generation, state FROM series WHERE id = ?", (job.id,)).fetchone()
@@ -623,16 +663,27 @@ class JobStore:
 
     # -- delivery -------------------------------------------------------------------------------
 
-    def claim_due_deliveries(self, limit: int = 16) -> list[Delivery]:
-        """Take pending deliveries whose time has come (marked ``sending``)."""
+    def claim_due_deliveries(self, limit: int = 16, *, destination: str | None = None) -> list[Delivery]:
+        """Take pending deliveries whose time has come (marked ``sending``).
+
+        Parameters
+        ----------
+        limit : int
+            At most this many.
+        destination : str, optional
+            Only deliveries to this destination (each destination has its own lane).
+        """
         now = self._clock()
+        only = "" if destination is None else " AND d.destination = ?"
+        args: tuple[Any, ...] = (DeliveryState.PENDING.value, now) + (() if destination is None else (destination,))
+        query = ("SELECT d.id, d.series_id, d.destination, d.attempts, d.generation, s.study_uid, s.series_uid,"
+                 " s.output_dir FROM deliveries d JOIN series s ON s.id = d.series_id"
+                 f" WHERE d.state = ? AND d.next_attempt_at <= ?{only} ORDER BY d.next_attempt_at LIMIT ?")
+        with self._lock:  # lanes ask often: a read first, the write lock only when something is due
+            if not self._db.execute(query, args + (1,)).fetchall():
+                return []
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT d.id, d.series_id, d.destination, d.attempts, d.generation, s.study_uid, s.series_uid,"
-                " s.output_dir FROM deliveries d JOIN series s ON s.id = d.series_id"
-                " WHERE d.state = ? AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-                (DeliveryState.PENDING.value, now, limit),
-            ).fetchall()
+            rows = db.execute(query, args + (limit,)).fetchall()
             for row in rows:
                 db.execute(
                     "UPDATE deliveries SET state = ?, updated_at = ? WHERE id = ?",
@@ -643,6 +694,13 @@ class JobStore:
                      r["generation"], Path(r["output_dir"]))
             for r in rows
         ]
+
+    def pending_delivery_destinations(self) -> list[str]:
+        """The destinations that pending (or interrupted) deliveries go to."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT DISTINCT destination FROM deliveries WHERE state IN (?, ?) ORDER BY destination",
+                (DeliveryState.PENDING.value, DeliveryState.SENDING.value))]
 
     def delivered(self, delivery: Delivery) -> None:
         """Record a successful delivery; the series is delivered when all of its are."""
