@@ -1,11 +1,12 @@
-"""``dicom-node serve``: the node as one process.
+"""``dicom-node serve``: the node as one receiving process and its worker processes.
 
-Threads, each with one job, all talking through the job store:
+In the receiving process, threads, each with one job, all talking through the job store:
 
 - the pynetdicom SCP (ingest: spool + record, then Success);
 - the assembler (receiving series quiet for ``settle_seconds`` become queued);
-- processing workers (claim a queued series, run its route's pipeline, write outputs);
-- the delivery loop (sends due deliveries, retries with backoff);
+- the worker supervisor (:mod:`node.workers`): ``[node] workers`` processes claim queued series,
+  run their route's pipeline and write outputs; a dead or stuck worker is replaced;
+- the delivery lanes (:mod:`node.delivery`): per destination, send due deliveries, retry with backoff;
 - an apscheduler job per ``[[sources]]`` entry, pulling new series from a DICOMweb archive into
   the same spool (:mod:`node.poller`).
 
@@ -16,30 +17,28 @@ acknowledged.
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
 import shutil
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
+from node.delivery import DeliveryLanes
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
-from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
+from node.jobstore import JobStore
+from node.logsetup import LogSettings
 from node.metrics import Metrics
 from node.poller import DicomWebPoller, schedule
-from node.process import process_series
-from node.senders import DeliveryError, Sender, sender_for
-from node.series import InputSeries, instance_order, open_images
+from node.senders import Sender, sender_for
 from node.spool import Spool
 from node.tls import check_certificate_expiry, server_context, start_tls_server
+from node.workers import PROCESSED, WorkerPool
 
 __all__ = ["NodeService"]
 
@@ -56,9 +55,11 @@ class NodeService:
     ----------
     config : Config
         The checked configuration.
+    log_settings : LogSettings, optional
+        How the worker processes log (as the command does).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, log_settings: LogSettings | None = None) -> None:
         self.config = config
         data_dir = config.node.data_dir
         self.spool = Spool(data_dir / "spool")
@@ -70,14 +71,14 @@ class NodeService:
         self.metrics = Metrics(destinations=config.destinations)
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._work = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._server = None
         self._tls_server = None
         # TLS files are checked now: a ConfigError before anything starts
         self._tls_context = server_context(config.tls) if config.tls is not None else None
-        self._send_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
-        self._render_threads = max(1, min(4, os.cpu_count() or 1))  # images of one series at once
+        self.workers = WorkerPool(config, self.jobs, count=config.node.workers,
+                                  log_settings=log_settings or LogSettings(), on_report=self._worker_report)
+        self.deliveries = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
         self.pollers = [
             DicomWebPoller(source, spool=self.spool, jobs=self.jobs, pipeline_names=config.pipelines)
             for source in config.sources.values()
@@ -86,7 +87,7 @@ class NodeService:
         self.http = StatusServer(
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
-            is_alive=lambda: not self._stop.is_set() and all(t.is_alive() for t in self._threads),
+            is_alive=self._alive,
             is_ready=lambda: self._ready.is_set() and not self._stop.is_set(),
         )
 
@@ -119,9 +120,8 @@ class NodeService:
             if tls is not None:
                 self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context)
         self._spawn("assembler", self._assemble_loop)
-        for number in range(node.workers):
-            self._spawn(f"worker-{number + 1}", self._work_loop)
-        self._spawn("delivery", self._delivery_loop)
+        self.workers.start()
+        self.deliveries.start()
         if node.retention_hours > 0:
             self._spawn("retention", self._retention_loop)
         if self._certificates():
@@ -148,11 +148,10 @@ class NodeService:
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.shutdown()
-        with self._work:
-            self._work.notify_all()
+        self.workers.stop()
         for thread in self._threads:
             thread.join(timeout=60)
-        self._send_pool.shutdown(wait=True)
+        self.deliveries.stop()
         self.http.stop()
         self.jobs.close()
         log.info("node stopped")
@@ -173,9 +172,18 @@ class NodeService:
         thread.start()
         self._threads.append(thread)
 
-    def _wake(self) -> None:
-        with self._work:
-            self._work.notify_all()
+    def _alive(self) -> bool:
+        """For /healthz: every thread, the worker supervisor and the delivery lanes run."""
+        return (not self._stop.is_set() and all(t.is_alive() for t in self._threads)
+                and self.workers.alive() and self.deliveries.alive())
+
+    def _worker_report(self, kind: str, seconds: float) -> None:
+        """A worker processed (or failed) a series: count it; deliver what is due at once."""
+        if kind == PROCESSED:
+            self.metrics.series_processed(seconds)
+            self.deliveries.wake()
+        else:
+            self.metrics.series_failed()
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -212,8 +220,6 @@ class NodeService:
                 continue
             for why in sorted(set(ready.values())):
                 log.info("%d series queued: %s", sum(1 for w in ready.values() if w == why), why)
-            if ready:
-                self._wake()
 
     def _trigger_of(self, series_id: int) -> str:
         """``series`` or ``study``: the trigger of the route the series' first instance takes."""
@@ -275,124 +281,6 @@ class NodeService:
             log.info("retention: %d delivered series older than %g h removed", removed,
                      self.config.node.retention_hours)
         return removed
-
-    # -- processing -----------------------------------------------------------------------------
-
-    def _work_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self.jobs.claim_next()
-            except Exception:
-                log.exception("cannot claim work from the job store")
-                job = None
-            if job is None:
-                with self._work:
-                    self._work.wait(timeout=1.0)
-                continue
-            try:
-                self.process(job)
-            except Exception as exc:  # a bug must not kill the worker: the series fails, visibly
-                log.exception("series %s: processing crashed", job.series_uid)
-                self._fail(job, f"processing crashed: {type(exc).__name__}: {exc}")
-
-    def process(self, job: SeriesJob) -> None:
-        """Route, process and schedule delivery of one claimed series."""
-        if self.jobs.is_derived(job.series_uid):
-            reason = "a series this node derived came back: not processed again"
-            log.warning("series %s: %s", job.series_uid, reason)
-            self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
-            return
-        images, failures = open_images(job.instance_paths)
-        for failure in failures:
-            log.error("series %s: %s", job.series_uid, failure)
-        if not images:
-            reason = "; ".join(f.reason for f in failures[:3]) or "no instances"
-            self._fail(job, f"no processable instance: {reason}")
-            return
-        route = self.config.route_for(images[0].header)
-        if route is None:
-            first = images[0].header
-            reason = f"no route matches (Modality {first.get('Modality')}, SOP Class {first.get('SOPClassUID')})"
-            log.warning("series %s kept unrouted: %s", job.series_uid, reason)
-            self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
-            return
-        pipeline = self.config.pipelines[route.pipeline]
-        series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
-        log.info("series %s: %d instances -> pipeline %s", job.series_uid, len(series.images), pipeline.name)
-        result = process_series(
-            series, pipeline, self.outputs, now=datetime.datetime.now().astimezone(), threads=self._render_threads
-        )
-        failures.extend(result.failures)
-        if not result.outputs:
-            reason = "; ".join(f.reason for f in failures[:3])
-            self._fail(job, f"no output: {reason}")
-            return
-        error = f"{len(failures)} instances failed: {failures[0].reason}" if failures else None
-        scheduled = self.jobs.processed(
-            job, route=route.pipeline, pipeline=pipeline.name,
-            output_dir=self.outputs / job.study_uid / result.derived_series_uid,
-            derived_series_uid=result.derived_series_uid,
-            outputs=len(result.outputs), destinations=route.destinations, seconds=result.seconds, error=error,
-        )
-        self.metrics.series_processed(result.seconds)
-        log.info(
-            "series %s -> %s: %d outputs in %.2f s%s", job.series_uid, result.derived_series_uid,
-            len(result.outputs), result.seconds, "" if scheduled else " (new instances came: will run again)",
-        )
-
-    def _fail(self, job: SeriesJob, reason: str) -> None:
-        log.error("series %s failed: %s", job.series_uid, reason)
-        self.metrics.series_failed()
-        self.jobs.set_outcome(job, SeriesState.FAILED, reason)
-
-    # -- delivery -------------------------------------------------------------------------------
-
-    def _delivery_loop(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                due = self.jobs.claim_due_deliveries()
-            except Exception:
-                log.exception("cannot read deliveries from the job store")
-                continue
-            for future in [self._send_pool.submit(self.deliver, d) for d in due]:
-                future.result()
-
-    def deliver(self, delivery: Delivery) -> None:
-        """One attempt at one delivery, recorded in the job store."""
-        sender = self.senders.get(delivery.destination)
-        if sender is None:
-            self._delivery_failed(delivery, f"destination {delivery.destination!r} is not configured", permanent=True)
-            return
-        files = sorted(
-            p for p in delivery.output_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-        ) if delivery.output_dir.is_dir() else []
-        if not files:
-            self._delivery_failed(delivery, f"no output files in {delivery.output_dir}", permanent=True)
-            return
-        try:
-            sender.send(files, study_uid=delivery.study_uid, series_uid=delivery.output_dir.name)
-        except DeliveryError as exc:
-            self._delivery_failed(delivery, exc.reason, permanent=exc.permanent)
-            return
-        except Exception as exc:  # an unexpected sender bug is retried like a transient failure
-            log.exception("delivery of %s to %s crashed", delivery.series_uid, delivery.destination)
-            self._delivery_failed(delivery, f"{type(exc).__name__}: {exc}", permanent=False)
-            return
-        self.jobs.delivered(delivery)
-        self.metrics.delivery(delivery.destination, "delivered")
-        log.info("series %s delivered to %s: %d files", delivery.series_uid, delivery.destination, len(files))
-
-    def _delivery_failed(self, delivery: Delivery, reason: str, *, permanent: bool) -> None:
-        """Record a failed attempt (retry with backoff, or failed for good), log and count it."""
-        policy = self.config.delivery
-        final = self.jobs.delivery_failed(
-            delivery, reason, permanent=permanent, max_attempts=policy.max_attempts,
-            retry_in=policy.delay(delivery.attempts + 1),
-        )
-        self.metrics.delivery(delivery.destination, "failed" if final else "retry")
-        level = logging.ERROR if final else logging.WARNING
-        log.log(level, "delivery of %s to %s %s: %s", delivery.series_uid, delivery.destination,
-                "failed for good" if final else "failed, will retry", reason)
 
 
 def _remove_empty_parents(folder: Path, root: Path) -> None:
