@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class NodeProcess:
     """``dicom-node serve --config FILE`` in its own process group, logging to a file."""
 
-    def __init__(self, config_text: str, workdir: Path, *, ae_title: str = "DICOMNODE", port: int) -> None:
+    def __init__(self, config_text: str, workdir: Path, *, ae_title: str = "DICOMNODE", port: int,
+                 code_root: Path = ROOT) -> None:
         self.workdir = workdir
+        self.code_root = code_root  # the checkout whose node runs (benchmarks compare two)
         self.config_path = workdir / "node.toml"
         self.config_path.write_text(config_text)
         self.log_path = workdir / "node.log"
@@ -32,7 +34,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 30) -> NodeProcess:
         """Start and wait until it answers C-ECHO."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(self.code_root))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
