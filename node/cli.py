@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import ConfigError
+from node.database import DatabaseError
 from node.jobstore import JobStoreError
 from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
@@ -241,7 +242,7 @@ def _add_poll_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_poll(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.jobstore import JobStore
+    from node.jobstore import job_store_for
     from node.poller import DicomWebPoller
     from node.spool import Spool
 
@@ -253,10 +254,10 @@ def _run_poll(args: argparse.Namespace) -> int:
         log.error("%s has no [[sources]]", config.source)
         return 2
     names = [args.source] if args.source else list(config.sources)
-    jobs = JobStore(config.node.data_dir / "jobs.sqlite")
+    jobs = job_store_for(config)
     failed = False
     try:
-        spool = Spool(config.node.data_dir / "spool")
+        spool = Spool(config.node.shared / "spool")
         for name in names:
             poller = DicomWebPoller(config.sources[name], spool=spool, jobs=jobs, pipeline_names=config.pipelines)
             result = poller.poll_once()
@@ -283,10 +284,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _open_jobs(args: argparse.Namespace):
     from node.config import load_config
-    from node.jobstore import JobStore
+    from node.jobstore import job_store_for
 
     config = load_config(args.config)
-    return JobStore(config.node.data_dir / "jobs.sqlite")
+    return job_store_for(config)
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -389,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except JobStoreError as exc:  # one line naming the file and the fix; never a traceback
         log.error("%s", exc.message(getattr(args, "config", None)))
+        return 3
+    except DatabaseError as exc:  # PostgreSQL unreachable, a newer schema: one line, never a traceback
+        log.error("%s", exc)
         return 3
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "FolderDestination",
     "HttpSettings",
     "NodeSettings",
+    "StoreSettings",
     "Route",
     "load_config",
 ]
@@ -113,6 +114,8 @@ class NodeSettings:
     processing_timeout_seconds : float
         A series still being processed after this long has its worker process killed (and is
         given back to the queue, or failed once it has used up its attempts).
+    shared_dir : Path or None
+        Spool and outputs, mounted by every machine of a scaled-out node (NFS); None: ``data_dir``.
     """
 
     ae_title: str
@@ -129,6 +132,12 @@ class NodeSettings:
     force_complete_seconds: float = 3600.0
     max_processing_attempts: int = 2
     processing_timeout_seconds: float = 3600.0
+    shared_dir: Path | None = None
+
+    @property
+    def shared(self) -> Path:
+        """The folder of the spool and the outputs: ``shared_dir``, or ``data_dir`` on one machine."""
+        return self.shared_dir or self.data_dir
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,38 @@ class HttpSettings:
 
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the job store lives: SQLite in ``data_dir`` (the default), or a PostgreSQL shared by
+    every receiver and worker of a site (:mod:`node.database`).
+
+    Attributes
+    ----------
+    url : str or None
+        ``postgresql://USER@HOST:PORT/DATABASE``; None: SQLite in ``data_dir``.
+    password_env : str or None
+        The environment variable holding the database password (never in the file).
+    where : str
+        ``FILE:LINE`` of ``[store]``, for messages at run time.
+    """
+
+    url: str | None = None
+    password_env: str | None = None
+    where: str = ""
+
+    def password(self) -> str | None:
+        """The password from the environment (None when ``password_env`` is not set).
+
+        Raises
+        ------
+        ConfigError
+            The variable is named but not set, or empty.
+        """
+        if self.password_env is None:
+            return None
+        return _read_env(self.password_env, "the job store's password", self.where)
 
 
 @dataclass(frozen=True)
@@ -519,6 +560,8 @@ class Config:
         The DICOM TLS listener, when configured.
     sources : Mapping of str to DicomWebSource
         DICOMweb archives polled for new series, by name (read-only, in file order; empty by default).
+    store : StoreSettings
+        Where the job store lives (``[store]``; SQLite in ``data_dir`` by default).
     """
 
     node: NodeSettings
@@ -530,6 +573,7 @@ class Config:
     source: str
     sources: Mapping[str, DicomWebSource] = field(default_factory=lambda: MappingProxyType({}))
     tls: TlsSettings | None = None
+    store: StoreSettings = StoreSettings()
 
     def __reduce__(self) -> tuple[Callable[..., Config], tuple[dict[str, Any]]]:
         """Pickle support (read-only mappings become dicts and back): worker processes get the config."""
@@ -777,11 +821,11 @@ class _Lines:
 _REQUIRED: Any = object()
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "routes", "sources")
+_TOP_KEYS = ("node", "http", "tls", "delivery", "store", "pipelines", "destinations", "routes", "sources")
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds",
+    "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds", "shared_dir",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -979,6 +1023,7 @@ class _Checker:
         destinations = self.destinations(node)
         routes = self.routes(pipelines, destinations)
         sources = self.sources()
+        store = self.store_settings()
         return Config(
             node=node,
             http=http,
@@ -989,6 +1034,7 @@ class _Checker:
             source=self.source,
             sources=MappingProxyType(sources),
             tls=tls,
+            store=store,
         )
 
     def node_settings(self) -> NodeSettings:
@@ -1023,6 +1069,7 @@ class _Checker:
             force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
             max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
             processing_timeout_seconds=self.number(table, path, "processing_timeout_seconds", 3600.0, at_least=1.0),
+            shared_dir=self.folder(table, path, "shared_dir") if "shared_dir" in table else None,
         )
 
     def tls_settings(self) -> TlsSettings | None:
@@ -1099,6 +1146,22 @@ class _Checker:
             host=self.string(table, path, "host", "127.0.0.1"),
             port=self.integer(table, path, "port", 1, 65535, default=8080),
         )
+
+    def store_settings(self) -> StoreSettings:
+        path: _KeyPath = ("store",)
+        table = self.table(self.data, (), "store", required=False)
+        if table is None:
+            return StoreSettings()
+        self.keys(table, path, ("url", "password_env"), ("url",))
+        url = self.string(table, path, "url")
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path.strip("/"):
+            self.fail(path + ("url",), "must be postgresql://USER@HOST:PORT/DATABASE (leave [store] out for "
+                      f"SQLite in data_dir), got {_show(url)}")
+        if parts.password is not None:
+            self.fail(path + ("url",), "must not hold a password: name an environment variable in password_env")
+        password_env = self.env_name(table, path, "password_env") if "password_env" in table else None
+        return StoreSettings(url=url, password_env=password_env, where=self.located(path + ("password_env",)))
 
     def delivery_settings(self) -> DeliverySettings:
         path: _KeyPath = ("delivery",)

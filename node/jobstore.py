@@ -33,23 +33,25 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 
+from node.database import Database, DatabaseError, PostgresDatabase, SqliteDatabase
 from node.fsutil import fsync_dir
 from node.spool import Spool
 
+if TYPE_CHECKING:
+    from node.config import Config
+
 __all__ = [
     "DEFAULT_MAX_PROCESSING_ATTEMPTS", "Delivery", "DeliveryState", "JobStore", "JobStoreError", "Rebuilt",
-    "Reconciled", "SeriesJob", "SeriesState",
+    "Reconciled", "SeriesJob", "SeriesState", "job_store_for", "open_job_store",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ CREATE TABLE IF NOT EXISTS series (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE INDEX IF NOT EXISTS series_derived ON series(derived_series_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_id INTEGER NOT NULL REFERENCES series(id),
@@ -148,6 +151,12 @@ CREATE INDEX IF NOT EXISTS events_series ON events(series_id);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+#: Version of :data:`_SCHEMA` (kept in the ``schema_version`` table). 1: before the table existed.
+SCHEMA_VERSION = 2
+#: Columns of ``series`` added since the first release: a database without them gets them.
+_ADDED_COLUMNS = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT",
+                  "processing_attempts": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT"}
+
 
 @dataclass(frozen=True)
 class SeriesJob:
@@ -174,7 +183,7 @@ class Delivery:
     output_dir: Path
 
 
-class JobStoreError(Exception):
+class JobStoreError(DatabaseError):
     """The job store cannot be used: damaged, unreadable, or being rebuilt.
 
     Attributes
@@ -238,7 +247,7 @@ class _FolderLock:
             self._fd = None
 
 
-def _check(db: sqlite3.Connection, path: Path, seconds: float) -> None:
+def _check(db: Database, path: Path, seconds: float) -> None:
     """``PRAGMA quick_check`` of *db*, given up after *seconds*; raises :class:`JobStoreError` if damaged."""
     deadline = time.monotonic() + seconds
     db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
@@ -324,79 +333,101 @@ def _set_aside(path: Path, label: str) -> tuple[Path, ...]:
 
 
 class JobStore:
-    """SQLite job store in one file; safe to share between threads of one process.
+    """The job store over one database; safe to share between the threads of one process.
+
+    Several processes (the receiver and its workers, or many machines on PostgreSQL) may each
+    open their own :class:`JobStore` on the same database.
 
     Parameters
     ----------
-    path : pathlib.Path
-        The database file (created with its folder when absent).
+    database : pathlib.Path or Database
+        A SQLite file (created with its folder when absent), or an open :class:`node.database.Database`
+        (PostgreSQL: :func:`open_job_store`).
     clock : callable, optional
         Returns the current time in seconds (``time.time``); injected by tests.
 
     Raises
     ------
     JobStoreError
-        The file is damaged, cannot be opened, or is being rebuilt.
+        The SQLite file is damaged, cannot be opened, or is being rebuilt.
+    DatabaseError
+        The database was written by a newer dicom-node (its schema version is higher).
     """
 
-    def __init__(self, path: Path, *, clock: Any = time.time, _folder_lock: _FolderLock | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, database: Path | Database, *, clock: Any = time.time,
+                 _folder_lock: _FolderLock | None = None) -> None:
         self._clock = clock
-        self._lock = threading.RLock()
+        self._folder_lock: _FolderLock | None = None
+        if hasattr(database, "transaction"):
+            self._db: Database = database
+            self.path = getattr(database, "path", None)
+        else:
+            self.path = Path(database)
+            self._db = self._open_sqlite(self.path, _folder_lock)
+        self._lock = self._db.lock
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._folder_lock = _folder_lock or _FolderLock(self.path, exclusive=False)
+            self._create_or_upgrade()
+        except Exception as exc:
+            if self._folder_lock is not None:  # opened here: closed here
+                self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _cannot_open(self.path, exc) from exc
+            raise
+
+    def _open_sqlite(self, path: Path, folder_lock: _FolderLock | None) -> SqliteDatabase:
+        """The SQLite file, locked against a rebuild and checked before anything is written to it."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folder_lock = folder_lock or _FolderLock(path, exclusive=False)
         except OSError as exc:
-            raise _cannot_open(self.path, exc) from exc
+            raise _cannot_open(path, exc) from exc
         try:
-            self._open()
+            return SqliteDatabase(path, check=lambda db: _check(db, path, CHECK_SECONDS))
         except (sqlite3.Error, JobStoreError) as exc:
-            if getattr(self, "_db", None) is not None:
-                self._db.close()
             self._folder_lock.close()
             if isinstance(exc, JobStoreError):
                 raise
-            raise _cannot_open(self.path, exc) from exc
+            raise _cannot_open(path, exc) from exc
 
-    def _open(self) -> None:
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        _check(self._db, self.path, CHECK_SECONDS)  # before anything is written to it
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
+    def __repr__(self) -> str:
+        return f"JobStore({self._db!r})"
 
-    def _add_missing_columns(self) -> None:
-        """Bring a job store written by an older version up to this schema (columns only added)."""
-        wanted = {"derived_series_uid": "TEXT", "opened_at": "REAL", "trigger": "TEXT",
-                  "processing_attempts": "INTEGER NOT NULL DEFAULT 0", "claimed_by": "TEXT"}
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
-        for column, kind in wanted.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE series ADD COLUMN {column} {kind}")
-        # indexes on added columns only once they exist (in _SCHEMA, an older store could not open)
-        self._db.execute("CREATE INDEX IF NOT EXISTS series_derived ON series(derived_series_uid)")
+    def _create_or_upgrade(self) -> None:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; refuse a newer one."""
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            found = row[0] if row is not None else None
+            if found is not None and found > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"the job store {self._db!r} has schema version {found}, written by a newer dicom-node "
+                    f"(this one knows up to {SCHEMA_VERSION}): run the newer version, or point [store] elsewhere")
+            if found == SCHEMA_VERSION:
+                return
+            statements = [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+            for statement in statements:
+                if statement.startswith("CREATE TABLE"):
+                    db.execute(db.schema_types(statement))
+            have = db.columns("series")
+            for column, kind in _ADDED_COLUMNS.items():  # written by a version before schema_version existed
+                if column not in have:
+                    db.execute(f"ALTER TABLE series ADD COLUMN {column} {db.schema_types(kind)}")
+            for statement in statements:
+                if not statement.startswith("CREATE TABLE"):
+                    db.execute(statement)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version(version) VALUES (?)", (SCHEMA_VERSION,))
 
     def close(self) -> None:
-        """Close the database."""
-        with self._lock:
-            self._db.close()
+        """Close the database (and release the SQLite folder's lock)."""
+        self._db.close()
+        if self._folder_lock is not None:
             self._folder_lock.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> Any:
+        return self._db.transaction()
 
-    def _event(self, db: sqlite3.Connection, series_id: int, state: str, detail: str | None = None) -> None:
+    def _event(self, db: Database, series_id: int, state: str, detail: str | None = None) -> None:
         db.execute(
             "INSERT INTO events(series_id, at, state, detail) VALUES (?, ?, ?, ?)",
             (series_id, self._clock(), state, detail),
@@ -424,9 +455,9 @@ class JobStore:
             if row is None:
                 series_id = db.execute(
                     "INSERT INTO series(study_uid, series_uid, state, modality, calling_ae, first_received,"
-                    " last_received, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " last_received, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now, now),
-                ).lastrowid
+                ).fetchone()[0]
                 self._event(db, series_id, SeriesState.RECEIVING.value, f"first instance from {calling_ae}")
             else:
                 series_id = row["id"]
@@ -488,7 +519,7 @@ class JobStore:
         now = self._clock()
         force = float("inf") if force_complete_seconds is None else force_complete_seconds
 
-        def due(row: sqlite3.Row) -> tuple[bool, bool]:
+        def due(row: Any) -> tuple[bool, bool]:
             forced = row["opened_at"] is not None and row["opened_at"] <= now - force
             return row["last_received"] <= now - settle_seconds, forced
 
@@ -500,7 +531,7 @@ class JobStore:
                 (SeriesState.RECEIVING.value,),
             ).fetchall()
             ready: dict[int, str] = {}
-            studies: dict[str, list[sqlite3.Row]] = {}
+            studies: dict[str, list[Any]] = {}
             for row in rows:
                 quiet, forced = due(row)
                 if not (quiet or forced):
@@ -534,7 +565,7 @@ class JobStore:
                 self._event(db, series_id, SeriesState.QUEUED.value, why)
         return ready
 
-    def _find_triggers(self, trigger_of: Callable[[int], str], wanted: Callable[[sqlite3.Row], bool]) -> None:
+    def _find_triggers(self, trigger_of: Callable[[int], str], wanted: Callable[[Any], bool]) -> None:
         """Ask *trigger_of* (which reads a file) for the receiving series *wanted* that have no trigger yet.
 
         Outside any write transaction: recording instances never waits behind file reads.
@@ -597,7 +628,7 @@ class JobStore:
             return [r[0] for r in self._db.execute(
                 "SELECT id FROM series WHERE state = ? AND claimed_by = ?", (SeriesState.PROCESSING.value, worker))]
 
-    def _still_current(self, db: sqlite3.Connection, job: SeriesJob) -> bool:
+    def _still_current(self, db: Database, job: SeriesJob) -> bool:
         row = db.execute("SELECT generation, state FROM series WHERE id = ?", (job.id,)).fetchone()
         current = row["generation"] == job.generation and row["state"] == SeriesState.PROCESSING.value
         if not current:
@@ -737,7 +768,7 @@ class JobStore:
             self._update_series_after_delivery(db, delivery.series_id, now)
         return final
 
-    def _update_series_after_delivery(self, db: sqlite3.Connection, series_id: int, now: float) -> None:
+    def _update_series_after_delivery(self, db: Database, series_id: int, now: float) -> None:
         states = [r[0] for r in db.execute("SELECT state FROM deliveries WHERE series_id = ?", (series_id,))]
         series_state = db.execute("SELECT state FROM series WHERE id = ?", (series_id,)).fetchone()[0]
         if series_state != SeriesState.DELIVERING.value:
@@ -812,7 +843,7 @@ class JobStore:
             ).fetchone()
             return None if row is None else self._interrupted(db, row, reason, max_attempts, now)
 
-    def _interrupted(self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, max_attempts: int,
+    def _interrupted(self, db: Database, row: Any, reason: str, max_attempts: int,
                      now: float) -> SeriesState:
         """Queue again, or fail, a series whose processing did not finish (inside a transaction)."""
         attempts = row["processing_attempts"]
@@ -1008,3 +1039,22 @@ class JobStore:
         with self._transaction() as db:
             db.execute("INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                        (key, json.dumps(value)))
+
+
+def open_job_store(url: str | None, data_dir: Path, *, password: str | None = None, clock: Any = time.time) -> JobStore:
+    """The job store a configuration names: PostgreSQL at *url*, else SQLite ``data_dir/jobs.sqlite``.
+
+    Raises
+    ------
+    DatabaseError
+        PostgreSQL cannot be reached (the message names host, port and database), or the schema
+        is newer than this dicom-node.
+    """
+    if url is None:
+        return JobStore(data_dir / "jobs.sqlite", clock=clock)
+    return JobStore(PostgresDatabase(url, password=password), clock=clock)
+
+
+def job_store_for(config: Config) -> JobStore:
+    """The job store of *config* (``[store]``, else SQLite in ``[node] data_dir``); see :func:`open_job_store`."""
+    return open_job_store(config.store.url, config.node.data_dir, password=config.store.password())

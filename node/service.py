@@ -31,7 +31,7 @@ from node.delivery import DeliveryLanes
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
-from node.jobstore import JobStore
+from node.jobstore import job_store_for
 from node.logsetup import LogSettings
 from node.metrics import Metrics
 from node.poller import DicomWebPoller, schedule
@@ -61,10 +61,10 @@ class NodeService:
 
     def __init__(self, config: Config, *, log_settings: LogSettings | None = None) -> None:
         self.config = config
-        data_dir = config.node.data_dir
-        self.spool = Spool(data_dir / "spool")
-        self.outputs = data_dir / "outputs"
-        self.jobs = JobStore(data_dir / "jobs.sqlite")
+        shared = config.node.shared
+        self.spool = Spool(shared / "spool")
+        self.outputs = shared / "outputs"
+        self.jobs = job_store_for(config)
         self.senders: dict[str, Sender] = {
             name: sender_for(dest) for name, dest in config.destinations.items()
         }

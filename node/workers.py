@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from node.config import Config
-from node.jobstore import JobStore, SeriesJob, SeriesState
+from node.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.logsetup import LogSettings, setup_logging
 from node.process import process_series
 from node.series import InputSeries, instance_order, open_images
@@ -181,13 +181,12 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     _die_with_parent()
     parent = os.getppid()
     os.nice(WORKER_NICENESS)
-    data_dir = spec.config.node.data_dir
-    jobs = JobStore(data_dir / "jobs.sqlite")
+    jobs = job_store_for(spec.config)
 
     def report(kind: str, seconds: float) -> None:
         conn.send((kind, seconds))
 
-    processor = SeriesProcessor(spec.config, jobs, data_dir / "outputs", render_threads=spec.render_threads,
+    processor = SeriesProcessor(spec.config, jobs, spec.config.node.shared / "outputs", render_threads=spec.render_threads,
                                 report=report)
     try:
         while not _told_to_stop(conn, 0.0) and os.getppid() == parent:

@@ -53,3 +53,12 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (tests take a fresh database each: ``new_database()``)."""
+    from tests.postgres import running_postgres
+
+    with running_postgres() as server:
+        yield server

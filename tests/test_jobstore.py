@@ -1,13 +1,16 @@
-"""The job store's state machine, on a real SQLite file."""
+"""The job store's state machine, on a real SQLite file and on a real PostgreSQL (same tests)."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from node.jobstore import JobStore, JobStoreError, Reconciled, SeriesState
+from node.database import DatabaseError
+from node.jobstore import SCHEMA_VERSION, JobStore, JobStoreError, Reconciled, SeriesState, open_job_store
 from node.spool import InvalidUID, Spool
+from tests.peers import free_port
 
 
 class Clock:
@@ -18,10 +21,13 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def store(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
     clock = Clock()
-    jobs = JobStore(tmp_path / "jobs.sqlite", clock=clock)
+    if request.param == "sqlite":
+        jobs = JobStore(tmp_path / "jobs.sqlite", clock=clock)
+    else:
+        jobs = open_job_store(request.getfixturevalue("postgres").new_database(), tmp_path, clock=clock)
     yield jobs, clock
     jobs.close()
 
@@ -401,3 +407,47 @@ def test_rebuild_refuses_a_store_in_use_and_a_node_does_not_open_one_being_rebui
     finally:
         lock.close()
     JobStore(path).close()
+
+
+# --------------------------------------------------------------------------- schema versions
+
+
+_FIRST_SCHEMA = """
+CREATE TABLE series (id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL, generation INTEGER NOT NULL DEFAULT 0, instances INTEGER NOT NULL DEFAULT 0,
+    modality TEXT, calling_ae TEXT, first_received REAL, last_received REAL, route TEXT, pipeline TEXT,
+    output_dir TEXT, outputs INTEGER, error TEXT, processing_seconds REAL, updated_at REAL NOT NULL);
+INSERT INTO series(study_uid, series_uid, state, instances, last_received, updated_at)
+    VALUES ('1.2.3', '1.2.3.4', 'receiving', 1, 990.0, 990.0);
+"""
+
+
+def test_a_database_of_the_first_release_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(_FIRST_SCHEMA)
+    jobs = JobStore(path, clock=lambda: 1000.0)
+    try:
+        assert jobs.settle(5) == {1: "settled with 1 instances"}  # the old row, with the new columns
+        assert jobs.claim_next(worker="w").series_uid == "1.2.3.4" and jobs.claimed_by("w") == [1]
+    finally:
+        jobs.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_a_database_of_a_newer_release_is_refused(store) -> None:
+    jobs, _ = store
+    with jobs._transaction() as db:
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(DatabaseError, match=f"schema version {SCHEMA_VERSION + 1}, written by a newer dicom-node"):
+        JobStore(jobs._db)
+
+
+def test_an_unreachable_postgresql_is_named_without_the_password(tmp_path: Path) -> None:
+    port = free_port()
+    with pytest.raises(DatabaseError) as refused:
+        open_job_store(f"postgresql://node@127.0.0.1:{port}/dicomnode", tmp_path, password="s3cret-word")
+    message = str(refused.value)
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/dicomnode" in message
+    assert "s3cret-word" not in message and "\n" not in message
