@@ -15,11 +15,11 @@ Two ways to receive, the same files in the spool (byte for byte):
 Each failure has its own status so the sender's log says what happened:
 
 ========  ==========================================================
-0x0000    stored (on disk, fsync'd) and recorded in the job store
+0x0000    stored (on disk, fsync'd); recorded in the job store, or kept to be recorded as soon as
+          the store answers again (:mod:`node.recording`: the spool file is the record)
 0x0124    not authorised: over TLS with ``[tls] match_ae_title``, a calling AE title its client
           certificate does not name (the association is also aborted at once)
 0xA700    out of resources: free disk below ``min_free_disk_mb``, or the spool could not be written
-0xA701    written, but the job store refused it (the file is kept and re-recorded at start-up)
 0xC210    the data set header cannot be parsed, or has no Study or Series Instance UID
 0xC211    a UID is not valid (it would have become a file name)
 ========  ==========================================================
@@ -50,6 +50,7 @@ from pynetdicom.sop_class import Verification
 from node.fsutil import start_writeback
 from node.jobstore import JobStore
 from node.metrics import Metrics
+from node.recording import PendingRecords
 from node.netutil import no_delay
 from node.spool import INCOMING, InvalidUID, Spool
 from node.tls import certificate_names
@@ -64,7 +65,6 @@ STATUS = {
     "success": 0x0000,
     "not_authorised": 0x0124,
     "out_of_resources": 0xA700,
-    "not_recorded": 0xA701,
     "cannot_parse": 0xC210,
     "invalid_uid": 0xC211,
 }
@@ -73,7 +73,6 @@ STATUS = {
 _REFUSAL_STATUS = {
     "disk_low": STATUS["out_of_resources"],
     "spool_write_failed": STATUS["out_of_resources"],
-    "not_recorded": STATUS["not_recorded"],
     "cannot_parse": STATUS["cannot_parse"],
     "invalid_uid": STATUS["invalid_uid"],
     "not_authorised": STATUS["not_authorised"],
@@ -441,6 +440,8 @@ class StoreHandler:
     ) -> None:
         self.spool = spool
         self.jobs = jobs
+        #: Spooled instances the job store could not record yet (the service records them later).
+        self.pending = PendingRecords(jobs)
         self.metrics = metrics
         self.min_free_bytes = max(0, int(min_free_bytes))
         #: C-STOREs refused by the disk guard since start-up.
@@ -553,15 +554,13 @@ class StoreHandler:
         except OSError as exc:
             log.error("C-STORE from %s: spool write failed for %s: %s", calling, header.sop_uid, exc)
             return self._refusal("spool_write_failed", f"spool write failed: {exc.strerror or exc}")
+        row = dict(study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
+                   sop_class_uid=header.sop_class_uid, path=stored.path, size=stored.size,
+                   modality=header.modality, calling_ae=calling, received_at=time.time())
         try:
-            self.jobs.record_instance(
-                study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
-                sop_class_uid=header.sop_class_uid, path=stored.path, size=stored.size,
-                modality=header.modality, calling_ae=calling,
-            )
-        except Exception as exc:  # the file is safe on disk; start-up reconciles it
-            log.error("C-STORE from %s: job store failed for %s: %s", calling, header.sop_uid, exc)
-            return self._refusal("not_recorded", "job store error")
+            self.jobs.record_instance(**row)
+        except Exception as exc:  # the file is safe on disk, which is the record: written to the store later
+            self.pending.add(row, exc)
         if self.metrics is not None:
             self.metrics.instance_received()
         if replacing:

@@ -35,6 +35,7 @@ from node.jobstore import job_store_for
 from node.logsetup import LogSettings
 from node.metrics import Metrics
 from node.poller import DicomWebPoller, schedule
+from node.recording import PendingRecords
 from node.senders import Sender, sender_for
 from node.spool import Spool
 from node.tls import check_certificate_expiry, server_context, start_tls_server
@@ -76,6 +77,7 @@ class NodeService:
         self._tls_server = None
         # TLS files are checked now: a ConfigError before anything starts
         self._tls_context = server_context(config.tls) if config.tls is not None else None
+        self._pending: PendingRecords | list = []  # the SCP's instances waiting for the job store
         self.workers = WorkerPool(config, self.jobs, count=config.node.workers,
                                   log_settings=log_settings or LogSettings(), on_report=self._worker_report)
         self.deliveries = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
@@ -88,7 +90,7 @@ class NodeService:
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
             is_alive=self._alive,
-            is_ready=lambda: self._ready.is_set() and not self._stop.is_set(),
+            is_ready=lambda: self._ready.is_set() and not self._stop.is_set() and not self._pending,
         )
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -114,6 +116,8 @@ class NodeService:
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
                                    match_tls_ae_title=tls is not None and tls.match_ae_title)
+            self._pending = handler.pending
+            self._spawn("recorder", self._record_loop)
             if node.port:
                 self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
@@ -203,6 +207,12 @@ class NodeService:
         if counts["series_failed"]:
             log.error("recovery: %d series failed: their processing did not finish %d times (see dicom-node status)",
                       counts["series_failed"], attempts)
+
+    def _record_loop(self) -> None:
+        """Record the instances the SCP spooled while the job store was unavailable."""
+        while not self._stop.wait(1.0):
+            if self._pending:
+                self._pending.flush()
 
     # -- series assembly --------------------------------------------------------------------------
 
