@@ -16,6 +16,8 @@ dicom destinations, ``associations`` and ``ca_file`` (see ``config/node.toml``).
 valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
 typo is never silently ignored.
 
+Every time setting has a range (:data:`_TIME_SPANS`: the refusal says why).
+
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
 and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``,
@@ -773,6 +775,59 @@ _STUDY_LEVEL_INSTEAD = {"Modality": "ModalitiesInStudy", "SOPClassUID": "SOPClas
 _UNMATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 
+@dataclass(frozen=True)
+class _TimeSpan:
+    """The values a time setting accepts, and why no others (said in the error message)."""
+
+    low: float
+    high: float
+    unit: str  # "seconds" or "hours"
+    why: str
+    zero: str = ""  # what 0 means, when 0 is accepted besides low-high
+    low_text: str = ""  # low as written in the message, when {low:g} would not say it well
+
+    def accepts(self, value: Any) -> bool:
+        return _is_number(value) and (self.low <= value <= self.high or (bool(self.zero) and value == 0))
+
+    def refusal(self, value: Any) -> str:
+        span = f"a number of {self.unit} from {self.low_text or f'{self.low:g}'} to {self.high:g}"
+        return f"must be {f'0 ({self.zero}) or ' if self.zero else ''}{span} ({self.why}), got {_show(value)}"
+
+
+# Every time setting of the file, by key (timeout_seconds: of destinations and sources alike).
+_TIME_SPANS = {
+    "settle_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a series is split wherever its sender pauses, and the idle node "
+        "spends its CPU looking for quiet series; over a day (86400) a finished series waits that long"),
+    "study_settle_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a study is split wherever its sender pauses; over a day (86400) "
+        "a finished study waits that long"),
+    "force_complete_seconds": _TimeSpan(
+        1, 604800, "seconds", "under 1 s series are processed in pieces while they arrive; over a week "
+        "(604800) a series that never goes quiet waits that long"),
+    "retention_hours": _TimeSpan(
+        1 / 3600, 87600, "hours", "the clean-up runs at most once a second; over 10 years (87600): use 0",
+        zero="keep for ever", low_text="0.000278 (1 s)"),
+    "backoff_seconds": _TimeSpan(
+        0.1, 3600, "seconds", "under 0.1 s a failing destination is retried in a tight loop; over an hour "
+        "(3600) the first retry comes too late"),
+    "max_backoff_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a failing destination is retried in a tight loop; over a day "
+        "(86400) a destination that is back waits that long"),
+    "timeout_seconds": _TimeSpan(
+        1, 3600, "seconds", "under 1 s requests to a working server time out; over an hour (3600) a server "
+        "that hangs holds a sender that long"),
+    "every_seconds": _TimeSpan(
+        1, 604800, "seconds", "more often than every second floods the archive with queries; for less often "
+        "than weekly (604800) use cron"),
+    "lookback_hours": _TimeSpan(
+        1, 876000, "hours", "the query matches StudyDate in whole days, so less than 1 looks back no less; "
+        "over 100 years (876000) is no date at all"),
+    "late_arrival_hours": _TimeSpan(
+        0, 87600, "hours", "over 10 years (87600) every poll asks the archive for a decade of studies"),
+}
+
+
 def _show(value: Any) -> str:
     """A value much as TOML would write it (strings in double quotes), for messages."""
     return json.dumps(value, ensure_ascii=False, default=str)
@@ -896,6 +951,14 @@ class _Checker:
             self.fail(path + (key,), f"must be a number{limit}, got {_show(value)}")
         return float(value)
 
+    def duration(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> float:
+        """A time setting, within its :data:`_TIME_SPANS` entry (the refusal says why)."""
+        value = self.value(table, path, key, default)
+        span = _TIME_SPANS[key]
+        if not span.accepts(value):
+            self.fail(path + (key,), span.refusal(value))
+        return float(value)
+
     def string(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> str:
         value = self.value(table, path, key, default)
         if not isinstance(value, str) or not value.strip():
@@ -987,12 +1050,12 @@ class _Checker:
             data_dir=data_dir,
             allowed_calling_aets=tuple(allowed),
             max_associations=self.integer(table, path, "max_associations", 1, default=10),
-            settle_seconds=self.number(table, path, "settle_seconds", 10.0, above=0),
+            settle_seconds=self.duration(table, path, "settle_seconds", 10.0),
             workers=self.integer(table, path, "workers", 1, default=min(4, os.cpu_count() or 1)),
             min_free_disk_mb=self.integer(table, path, "min_free_disk_mb", 0, default=512),
-            retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
-            study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
-            force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
+            retention_hours=self.duration(table, path, "retention_hours", 72.0),
+            study_settle_seconds=self.duration(table, path, "study_settle_seconds", 120.0),
+            force_complete_seconds=self.duration(table, path, "force_complete_seconds", 3600.0),
         )
 
     def tls_settings(self) -> TlsSettings | None:
@@ -1077,8 +1140,8 @@ class _Checker:
         default = DeliverySettings()
         settings = DeliverySettings(
             max_attempts=self.integer(table, path, "max_attempts", 1, default=default.max_attempts),
-            backoff_seconds=self.number(table, path, "backoff_seconds", default.backoff_seconds, above=0),
-            max_backoff_seconds=self.number(table, path, "max_backoff_seconds", default.max_backoff_seconds, above=0),
+            backoff_seconds=self.duration(table, path, "backoff_seconds", default.backoff_seconds),
+            max_backoff_seconds=self.duration(table, path, "max_backoff_seconds", default.max_backoff_seconds),
         )
         if settings.max_backoff_seconds < settings.backoff_seconds:
             self.fail(path + ("max_backoff_seconds",), f"must be >= backoff_seconds "
@@ -1142,7 +1205,7 @@ class _Checker:
                     name=name,
                     url=url,
                     auth=self.auth(table, path),
-                    timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                    timeout_seconds=self.duration(table, path, "timeout_seconds", 30.0),
                     ca_file=self.https_ca_file(table, path, url),
                 )
             else:
@@ -1170,11 +1233,11 @@ class _Checker:
                 cron=cron,
                 level=level,
                 query=self.source_query(table, path, level),
-                lookback_hours=self.number(table, path, "lookback_hours", 24.0, above=0),
-                late_arrival_hours=self.number(table, path, "late_arrival_hours", 24.0, at_least=0),
+                lookback_hours=self.duration(table, path, "lookback_hours", 24.0),
+                late_arrival_hours=self.duration(table, path, "late_arrival_hours", 24.0),
                 auth=self.auth(table, path),
                 page_size=self.integer(table, path, "page_size", 1, 10000, default=100),
-                timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                timeout_seconds=self.duration(table, path, "timeout_seconds", 30.0),
                 ca_file=self.https_ca_file(table, path, url),
             )
         return out
@@ -1184,7 +1247,7 @@ class _Checker:
             later = max(("every_seconds", "cron"), key=lambda k: self.line(path + (k,)))
             self.fail(path + (later,), "give either every_seconds or cron, not both")
         if "every_seconds" in table:
-            return self.number(table, path, "every_seconds", at_least=1), None
+            return self.duration(table, path, "every_seconds"), None
         if "cron" not in table:
             self.fail(path + ("every_seconds",), 'missing (required): give every_seconds (e.g. 60) or cron '
                       '(e.g. "*/5 * * * *")')

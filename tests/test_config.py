@@ -274,9 +274,11 @@ ERRORS = [
     ("calling-aets", HEAD.replace("allowed_calling_aets = []", 'allowed_calling_aets = [\n  "OK",\n  "",  # <-\n]')
      + TAIL, "node.allowed_calling_aets[2]", "not a valid AE title: must not be empty"),
     ("settle-zero", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 0 # <-") + TAIL,
-     "node.settle_seconds", "must be a number > 0, got 0"),
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400 (under 0.1 s a series is split "
+     "wherever its sender pauses, and the idle node spends its CPU looking for quiet series; over a day (86400) "
+     "a finished series waits that long), got 0"),
     ("settle-nan", HEAD.replace("settle_seconds = 10.0", "settle_seconds = nan # <-") + TAIL,
-     "node.settle_seconds", "must be a number > 0"),
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400"),
     ("workers", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nworkers = 0 # <-") + TAIL,
      "node.workers", "must be a whole number >= 1, got 0"),
     ("data-dir", HEAD.replace('data_dir = "var"', "data_dir = 3 # <-") + TAIL,
@@ -429,7 +431,9 @@ name = "web"
 kind = "dicomweb"
 url = "http://h/dicom-web"
 timeout_seconds = -1 # <-
-""" + TAIL, 'destinations[1] (name "web").timeout_seconds', "must be a number > 0, got -1"),
+""" + TAIL, 'destinations[1] (name "web").timeout_seconds', "must be a number of seconds from 1 to 3600 "
+     "(under 1 s requests to a working server time out; over an hour (3600) a server that hangs holds a "
+     "sender that long), got -1"),
     ("pipeline-steps", HEAD + """\
 [[pipelines]]
 name = "ct"
@@ -809,9 +813,9 @@ SOURCE_ERRORS = [
     ("no-schedule", SOURCE.replace("[[sources]]", "[[sources]] # <-"),
      'sources[1] (name "archive").every_seconds', "missing (required): give every_seconds (e.g. 60) or cron"),
     ("every-zero", SOURCE + "every_seconds = 0 # <-\n",
-     'sources[1] (name "archive").every_seconds', "must be a number >= 1, got 0"),
+     'sources[1] (name "archive").every_seconds', "must be a number of seconds from 1 to 604800 ("),
     ("every-text", SOURCE + 'every_seconds = "60" # <-\n',
-     'sources[1] (name "archive").every_seconds', 'must be a number >= 1, got "60"'),
+     'sources[1] (name "archive").every_seconds', 'use cron), got "60"'),
     ("cron-out-of-range", SOURCE + 'cron = "61 * * * *" # <-\n',
      'sources[1] (name "archive").cron', 'not a valid crontab expression (minute hour day month weekday): '
      '"61 * * * *": '),
@@ -837,7 +841,9 @@ every_seconds = 60
     ("unknown-key", SOURCE + "every_seconds = 60\nlookback_hour = 3 # <-\n",
      'sources[1] (name "archive").lookback_hour', "unknown key (did you mean 'lookback_hours'?)"),
     ("lookback", SOURCE + "every_seconds = 60\nlookback_hours = 0 # <-\n",
-     'sources[1] (name "archive").lookback_hours', "must be a number > 0, got 0"),
+     'sources[1] (name "archive").lookback_hours', "must be a number of hours from 1 to 876000 (the query "
+     "matches StudyDate in whole days, so less than 1 looks back no less; over 100 years (876000) is no date "
+     "at all), got 0"),
     ("page-size", SOURCE + "every_seconds = 60\npage_size = 0 # <-\n",
      'sources[1] (name "archive").page_size', "must be a whole number 1-10000, got 0"),
     ("query-keyword", SOURCE + 'every_seconds = 60\nquery = { Modalty = "CT" } # <-\n',
@@ -926,3 +932,84 @@ def test_tls_errors_point_at_the_line(tmp_path: Path) -> None:
     message = error_of(tmp_path, '[[destinations]]\nname = "d"\nkind = "dicom"\nhost = "h"\nport = 1\n'
                                  'ae_title = "A"\nca_file = "ca.pem"\n')
     assert "destinations[1] (name \"d\").tls: ca_file/cert_file/key_file are for TLS" in message, message
+
+
+# --------------------------------------------------------------------------- configs that cannot start or work
+
+
+def assert_refused_at_mark(tmp_path: Path, text: str, key: str, message: str) -> None:
+    error = error_of(tmp_path, text)
+    prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: {key}: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error, f"\n{error}\ndoes not say\n{message}"
+
+
+SOURCE_60 = SOURCE + "every_seconds = 60\n"
+
+
+def node_with(lines: str) -> str:
+    """HEAD with *lines* added to its [node] table."""
+    return HEAD.replace("settle_seconds = 10.0\n", "settle_seconds = 10.0\n" + lines)
+DICOMWEB = '[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web"\n'
+
+# (id, text with the faulty line marked "# <-", key as printed, part of the message)
+TIME_ERRORS = [
+    ("settle-1e-300", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 1e-300 # <-") + TAIL,
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400 (under 0.1 s a series is split wherever "
+     "its sender pauses, and the idle node spends its CPU looking for quiet series; over a day (86400) a finished "
+     "series waits that long), got 1e-300"),
+    ("settle-over-a-day", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 86401 # <-") + TAIL,
+     "node.settle_seconds", "got 86401"),
+    ("settle-text", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = "10" # <-') + TAIL,
+     "node.settle_seconds", 'got "10"'),
+    ("study-settle", node_with("study_settle_seconds = 0.01 # <-\n") + TAIL,
+     "node.study_settle_seconds", "from 0.1 to 86400 (under 0.1 s a study is split wherever its sender pauses"),
+    ("force-complete-low", node_with("force_complete_seconds = 0.5 # <-\n") + TAIL,
+     "node.force_complete_seconds", "from 1 to 604800 (under 1 s series are processed in pieces"),
+    ("force-complete-high", node_with("force_complete_seconds = 1e9 # <-\n") + TAIL,
+     "node.force_complete_seconds", "got 1000000000.0"),
+    ("retention-negative", node_with("retention_hours = -0.5 # <-\n") + TAIL,
+     "node.retention_hours", "must be 0 (keep for ever) or a number of hours from 0.000278 (1 s) to 87600 (the "
+     "clean-up runs at most once a second; over 10 years (87600): use 0), got -0.5"),
+    ("retention-minus-one", node_with("retention_hours = -1 # <-\n") + TAIL, "node.retention_hours", "got -1"),
+    ("retention-tiny", node_with("retention_hours = 1e-9 # <-\n") + TAIL, "node.retention_hours", "got 1e-09"),
+    ("retention-huge", node_with("retention_hours = 1e6 # <-\n") + TAIL, "node.retention_hours", "got 1000000.0"),
+    ("backoff", HEAD + "[delivery]\nbackoff_seconds = 0.001 # <-\n" + TAIL,
+     "delivery.backoff_seconds", "under 0.1 s a failing destination is retried in a tight loop"),
+    ("max-backoff", HEAD + "[delivery]\nmax_backoff_seconds = 1e7 # <-\n" + TAIL,
+     "delivery.max_backoff_seconds", "from 0.1 to 86400"),
+    ("destination-timeout", HEAD + DICOMWEB + "timeout_seconds = 0.001 # <-\n" + TAIL,
+     'destinations[1] (name "web").timeout_seconds', "from 1 to 3600 (under 1 s requests to a working server "
+     "time out"),
+    ("source-timeout", HEAD + TAIL + SOURCE_60 + "timeout_seconds = 86400 # <-\n",
+     'sources[1] (name "archive").timeout_seconds', "over an hour (3600) a server that hangs holds a sender"),
+    ("every-seconds", HEAD + TAIL + SOURCE + "every_seconds = 1e-300 # <-\n",
+     'sources[1] (name "archive").every_seconds', "more often than every second floods the archive"),
+    ("every-seconds-high", HEAD + TAIL + SOURCE + "every_seconds = 1e6 # <-\n",
+     'sources[1] (name "archive").every_seconds', "use cron"),
+    ("lookback-high", HEAD + TAIL + SOURCE_60 + "lookback_hours = 1e300 # <-\n",
+     'sources[1] (name "archive").lookback_hours', "over 100 years (876000) is no date at all"),
+    ("late-arrival-negative", HEAD + TAIL + SOURCE_60 + "late_arrival_hours = -1 # <-\n",
+     'sources[1] (name "archive").late_arrival_hours', "from 0 to 87600"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in TIME_ERRORS], ids=[e[0] for e in TIME_ERRORS])
+def test_time_setting_out_of_its_span(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+def test_time_settings_the_tests_and_the_docs_use_are_accepted(tmp_path: Path) -> None:
+    """The floors are low enough for fast tests (settle 0.5 s, retention 1.8 s) and 0 keeps for ever."""
+    config = load_text(tmp_path, node_with("study_settle_seconds = 0.5\nforce_complete_seconds = 2.0\n"
+                                           "retention_hours = 0.0005\n").replace("settle_seconds = 10.0", "settle_seconds = 0.1")
+                       + "[delivery]\nbackoff_seconds = 0.1\nmax_backoff_seconds = 86400\n" + TAIL
+                       + SOURCE + "every_seconds = 1\nlookback_hours = 876000\nlate_arrival_hours = 0\n"
+                       + "timeout_seconds = 1\n")
+    assert (config.node.settle_seconds, config.node.study_settle_seconds) == (0.1, 0.5)
+    assert (config.node.force_complete_seconds, config.node.retention_hours) == (2.0, 0.0005)
+    assert (config.delivery.backoff_seconds, config.delivery.max_backoff_seconds) == (0.1, 86400.0)
+    source = config.sources["archive"]
+    assert (source.every_seconds, source.lookback_hours, source.late_arrival_hours, source.timeout_seconds) == (
+        1.0, 876000.0, 0.0, 1.0)
+    assert load_text(tmp_path, node_with("retention_hours = 0\n") + TAIL).node.retention_hours == 0.0
