@@ -16,7 +16,8 @@ dicom destinations, ``associations`` and ``ca_file`` (see ``config/node.toml``).
 valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
 typo is never silently ignored.
 
-Every time setting has a range (:data:`_TIME_SPANS`: the refusal says why).
+Every time setting has a range (:data:`_TIME_SPANS`: the refusal says why), and a route may not send PNG
+output to a DICOM or DICOMweb destination.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
@@ -1106,8 +1107,19 @@ class _Checker:
         """The table's ``url``: ``http://`` or ``https://`` with a host."""
         url = self.string(table, path, "url")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            self.fail(path + ("url",), f"the port must be a whole number 1-65535, got {_show(url)}")
+        if parts.username is not None or parts.password is not None:
+            self.fail(path + ("url",), "must not hold a user name or password (they would be in logs): use auth")
+        if parts.query or parts.fragment:
+            self.fail(path + ("url",), f"must be the service root, without ?query or #fragment (the paths of "
+                      f"the requests are appended to it), got {_show(url)}")
         return url
 
     def https_ca_file(self, table: Mapping[str, Any], path: _KeyPath, url: str) -> Path | None:
@@ -1343,8 +1355,16 @@ class _Checker:
                     self.fail(path + ("destinations", n), f"unknown destination {_show(name)}; defined: {known}")
                 if name in names[:n]:
                     self.fail(path + ("destinations", n), f"destination {_show(name)} is listed twice")
+                self.output_fits(path + ("destinations", n), pipelines[pipeline], destinations[name])
             routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names), trigger=trigger))
         return tuple(routes)
+
+    def output_fits(self, path: _KeyPath, pipeline: Pipeline, destination: Destination) -> None:
+        """Refuse a route that sends *pipeline*'s output where every delivery would fail for good."""
+        if not pipeline.output.is_dicom and destination.kind in ("dicom", "dicomweb"):
+            self.fail(path, f"destination {_show(destination.name)} (kind = {_show(destination.kind)}) takes DICOM "
+                      f"only, and pipeline {_show(pipeline.name)} writes output = {_show(pipeline.output.value)}: "
+                      "send it to a folder destination, or make the pipeline's output \"sc\" or \"sc16\"")
 
     def match(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> tuple[tuple[str, tuple[str, ...]], ...]:
         table = self.table(parent, parent_path, "match")

@@ -172,7 +172,7 @@ max_backoff_seconds = 0.5
 [[pipelines]]
 name = "ct-soft"
 steps = [{ op = "rescale" }, { op = "window", preset = "mediastinum" }]
-output = "png16"
+output = "sc16"
 [[destinations]]
 name = "pacs"
 kind = "dicom"
@@ -214,7 +214,7 @@ destinations = []
     assert node.allowed_calling_aets == ("CT01", "MR 2")
     assert node.settle_seconds == 2.0 and isinstance(node.settle_seconds, float)
     assert config.delivery == DeliverySettings(1, 0.5, 0.5)
-    assert config.pipelines["ct-soft"].output is OutputFormat.PNG16
+    assert config.pipelines["ct-soft"].output is OutputFormat.SC16
     assert config.destinations["pacs"] == DicomDestination("pacs", "pacs.example.org", 104, "PACS", "ME",
                                                            associations=4)
     assert config.destinations["archive"] == DicomWebDestination(
@@ -1013,3 +1013,78 @@ def test_time_settings_the_tests_and_the_docs_use_are_accepted(tmp_path: Path) -
     assert (source.every_seconds, source.lookback_hours, source.late_arrival_hours, source.timeout_seconds) == (
         1.0, 876000.0, 0.0, 1.0)
     assert load_text(tmp_path, node_with("retention_hours = 0\n") + TAIL).node.retention_hours == 0.0
+
+
+ROUTE_ERRORS = [
+    ("png-to-dicom", HEAD + """\
+[[pipelines]]
+name = "colour"
+steps = [{ op = "channels", windows = ["brain", "subdural", "brain_bone"] }]
+output = "png"
+[[destinations]]
+name = "folder"
+kind = "folder"
+path = "out"
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = 4242
+ae_title = "PACS"
+[[routes]]
+match = {}
+pipeline = "colour"
+destinations = [
+    "folder",
+    "pacs", # <-
+]
+""", "routes[1].destinations[2]", 'destination "pacs" (kind = "dicom") takes DICOM only, and pipeline "colour" '
+     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc" or "sc16"'),
+    ("png16-to-dicomweb", HEAD + DICOMWEB + """\
+[[pipelines]]
+name = "grey16"
+steps = [{ op = "rescale" }]
+output = "png16"
+[[routes]]
+match = { Modality = "CT" }
+pipeline = "grey16"
+destinations = ["web"] # <-
+""", "routes[1].destinations[1]", 'destination "web" (kind = "dicomweb") takes DICOM only, and pipeline "grey16" '
+     'writes output = "png16"'),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in ROUTE_ERRORS], ids=[e[0] for e in ROUTE_ERRORS])
+def test_route_output_a_destination_cannot_take(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+def test_png_to_a_folder_and_secondary_capture_anywhere_are_fine(tmp_path: Path) -> None:
+    text = HEAD + DICOMWEB + TAIL.replace('steps = [{ op = "rescale" }]', 'steps = [{ op = "rescale" }]\noutput = "png"')
+    text += '[[pipelines]]\nname = "sc"\nsteps = []\noutput = "sc16"\n[[routes]]\nmatch = {}\npipeline = "sc"\n'
+    text += 'destinations = ["web", "folder"]\n'
+    config = load_text(tmp_path, text)
+    assert [r.destinations for r in config.routes] == [("folder",), ("web", "folder")]
+
+
+URL_ERRORS = [
+    ("query", "?token=x", "must be the service root, without ?query or #fragment"),
+    ("fragment", "#studies", "must be the service root, without ?query or #fragment"),
+    ("port-zero", ":0", "the port must be a whole number 1-65535"),
+    ("port-range", ":99999", "the port must be a whole number 1-65535"),
+]
+
+
+@pytest.mark.parametrize(("tail", "message"), [e[1:] for e in URL_ERRORS], ids=[e[0] for e in URL_ERRORS])
+def test_url_the_dicomweb_client_cannot_use(tmp_path: Path, tail: str, message: str) -> None:
+    url = "http://127.0.0.1" + (tail if tail.startswith(":") else "/dicom-web" + tail)
+    text = HEAD + f'[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "{url}" # <-\n' + TAIL
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "web").url', message)
+    source = HEAD + TAIL + f'[[sources]]\nname = "a"\nkind = "dicomweb"\nurl = "{url}" # <-\nevery_seconds = 60\n'
+    assert_refused_at_mark(tmp_path, source, 'sources[1] (name "a").url', message)
+
+
+def test_url_with_credentials(tmp_path: Path) -> None:
+    text = HEAD + '[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "http://u:pw@127.0.0.1/d" # <-\n' + TAIL
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "web").url',
+                           "must not hold a user name or password (they would be in logs): use auth")
