@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -937,8 +940,16 @@ def test_tls_errors_point_at_the_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- configs that cannot start or work
 
 
-def assert_refused_at_mark(tmp_path: Path, text: str, key: str, message: str) -> None:
-    error = error_of(tmp_path, text)
+def refusal(tmp_path: Path, text: str, *, check_machine: bool = False) -> str:
+    """The message of the ConfigError *text* is refused with (the line marked ``# <-`` is expected)."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_machine=check_machine)
+    return str(info.value)
+
+
+def assert_refused_at_mark(tmp_path: Path, text: str, key: str, message: str, *, check_machine: bool = False) -> None:
+    error = refusal(tmp_path, text, check_machine=check_machine)
     prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: {key}: "
     assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
     assert message in error, f"\n{error}\ndoes not say\n{message}"
@@ -1015,6 +1026,66 @@ def test_time_settings_the_tests_and_the_docs_use_are_accepted(tmp_path: Path) -
     assert load_text(tmp_path, node_with("retention_hours = 0\n") + TAIL).node.retention_hours == 0.0
 
 
+PORT_ERRORS = [
+    ("http-on-the-dicom-port", HEAD.replace("port = 8080", "port = 11112 # <-") + TAIL,
+     "http.port", "11112 is also node.port (line 4, the DICOM listener), and their hosts overlap (0.0.0.0 takes "
+     "every address, 127.0.0.1 among them): the HTTP listener could not bind it; give each listener its own port"),
+    ("dicom-port-written-last", "[http]\nhost = \"127.0.0.1\"\nport = 4000\n[node]\nport = 4000 # <-\n" + TAIL,
+     "node.port", "4000 is also http.port (line 3, the HTTP listener), and their hosts overlap (0.0.0.0 takes"),
+    ("the-default-dicom-port", "[http]\nport = 11112 # <-\n" + TAIL,
+     "http.port", "11112 is also node.port (its default, the DICOM listener)"),
+    ("same-address", HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace("port = 8080", "port = 11112 # <-")
+     + TAIL, "http.port", "hosts overlap (both on 127.0.0.1)"),
+    ("ipv6-any-takes-ipv4-too", HEAD.replace('host = "0.0.0.0"', 'host = "::"').replace("port = 8080",
+                                                                                         "port = 11112 # <-") + TAIL,
+     "http.port", "hosts overlap (:: takes every address, 127.0.0.1 among them)"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in PORT_ERRORS], ids=[e[0] for e in PORT_ERRORS])
+def test_listeners_on_one_port(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+@pytest.fixture
+def node_certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A real self-signed certificate and key for the [tls] listener."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", "server.key", "-out", "server.pem", "-days", "1", "-subj", "/CN=node"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    return tmp_path / "server.pem", tmp_path / "server.key"
+
+
+def test_tls_listener_port_overlaps(tmp_path: Path, node_certificate: tuple[Path, Path]) -> None:
+    tls = '[tls]\nport = {port} # <-\ncert_file = "server.pem"\nkey_file = "server.key"\n'
+    assert_refused_at_mark(tmp_path, HEAD + tls.format(port=11112) + TAIL, "tls.port",
+                           "11112 is also node.port (line 4, the DICOM listener), and their hosts overlap (both on "
+                           "0.0.0.0): the DICOM TLS listener could not bind it")
+    assert_refused_at_mark(tmp_path, HEAD + tls.format(port=8080) + TAIL, "tls.port",
+                           "8080 is also http.port (line 12, the HTTP listener), and their hosts overlap (0.0.0.0 "
+                           "takes every address, 127.0.0.1 among them)")
+    # TLS alone (port = 0) on the HTTP port of another address is fine, as are different ports
+    text = HEAD.replace("port = 11112", "port = 0").replace('host = "127.0.0.1"', 'host = "127.0.0.2"')
+    alone = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"') + tls.format(port=8080) + TAIL
+    assert load_text(tmp_path, alone).tls.port == 8080  # type: ignore[union-attr]
+    assert load_text(tmp_path, HEAD + tls.format(port=2762) + TAIL).tls.port == 2762  # type: ignore[union-attr]
+
+
+def test_one_port_on_two_addresses_is_fine(tmp_path: Path) -> None:
+    text = HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace('host = "127.0.0.1"\nport = 8080',
+                                                                           'host = "127.0.0.2"\nport = 11112')
+    config = load_config(write(tmp_path, text + TAIL), check_machine=True)
+    assert (config.node.port, config.http.port, config.http.host) == (11112, 11112, "127.0.0.2")
+
+
+def test_host_names_are_compared_once_resolved(tmp_path: Path) -> None:
+    """"localhost" and "127.0.0.1" are told apart by their text, and found the same by resolving them."""
+    text = (HEAD.replace('host = "0.0.0.0"', 'host = "localhost"').replace("port = 8080", "port = 11112 # <-")
+            + TAIL)
+    assert load_text(tmp_path, text).http.port == 11112  # without resolving: nothing to compare
+    assert_refused_at_mark(tmp_path, text, "http.port", "hosts overlap (both on 127.0.0.1)", check_machine=True)
+
+
 ROUTE_ERRORS = [
     ("png-to-dicom", HEAD + """\
 [[pipelines]]
@@ -1088,3 +1159,171 @@ def test_url_with_credentials(tmp_path: Path) -> None:
     text = HEAD + '[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "http://u:pw@127.0.0.1/d" # <-\n' + TAIL
     assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "web").url',
                            "must not hold a user name or password (they would be in logs): use auth")
+
+
+# ---------------------------------------------------------------- on this machine (serve and config check)
+
+# Names glibc refuses itself ("!" is no host name character, a label has at most 63 characters): the
+# check fails as for a misspelt name, without asking the name server (the tests talk to no other host).
+NO_SUCH_HOST = "no!such-host"
+LONG_LABEL_HOST = "a" * 64 + ".example"
+
+MACHINE_ERRORS = [
+    ("destination-host", HEAD + f"""\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "{NO_SUCH_HOST}" # <-
+port = 104
+ae_title = "PACS"
+""" + TAIL, 'destinations[1] (name "pacs").host', f'host "{NO_SUCH_HOST}" does not resolve: Name or service not known'),
+    ("dicomweb-url-host", HEAD + DICOMWEB.replace("127.0.0.1", NO_SUCH_HOST).replace("web\"\n", "web\" # <-\n", 1)
+     .replace("dicom-web\"\n", "dicom-web\" # <-\n").replace("name = \"web\" # <-", "name = \"web\"") + TAIL,
+     'destinations[1] (name "web").url', f'host "{NO_SUCH_HOST}" does not resolve'),
+    ("source-url-host", HEAD + TAIL + SOURCE_60.replace('url = "http://127.0.0.1:8042/dicom-web"',
+                                                        f'url = "https://{NO_SUCH_HOST}/dicom-web" # <-'),
+     'sources[1] (name "archive").url', f'host "{NO_SUCH_HOST}" does not resolve'),
+    ("node-host-long-label", HEAD.replace('host = "0.0.0.0"', f'host = "{LONG_LABEL_HOST}" # <-') + TAIL,
+     "node.host", f'host "{LONG_LABEL_HOST}" does not resolve: encoding with \'idna\' codec failed'),
+    ("http-host", HEAD.replace('host = "127.0.0.1"', f'host = "{NO_SUCH_HOST}" # <-') + TAIL,
+     "http.host", "does not resolve"),
+    # documentation addresses (RFC 5737, 3849): never this machine's; binding fails locally, nothing is sent
+    ("node-host-not-ours", HEAD.replace('host = "0.0.0.0"', 'host = "203.0.113.7" # <-') + TAIL,
+     "node.host", 'the DICOM listener cannot listen on "203.0.113.7" (203.0.113.7): not an address of this '
+     "machine (a listener can bind 0.0.0.0, :: or one of its own)"),
+    ("http-host-not-ours", HEAD.replace('host = "127.0.0.1"', 'host = "2001:db8::1" # <-') + TAIL,
+     "http.host", 'the HTTP listener cannot listen on "2001:db8::1" (2001:db8::1): not an address of this machine'),
+    ("data-dir-is-a-file", HEAD.replace('data_dir = "var"', 'data_dir = "var.txt" # <-') + TAIL,
+     "node.data_dir", "var.txt is a file, not a folder"),
+    ("data-dir-under-a-file", HEAD.replace('data_dir = "var"', 'data_dir = "var.txt/spool" # <-') + TAIL,
+     "node.data_dir", "cannot create "),
+    ("folder-destination-is-a-file", HEAD + TAIL.replace('path = "out"', 'path = "var.txt" # <-'),
+     'destinations[1] (name "folder").path', "var.txt is a file, not a folder: nothing can be delivered there"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in MACHINE_ERRORS], ids=[e[0] for e in MACHINE_ERRORS])
+def test_what_this_machine_cannot_do(tmp_path: Path, text: str, key: str, message: str) -> None:
+    (tmp_path / "var.txt").write_text("a file where a folder should be")
+    load_text(tmp_path, text)  # only the check of this machine can tell
+    assert_refused_at_mark(tmp_path, text, key, message, check_machine=True)
+
+
+def test_data_dir_under_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "var.txt").write_text("x")
+    error = refusal(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "var.txt/spool"') + TAIL, check_machine=True)
+    assert error.endswith(f"node.data_dir: cannot create {tmp_path / 'var.txt' / 'spool'}: "
+                          f"{tmp_path / 'var.txt'} is a file, not a folder"), error
+
+
+def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    text = HEAD.replace('data_dir = "var"', 'data_dir = "a/b/var"') + TAIL
+    config = load_config(write(tmp_path, text), check_machine=True)
+    assert config.node.data_dir == tmp_path / "a" / "b" / "var"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.toml"]  # a/b/var made, written, removed
+    (tmp_path / "a").mkdir()
+    load_config(tmp_path / "node.toml", check_machine=True)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == []  # what was there stays, the probe is gone
+
+
+def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([*prefix, sys.executable, "-m", "node.cli", "config", "check", str(config)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_data_dir_without_permission(tmp_path: Path) -> None:
+    """Run as a user without write permission: root keeps its uid but loses CAP_DAC_OVERRIDE (setpriv)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    result = _config_check_cli(config, prefix)
+    assert result.returncode == 2, result.stderr
+    assert (f"{config}:5: node.data_dir: cannot create {locked / 'var'} (in {locked}): permission denied "
+            "(the node runs as user ") in result.stderr, result.stderr
+    assert not (locked / "var").exists()
+
+
+def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
+    """A read-only tmpfs mounted in a private mount namespace (unshare: gone with the process)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
+    inner = f"mount -t tmpfs -o ro none {mount} && exec \"$0\" \"$@\""
+    result = _config_check_cli(config, ["unshare", "-rm", "sh", "-c", inner])
+    assert result.returncode == 2, result.stderr
+    assert f"{config}:5: node.data_dir: cannot create {mount / 'var'} (in {mount}): read-only file system" in \
+        result.stderr, result.stderr
+
+
+def test_host_lookup_is_bounded_in_time() -> None:
+    from node.config import _resolve_hosts
+
+    release = threading.Event()
+    try:
+        started = time.monotonic()
+        found = _resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
+                               resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 3, elapsed
+    assert found["slow.example"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
+    assert found["127.0.0.1"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
+    assert _resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
+        "127.0.0.1": ("127.0.0.1",), "::1": ("::1",), NO_SUCH_HOST: "Name or service not known"}
+
+
+def test_tls_destination_with_nothing_to_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = 2762
+ae_title = "PACS"
+tls = true # <-
+""" + TAIL
+    assert load_config(write(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # OpenSSL's default store: empty
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "pacs").tls',
+                           "without ca_file the peer's certificate is checked against the system's CA "
+                           "certificates, and this machine has none (see SSL_CERT_FILE, SSL_CERT_DIR): give "
+                           "ca_file, the CA that signed the peer's certificate", check_machine=True)
+
+
+def test_secrets_must_be_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_NODE_STOW_PW", raising=False)
+    monkeypatch.setenv("TEST_NODE_QIDO_TOKEN", "")
+    text = HEAD + TAIL + DICOMWEB + """\
+auth = { kind = "basic", username = "u", password_env = "TEST_NODE_STOW_PW" } # <-
+"""
+    load_text(tmp_path, text)  # read when used; the check of this machine reads it now, as serve does
+    assert_refused_at_mark(tmp_path, text, 'destinations[2] (name "web").auth.password_env',
+                           "environment variable TEST_NODE_STOW_PW (password for basic auth) is not set",
+                           check_machine=True)
+    monkeypatch.setenv("TEST_NODE_STOW_PW", "s3cret")
+    source = text + SOURCE_60 + 'auth = { kind = "bearer", token_env = "TEST_NODE_QIDO_TOKEN" } # <-\n'
+    source = source.replace('"TEST_NODE_STOW_PW" } # <-', '"TEST_NODE_STOW_PW" }')
+    assert_refused_at_mark(tmp_path, source, 'sources[1] (name "archive").auth.token_env',
+                           "environment variable TEST_NODE_QIDO_TOKEN (bearer token) is empty", check_machine=True)
+    monkeypatch.setenv("TEST_NODE_QIDO_TOKEN", "t")
+    assert load_config(tmp_path / "node.toml", check_machine=True).sources["archive"].auth == BearerAuth(
+        "TEST_NODE_QIDO_TOKEN")
+
+
+def test_shipped_configs_pass_the_check_of_this_machine(tmp_path: Path) -> None:
+    """config/node.toml, config/orthanc.toml and the embedded default start here (docker/node.toml names
+    the compose service "orthanc" and /data: only its container can tell)."""
+    for path in (ROOT / "config" / "node.toml", ROOT / "config" / "orthanc.toml"):
+        before = sorted(p.name for p in path.parent.iterdir())
+        assert load_config(path, check_machine=True).source == str(path)
+        assert sorted(p.name for p in path.parent.iterdir()) == before  # config/var made and removed again
+    os.chdir(tmp_path)
+    try:
+        assert load_config(None, check_machine=True).node.data_dir == tmp_path / "var"
+    finally:
+        os.chdir(ROOT)
