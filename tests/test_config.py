@@ -1315,15 +1315,13 @@ auth = { kind = "basic", username = "u", password_env = "TEST_NODE_STOW_PW" } # 
         "TEST_NODE_QIDO_TOKEN")
 
 
-def test_shipped_configs_pass_the_check_of_this_machine(tmp_path: Path) -> None:
+def test_shipped_configs_pass_the_check_of_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """config/node.toml, config/orthanc.toml and the embedded default start here (docker/node.toml names
     the compose service "orthanc" and /data: only its container can tell)."""
     for path in (ROOT / "config" / "node.toml", ROOT / "config" / "orthanc.toml"):
         before = sorted(p.name for p in path.parent.iterdir())
         assert load_config(path, check_machine=True).source == str(path)
         assert sorted(p.name for p in path.parent.iterdir()) == before  # config/var made and removed again
-    os.chdir(tmp_path)
-    try:
-        assert load_config(None, check_machine=True).node.data_dir == tmp_path / "var"
-    finally:
-        os.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, check_machine=True).node.data_dir == tmp_path / "var"
+    assert list(tmp_path.iterdir()) == []
