@@ -215,7 +215,7 @@ def _run_config_check(args: argparse.Namespace) -> int:
 
     from node.config import load_config
 
-    config = load_config(args.file)
+    config = load_config(args.file, check_machine=True)  # as serve checks it
 
     effective = {
         "source": config.source,
@@ -276,7 +276,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
     from node.service import NodeService
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_machine=True)
     log.info("config: %s", config.source)
     NodeService(config, log_settings=args.log_settings).run_forever()
     return 0

@@ -16,6 +16,11 @@ dicom destinations, ``associations`` and ``ca_file`` (see ``config/node.toml``).
 valid: the node then receives and spools, but processes nothing. Unknown keys are errors, so a
 typo is never silently ignored.
 
+Every time setting has a range (:data:`_TIME_SPANS`: the refusal says why), two listeners may not
+share a port on overlapping addresses, and a route may not send PNG output to a DICOM or DICOMweb
+destination. ``load_config(path, check_machine=True)`` (``serve``, ``config check``) also checks
+what only the machine can tell: host names, listener addresses, ``data_dir``, secrets.
+
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
 :mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
 and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``,
@@ -24,13 +29,23 @@ and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib.resources
+import ipaddress
 import json
 import math
 import os
+import pwd
 import re
+import socket
+import ssl
+import stat
+import tempfile
+import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +84,9 @@ __all__ = [
 
 EMBEDDED_SOURCE = "<embedded default>"
 """The :attr:`Config.source` of the configuration built into the package (``node/default.toml``)."""
+
+RESOLVE_TIMEOUT_SECONDS = 5.0
+"""How long the check of this machine waits, at most, for the configured host names to resolve (all at once)."""
 
 
 class ConfigError(ValueError):
@@ -845,6 +863,62 @@ _STUDY_LEVEL_INSTEAD = {"Modality": "ModalitiesInStudy", "SOPClassUID": "SOPClas
 _UNMATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 
+@dataclass(frozen=True)
+class _TimeSpan:
+    """The values a time setting accepts, and why no others (said in the error message)."""
+
+    low: float
+    high: float
+    unit: str  # "seconds" or "hours"
+    why: str
+    zero: str = ""  # what 0 means, when 0 is accepted besides low-high
+    low_text: str = ""  # low as written in the message, when {low:g} would not say it well
+
+    def accepts(self, value: Any) -> bool:
+        return _is_number(value) and (self.low <= value <= self.high or (bool(self.zero) and value == 0))
+
+    def refusal(self, value: Any) -> str:
+        span = f"a number of {self.unit} from {self.low_text or f'{self.low:g}'} to {self.high:g}"
+        return f"must be {f'0 ({self.zero}) or ' if self.zero else ''}{span} ({self.why}), got {_show(value)}"
+
+
+# Every time setting of the file, by key (timeout_seconds: of destinations and sources alike).
+_TIME_SPANS = {
+    "settle_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a series is split wherever its sender pauses, and the idle node "
+        "spends its CPU looking for quiet series; over a day (86400) a finished series waits that long"),
+    "study_settle_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a study is split wherever its sender pauses; over a day (86400) "
+        "a finished study waits that long"),
+    "force_complete_seconds": _TimeSpan(
+        1, 604800, "seconds", "under 1 s series are processed in pieces while they arrive; over a week "
+        "(604800) a series that never goes quiet waits that long"),
+    "retention_hours": _TimeSpan(
+        1 / 3600, 87600, "hours", "the clean-up runs at most once a second; over 10 years (87600): use 0",
+        zero="keep for ever", low_text="0.000278 (1 s)"),
+    "backoff_seconds": _TimeSpan(
+        0.1, 3600, "seconds", "under 0.1 s a failing destination is retried in a tight loop; over an hour "
+        "(3600) the first retry comes too late"),
+    "max_backoff_seconds": _TimeSpan(
+        0.1, 86400, "seconds", "under 0.1 s a failing destination is retried in a tight loop; over a day "
+        "(86400) a destination that is back waits that long"),
+    "timeout_seconds": _TimeSpan(
+        1, 3600, "seconds", "under 1 s requests to a working server time out; over an hour (3600) a server "
+        "that hangs holds a sender that long"),
+    "every_seconds": _TimeSpan(
+        1, 604800, "seconds", "more often than every second floods the archive with queries; for less often "
+        "than weekly (604800) use cron"),
+    "lookback_hours": _TimeSpan(
+        1, 876000, "hours", "the query matches StudyDate in whole days, so less than 1 looks back no less; "
+        "over 100 years (876000) is no date at all"),
+    "late_arrival_hours": _TimeSpan(
+        0, 87600, "hours", "over 10 years (87600) every poll asks the archive for a decade of studies"),
+    "processing_timeout_seconds": _TimeSpan(
+        1, 604800, "seconds", "under 1 s no series finishes; over a week (604800) a stuck worker is never "
+        "noticed"),
+}
+
+
 def _show(value: Any) -> str:
     """A value much as TOML would write it (strings in double quotes), for messages."""
     return json.dumps(value, ensure_ascii=False, default=str)
@@ -876,14 +950,200 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class _Checker:
-    """Turns the parsed TOML into a :class:`Config`, failing with ``FILE:LINE: KEY: message``."""
+# --------------------------------------------------------------------------- this machine
 
-    def __init__(self, source: str, text: str, data: dict[str, Any], base: Path) -> None:
+
+def _addresses(host: str) -> tuple[str, ...]:
+    """The addresses of *host* in getaddrinfo's order (an IP address is its own, without a name server)."""
+    return tuple(dict.fromkeys(str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)))
+
+
+def _resolve_hosts(hosts: Iterable[str], timeout: float,
+                   resolve: Callable[[str], tuple[str, ...]] = _addresses) -> dict[str, tuple[str, ...] | str]:
+    """Resolve every host at once, each in a daemon thread, waiting *timeout* seconds in all.
+
+    Parameters
+    ----------
+    hosts : iterable of str
+        Host names or addresses.
+    timeout : float
+        Seconds to wait for all of them.
+    resolve : callable
+        Host to its addresses (getaddrinfo by default).
+
+    Returns
+    -------
+    dict
+        Each host's addresses, or why it has none. A lookup still unanswered at the deadline is left
+        to end on its own: getaddrinfo cannot be interrupted, and a daemon thread does not keep the
+        process alive.
+    """
+    results: dict[str, tuple[str, ...] | str] = {}
+
+    def lookup(host: str) -> None:
+        try:
+            results[host] = resolve(host) or "no address"
+        except socket.gaierror as exc:
+            results[host] = exc.strerror or str(exc)
+        except (OSError, ValueError) as exc:  # ValueError: a name the IDNA codec refuses (label too long)
+            results[host] = str(exc)
+
+    unique = list(dict.fromkeys(hosts))
+    threads = [threading.Thread(target=lookup, args=(host,), name="resolve", daemon=True) for host in unique]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    late = f"no answer within {timeout:g} s (the name server is slow or cannot be reached)"
+    return {host: results.get(host, late) for host in unique}
+
+
+def _bind_address(addresses: Sequence[str]) -> str:
+    """The address a listener binds for a host with *addresses*: the first IPv4 one, else the first (as
+    pynetdicom does)."""
+    return next((a for a in addresses if ":" not in a), addresses[0])
+
+
+def _bind_problem(address: str) -> str | None:
+    """Why a listener could not bind *address* (tried on an ephemeral port, closed at once), or None."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return "not an address of this machine (a listener can bind 0.0.0.0, :: or one of its own)"
+            return exc.strerror or str(exc)
+    return None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """How two listeners' hosts share an address (then one port cannot serve both), or None.
+
+    ``0.0.0.0`` takes every IPv4 address, ``::`` every address (Linux binds it dual-stack); a host
+    name is compared as text unless it was resolved.
+    """
+    if a.lower() == b.lower() or (_ip(a) is not None and _ip(a) == _ip(b)):
+        return f"both on {a}"
+    for wild, other in ((a, b), (b, a)):
+        address, other_address = _ip(wild), _ip(other)
+        if address is None or not address.is_unspecified:
+            continue
+        if address.version == 6 or other_address is None or other_address.version == 4:
+            return f"{wild} takes every address, {other} among them"
+    return None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _why_not(exc: OSError) -> str:
+    """An OSError of creating or writing a folder, said for an operator."""
+    reasons = {
+        errno.EACCES: f"permission denied (the node runs as user {_user()})",
+        errno.EPERM: f"not permitted (the node runs as user {_user()})",
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on the device",
+        errno.EEXIST: "a file is in the way",
+        errno.ENOTDIR: "a file is in the way",
+    }
+    return reasons.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def _nearest_existing(folder: Path) -> tuple[Path, bool, list[Path]]:
+    """The nearest of *folder* and its parents that exists, whether it is a folder, and the missing
+    ones below it (deepest first)."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(candidate)
+            continue
+        except OSError:  # there, but we may not look: creating or writing in it will say why
+            return candidate, True, missing
+        return candidate, stat.S_ISDIR(mode), missing
+    raise AssertionError(f"{folder} has no existing parent")  # the root always exists
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at *folder* or at its nearest existing parent, if any."""
+    existing, is_folder, _ = _nearest_existing(folder)
+    return None if is_folder else existing
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why the node could not create *folder* or write a file in it, or None.
+
+    Tried for real: the missing folders are made, a probe file is written and removed, then the
+    folders made are removed again, so the check leaves nothing behind.
+    """
+    existing, is_folder, missing = _nearest_existing(folder)
+    if not is_folder:
+        return f"{folder} is a file, not a folder" if existing == folder else \
+            f"cannot create {folder}: {existing} is a file, not a folder"
+    made: list[Path] = []
+    try:
+        for candidate in reversed(missing):
+            candidate.mkdir()
+            made.append(candidate)
+        handle, probe = tempfile.mkstemp(prefix=".dicom-node-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if len(made) < len(missing):
+            failed = missing[len(missing) - 1 - len(made)]
+            return f"cannot create {failed} (in {failed.parent}): {_why_not(exc)}"
+        return f"cannot write in {folder}: {_why_not(exc)}"
+    finally:
+        for candidate in reversed(made):
+            with contextlib.suppress(OSError):
+                candidate.rmdir()
+    return None
+
+
+def _system_trusts_some_ca() -> bool:
+    """Whether OpenSSL's default store (SSL_CERT_FILE / SSL_CERT_DIR or the system's) holds any CA."""
+    if ssl.create_default_context().cert_store_stats()["x509_ca"]:
+        return True
+    folder = ssl.get_default_verify_paths().capath  # certificates there are loaded when needed, not counted
+    return bool(folder) and any(Path(folder).iterdir())
+
+
+@dataclass(frozen=True)
+class _Listener:
+    """One listening socket of the node, with the keys that set it."""
+
+    what: str
+    host: str
+    host_key: _KeyPath
+    port: int
+    port_key: _KeyPath
+
+
+class _Checker:
+    """Turns the parsed TOML into a :class:`Config`, failing with ``FILE:LINE: KEY: message``.
+
+    With *machine*, what depends on this machine is checked too (see :func:`load_config`).
+    """
+
+    def __init__(self, source: str, text: str, data: dict[str, Any], base: Path, machine: bool = False) -> None:
         self.source = source
         self.text = text
         self.data = data
         self.base = base
+        self.machine = machine
         self._lines: _Lines | None = None
 
     # messages ---------------------------------------------------------------
@@ -968,6 +1228,14 @@ class _Checker:
             self.fail(path + (key,), f"must be a number{limit}, got {_show(value)}")
         return float(value)
 
+    def duration(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> float:
+        """A time setting, within its :data:`_TIME_SPANS` entry (the refusal says why)."""
+        value = self.value(table, path, key, default)
+        span = _TIME_SPANS[key]
+        if not span.accepts(value):
+            self.fail(path + (key,), span.refusal(value))
+        return float(value)
+
     def string(self, table: Mapping[str, Any], path: _KeyPath, key: str, default: Any = _REQUIRED) -> str:
         value = self.value(table, path, key, default)
         if not isinstance(value, str) or not value.strip():
@@ -1024,7 +1292,7 @@ class _Checker:
         routes = self.routes(pipelines, destinations)
         sources = self.sources()
         store = self.store_settings()
-        return Config(
+        config = Config(
             node=node,
             http=http,
             delivery=delivery,
@@ -1036,6 +1304,106 @@ class _Checker:
             tls=tls,
             store=store,
         )
+        addresses = self.resolved_hosts(config) if self.machine else {}
+        self.listener_ports(config, addresses)
+        if self.machine:
+            self.this_machine(config, addresses)
+        return config
+
+    # across sections ----------------------------------------------------------
+
+    @staticmethod
+    def listeners(config: Config) -> list[_Listener]:
+        """The node's listening sockets: plain DICOM, DICOM TLS (on [node] host), HTTP."""
+        node, out = config.node, []
+        if node.port:
+            out.append(_Listener("the DICOM listener", node.host, ("node", "host"), node.port, ("node", "port")))
+        if config.tls is not None:
+            out.append(_Listener("the DICOM TLS listener", node.host, ("node", "host"), config.tls.port,
+                                 ("tls", "port")))
+        out.append(_Listener("the HTTP listener", config.http.host, ("http", "host"), config.http.port,
+                             ("http", "port")))
+        return out
+
+    def in_file(self, path: _KeyPath) -> bool:
+        table: Any = self.data
+        for part in path:
+            if not isinstance(table, dict) or part not in table:
+                return False
+            table = table[part]
+        return True
+
+    def listener_ports(self, config: Config, addresses: Mapping[str, str]) -> None:
+        """Refuse two listeners on one port where their addresses overlap: the second could not bind it.
+
+        *addresses* maps resolved host names to the address a listener binds; other hosts are
+        compared as written.
+        """
+        listeners = self.listeners(config)
+        for n, first in enumerate(listeners):
+            for second in listeners[n + 1:]:
+                how = _overlap(addresses.get(first.host, first.host), addresses.get(second.host, second.host))
+                if first.port != second.port or how is None:
+                    continue
+                # report at the key written last (a port left at its default is not in the file)
+                later, other = sorted((first, second), key=lambda x: (self.in_file(x.port_key),
+                                                                      self.line(x.port_key)), reverse=True)
+                at = f"line {self.line(other.port_key)}" if self.in_file(other.port_key) else "its default"
+                self.fail(later.port_key, f"{later.port} is also {self.where(other.port_key)} ({at}, "
+                          f"{other.what}), and their hosts overlap ({how}): {later.what} could not bind it; "
+                          "give each listener its own port")
+
+    def host_keys(self, config: Config) -> list[tuple[_KeyPath, str]]:
+        """Every host name of the file with its key: listeners, DICOM destinations, DICOMweb URLs."""
+        out = [(listener.host_key, listener.host) for listener in self.listeners(config)]
+        for index, destination in enumerate(config.destinations.values()):
+            if isinstance(destination, DicomDestination):
+                out.append((("destinations", index, "host"), destination.host))
+            elif isinstance(destination, DicomWebDestination):
+                out.append((("destinations", index, "url"), urlsplit(destination.url).hostname or ""))
+        for index, source in enumerate(config.sources.values()):
+            out.append((("sources", index, "url"), urlsplit(source.url).hostname or ""))
+        if config.store.url is not None:
+            out.append((("store", "url"), urlsplit(config.store.url).hostname or ""))
+        return list(dict.fromkeys(out))
+
+    def resolved_hosts(self, config: Config) -> dict[str, str]:
+        """Resolve every host of the file (RESOLVE_TIMEOUT_SECONDS at most, all at once); refuse the first
+        that does not resolve. Returns each host's listening address."""
+        keys = self.host_keys(config)
+        found = _resolve_hosts([host for _, host in keys], RESOLVE_TIMEOUT_SECONDS)
+        for path, host in keys:
+            addresses = found[host]
+            if isinstance(addresses, str):
+                self.fail(path, f"host {_show(host)} does not resolve: {addresses}")
+        return {host: _bind_address(addresses) for host, addresses in found.items() if not isinstance(addresses, str)}
+
+    def this_machine(self, config: Config, addresses: Mapping[str, str]) -> None:
+        """What only this machine can tell: listener addresses, data_dir, folders, CA store, secrets."""
+        for listener in self.listeners(config):
+            problem = _bind_problem(addresses[listener.host])
+            if problem is not None:
+                self.fail(listener.host_key, f"{listener.what} cannot listen on {_show(listener.host)} "
+                          f"({addresses[listener.host]}): {problem}")
+        problem = _unwritable(config.node.data_dir)
+        if problem is not None:
+            self.fail(("node", "data_dir"), problem)
+        for index, destination in enumerate(config.destinations.values()):
+            path: _KeyPath = ("destinations", index)
+            if isinstance(destination, FolderDestination):
+                blocking = _file_in_the_way(destination.path)
+                if blocking is not None:
+                    self.fail(path + ("path",), f"{blocking} is a file, not a folder: nothing can be delivered "
+                              "there")
+            if isinstance(destination, DicomDestination) and destination.tls and destination.ca_file is None:
+                if not _system_trusts_some_ca():
+                    self.fail(path + ("tls",), "without ca_file the peer's certificate is checked against "
+                              "the system's CA certificates, and this machine has none (see SSL_CERT_FILE, "
+                              "SSL_CERT_DIR): give ca_file, the CA that signed the peer's certificate")
+        for item in (*config.destinations.values(), *config.sources.values()):
+            auth = getattr(item, "auth", None)
+            if auth is not None:
+                auth.resolve()  # a ConfigError naming the variable and its line, as serve would give
 
     def node_settings(self) -> NodeSettings:
         path: _KeyPath = ("node",)
@@ -1061,14 +1429,14 @@ class _Checker:
             data_dir=data_dir,
             allowed_calling_aets=tuple(allowed),
             max_associations=self.integer(table, path, "max_associations", 1, default=10),
-            settle_seconds=self.number(table, path, "settle_seconds", 10.0, above=0),
+            settle_seconds=self.duration(table, path, "settle_seconds", 10.0),
             workers=self.integer(table, path, "workers", 1, default=min(4, os.cpu_count() or 1)),
             min_free_disk_mb=self.integer(table, path, "min_free_disk_mb", 0, default=512),
-            retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
-            study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
-            force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
+            retention_hours=self.duration(table, path, "retention_hours", 72.0),
+            study_settle_seconds=self.duration(table, path, "study_settle_seconds", 120.0),
+            force_complete_seconds=self.duration(table, path, "force_complete_seconds", 3600.0),
             max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
-            processing_timeout_seconds=self.number(table, path, "processing_timeout_seconds", 3600.0, at_least=1.0),
+            processing_timeout_seconds=self.duration(table, path, "processing_timeout_seconds", 3600.0),
             shared_dir=self.folder(table, path, "shared_dir") if "shared_dir" in table else None,
         )
 
@@ -1120,8 +1488,19 @@ class _Checker:
         """The table's ``url``: ``http://`` or ``https://`` with a host."""
         url = self.string(table, path, "url")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             self.fail(path + ("url",), f"must be an http:// or https:// URL, got {_show(url)}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            self.fail(path + ("url",), f"the port must be a whole number 1-65535, got {_show(url)}")
+        if parts.username is not None or parts.password is not None:
+            self.fail(path + ("url",), "must not hold a user name or password (they would be in logs): use auth")
+        if parts.query or parts.fragment:
+            self.fail(path + ("url",), f"must be the service root, without ?query or #fragment (the paths of "
+                      f"the requests are appended to it), got {_show(url)}")
         return url
 
     def https_ca_file(self, table: Mapping[str, Any], path: _KeyPath, url: str) -> Path | None:
@@ -1170,8 +1549,8 @@ class _Checker:
         default = DeliverySettings()
         settings = DeliverySettings(
             max_attempts=self.integer(table, path, "max_attempts", 1, default=default.max_attempts),
-            backoff_seconds=self.number(table, path, "backoff_seconds", default.backoff_seconds, above=0),
-            max_backoff_seconds=self.number(table, path, "max_backoff_seconds", default.max_backoff_seconds, above=0),
+            backoff_seconds=self.duration(table, path, "backoff_seconds", default.backoff_seconds),
+            max_backoff_seconds=self.duration(table, path, "max_backoff_seconds", default.max_backoff_seconds),
         )
         if settings.max_backoff_seconds < settings.backoff_seconds:
             self.fail(path + ("max_backoff_seconds",), f"must be >= backoff_seconds "
@@ -1235,7 +1614,7 @@ class _Checker:
                     name=name,
                     url=url,
                     auth=self.auth(table, path),
-                    timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                    timeout_seconds=self.duration(table, path, "timeout_seconds", 30.0),
                     ca_file=self.https_ca_file(table, path, url),
                 )
             else:
@@ -1264,11 +1643,11 @@ class _Checker:
                 cron=cron,
                 level=level,
                 query=self.source_query(table, path, level),
-                lookback_hours=self.number(table, path, "lookback_hours", 24.0, above=0),
-                late_arrival_hours=self.number(table, path, "late_arrival_hours", 24.0, at_least=0),
+                lookback_hours=self.duration(table, path, "lookback_hours", 24.0),
+                late_arrival_hours=self.duration(table, path, "late_arrival_hours", 24.0),
                 auth=self.auth(table, path),
                 page_size=self.integer(table, path, "page_size", 1, 10000, default=100),
-                timeout_seconds=self.number(table, path, "timeout_seconds", 30.0, above=0),
+                timeout_seconds=self.duration(table, path, "timeout_seconds", 30.0),
                 ca_file=self.https_ca_file(table, path, url),
             )
         return out
@@ -1278,7 +1657,7 @@ class _Checker:
             later = max(("every_seconds", "cron"), key=lambda k: self.line(path + (k,)))
             self.fail(path + (later,), "give either every_seconds or cron, not both")
         if "every_seconds" in table:
-            return self.number(table, path, "every_seconds", at_least=1), None
+            return self.duration(table, path, "every_seconds"), None
         if "cron" not in table:
             self.fail(path + ("every_seconds",), 'missing (required): give every_seconds (e.g. 60) or cron '
                       '(e.g. "*/5 * * * *")')
@@ -1374,8 +1753,16 @@ class _Checker:
                     self.fail(path + ("destinations", n), f"unknown destination {_show(name)}; defined: {known}")
                 if name in names[:n]:
                     self.fail(path + ("destinations", n), f"destination {_show(name)} is listed twice")
+                self.output_fits(path + ("destinations", n), pipelines[pipeline], destinations[name])
             routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names), trigger=trigger))
         return tuple(routes)
+
+    def output_fits(self, path: _KeyPath, pipeline: Pipeline, destination: Destination) -> None:
+        """Refuse a route that sends *pipeline*'s output where every delivery would fail for good."""
+        if not pipeline.output.is_dicom and destination.kind in ("dicom", "dicomweb"):
+            self.fail(path, f"destination {_show(destination.name)} (kind = {_show(destination.kind)}) takes DICOM "
+                      f"only, and pipeline {_show(pipeline.name)} writes output = {_show(pipeline.output.value)}: "
+                      "send it to a folder destination, or make the pipeline's output \"sc\" or \"sc16\"")
 
     def match(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> tuple[tuple[str, tuple[str, ...]], ...]:
         table = self.table(parent, parent_path, "match")
@@ -1422,7 +1809,7 @@ def _syntax_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> Confi
     return ConfigError(f"{source}:{line}: TOML syntax error: {message}")
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
+def load_config(path: str | os.PathLike[str] | None, *, check_machine: bool = False) -> Config:
     """Read and check the configuration.
 
     Parameters
@@ -1431,6 +1818,14 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         The TOML file; None for the embedded default (``node/default.toml``). Relative paths
         in the file resolve against the file's folder; in the embedded default, against the
         current working directory.
+    check_machine : bool
+        Also check what depends on this machine (``dicom-node serve`` and ``config check`` do):
+        every host name resolves (within RESOLVE_TIMEOUT_SECONDS, all at once; a name server is
+        asked, no peer is contacted); the listeners' hosts are addresses of this machine (bound
+        on an ephemeral port and closed); listeners on one port do not overlap once names are
+        resolved; ``data_dir`` can be created and written (tried, then undone); no file stands
+        where a folder destination goes; a TLS destination without ``ca_file`` has system CA
+        certificates to trust; the environment variables of ``auth`` are set.
 
     Returns
     -------
@@ -1461,4 +1856,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(source, text, exc) from None
-    return _Checker(source, text, data, base).check()
+    return _Checker(source, text, data, base, machine=check_machine).check()

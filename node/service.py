@@ -218,7 +218,7 @@ class NodeService:
 
     def _assemble_loop(self) -> None:
         node = self.config.node
-        interval = min(1.0, node.settle_seconds / 4)
+        interval = max(0.05, min(1.0, node.settle_seconds / 4))  # a floor: a tiny settle time must not spin
         while not self._stop.wait(interval):
             try:
                 ready = self.jobs.settle(

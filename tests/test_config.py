@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -172,7 +175,7 @@ max_backoff_seconds = 0.5
 [[pipelines]]
 name = "ct-soft"
 steps = [{ op = "rescale" }, { op = "window", preset = "mediastinum" }]
-output = "png16"
+output = "sc16"
 [[destinations]]
 name = "pacs"
 kind = "dicom"
@@ -214,7 +217,7 @@ destinations = []
     assert node.allowed_calling_aets == ("CT01", "MR 2")
     assert node.settle_seconds == 2.0 and isinstance(node.settle_seconds, float)
     assert config.delivery == DeliverySettings(1, 0.5, 0.5)
-    assert config.pipelines["ct-soft"].output is OutputFormat.PNG16
+    assert config.pipelines["ct-soft"].output is OutputFormat.SC16
     assert config.destinations["pacs"] == DicomDestination("pacs", "pacs.example.org", 104, "PACS", "ME",
                                                            associations=4)
     assert config.destinations["archive"] == DicomWebDestination(
@@ -274,9 +277,11 @@ ERRORS = [
     ("calling-aets", HEAD.replace("allowed_calling_aets = []", 'allowed_calling_aets = [\n  "OK",\n  "",  # <-\n]')
      + TAIL, "node.allowed_calling_aets[2]", "not a valid AE title: must not be empty"),
     ("settle-zero", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 0 # <-") + TAIL,
-     "node.settle_seconds", "must be a number > 0, got 0"),
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400 (under 0.1 s a series is split "
+     "wherever its sender pauses, and the idle node spends its CPU looking for quiet series; over a day (86400) "
+     "a finished series waits that long), got 0"),
     ("settle-nan", HEAD.replace("settle_seconds = 10.0", "settle_seconds = nan # <-") + TAIL,
-     "node.settle_seconds", "must be a number > 0"),
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400"),
     ("workers", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nworkers = 0 # <-") + TAIL,
      "node.workers", "must be a whole number >= 1, got 0"),
     ("data-dir", HEAD.replace('data_dir = "var"', "data_dir = 3 # <-") + TAIL,
@@ -429,7 +434,9 @@ name = "web"
 kind = "dicomweb"
 url = "http://h/dicom-web"
 timeout_seconds = -1 # <-
-""" + TAIL, 'destinations[1] (name "web").timeout_seconds', "must be a number > 0, got -1"),
+""" + TAIL, 'destinations[1] (name "web").timeout_seconds', "must be a number of seconds from 1 to 3600 "
+     "(under 1 s requests to a working server time out; over an hour (3600) a server that hangs holds a "
+     "sender that long), got -1"),
     ("pipeline-steps", HEAD + """\
 [[pipelines]]
 name = "ct"
@@ -809,9 +816,9 @@ SOURCE_ERRORS = [
     ("no-schedule", SOURCE.replace("[[sources]]", "[[sources]] # <-"),
      'sources[1] (name "archive").every_seconds', "missing (required): give every_seconds (e.g. 60) or cron"),
     ("every-zero", SOURCE + "every_seconds = 0 # <-\n",
-     'sources[1] (name "archive").every_seconds', "must be a number >= 1, got 0"),
+     'sources[1] (name "archive").every_seconds', "must be a number of seconds from 1 to 604800 ("),
     ("every-text", SOURCE + 'every_seconds = "60" # <-\n',
-     'sources[1] (name "archive").every_seconds', 'must be a number >= 1, got "60"'),
+     'sources[1] (name "archive").every_seconds', 'use cron), got "60"'),
     ("cron-out-of-range", SOURCE + 'cron = "61 * * * *" # <-\n',
      'sources[1] (name "archive").cron', 'not a valid crontab expression (minute hour day month weekday): '
      '"61 * * * *": '),
@@ -837,7 +844,9 @@ every_seconds = 60
     ("unknown-key", SOURCE + "every_seconds = 60\nlookback_hour = 3 # <-\n",
      'sources[1] (name "archive").lookback_hour', "unknown key (did you mean 'lookback_hours'?)"),
     ("lookback", SOURCE + "every_seconds = 60\nlookback_hours = 0 # <-\n",
-     'sources[1] (name "archive").lookback_hours', "must be a number > 0, got 0"),
+     'sources[1] (name "archive").lookback_hours', "must be a number of hours from 1 to 876000 (the query "
+     "matches StudyDate in whole days, so less than 1 looks back no less; over 100 years (876000) is no date "
+     "at all), got 0"),
     ("page-size", SOURCE + "every_seconds = 60\npage_size = 0 # <-\n",
      'sources[1] (name "archive").page_size', "must be a whole number 1-10000, got 0"),
     ("query-keyword", SOURCE + 'every_seconds = 60\nquery = { Modalty = "CT" } # <-\n',
@@ -944,3 +953,393 @@ def test_max_processing_attempts_default_and_set(tmp_path: Path) -> None:
     assert load_config(ROOT / "config" / "node.toml").node.max_processing_attempts == 2  # documented default
     text = HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nmax_processing_attempts = 5") + TAIL
     assert load_text(tmp_path, text).node.max_processing_attempts == 5
+
+
+# --------------------------------------------------------------------------- configs that cannot start or work
+
+
+def refusal(tmp_path: Path, text: str, *, check_machine: bool = False) -> str:
+    """The message of the ConfigError *text* is refused with (the line marked ``# <-`` is expected)."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_machine=check_machine)
+    return str(info.value)
+
+
+def assert_refused_at_mark(tmp_path: Path, text: str, key: str, message: str, *, check_machine: bool = False) -> None:
+    error = refusal(tmp_path, text, check_machine=check_machine)
+    prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: {key}: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error, f"\n{error}\ndoes not say\n{message}"
+
+
+SOURCE_60 = SOURCE + "every_seconds = 60\n"
+
+
+def node_with(lines: str) -> str:
+    """HEAD with *lines* added to its [node] table."""
+    return HEAD.replace("settle_seconds = 10.0\n", "settle_seconds = 10.0\n" + lines)
+DICOMWEB = '[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web"\n'
+
+# (id, text with the faulty line marked "# <-", key as printed, part of the message)
+TIME_ERRORS = [
+    ("settle-1e-300", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 1e-300 # <-") + TAIL,
+     "node.settle_seconds", "must be a number of seconds from 0.1 to 86400 (under 0.1 s a series is split wherever "
+     "its sender pauses, and the idle node spends its CPU looking for quiet series; over a day (86400) a finished "
+     "series waits that long), got 1e-300"),
+    ("settle-over-a-day", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 86401 # <-") + TAIL,
+     "node.settle_seconds", "got 86401"),
+    ("settle-text", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = "10" # <-') + TAIL,
+     "node.settle_seconds", 'got "10"'),
+    ("study-settle", node_with("study_settle_seconds = 0.01 # <-\n") + TAIL,
+     "node.study_settle_seconds", "from 0.1 to 86400 (under 0.1 s a study is split wherever its sender pauses"),
+    ("force-complete-low", node_with("force_complete_seconds = 0.5 # <-\n") + TAIL,
+     "node.force_complete_seconds", "from 1 to 604800 (under 1 s series are processed in pieces"),
+    ("force-complete-high", node_with("force_complete_seconds = 1e9 # <-\n") + TAIL,
+     "node.force_complete_seconds", "got 1000000000.0"),
+    ("retention-negative", node_with("retention_hours = -0.5 # <-\n") + TAIL,
+     "node.retention_hours", "must be 0 (keep for ever) or a number of hours from 0.000278 (1 s) to 87600 (the "
+     "clean-up runs at most once a second; over 10 years (87600): use 0), got -0.5"),
+    ("retention-minus-one", node_with("retention_hours = -1 # <-\n") + TAIL, "node.retention_hours", "got -1"),
+    ("retention-tiny", node_with("retention_hours = 1e-9 # <-\n") + TAIL, "node.retention_hours", "got 1e-09"),
+    ("retention-huge", node_with("retention_hours = 1e6 # <-\n") + TAIL, "node.retention_hours", "got 1000000.0"),
+    ("backoff", HEAD + "[delivery]\nbackoff_seconds = 0.001 # <-\n" + TAIL,
+     "delivery.backoff_seconds", "under 0.1 s a failing destination is retried in a tight loop"),
+    ("max-backoff", HEAD + "[delivery]\nmax_backoff_seconds = 1e7 # <-\n" + TAIL,
+     "delivery.max_backoff_seconds", "from 0.1 to 86400"),
+    ("destination-timeout", HEAD + DICOMWEB + "timeout_seconds = 0.001 # <-\n" + TAIL,
+     'destinations[1] (name "web").timeout_seconds', "from 1 to 3600 (under 1 s requests to a working server "
+     "time out"),
+    ("source-timeout", HEAD + TAIL + SOURCE_60 + "timeout_seconds = 86400 # <-\n",
+     'sources[1] (name "archive").timeout_seconds', "over an hour (3600) a server that hangs holds a sender"),
+    ("every-seconds", HEAD + TAIL + SOURCE + "every_seconds = 1e-300 # <-\n",
+     'sources[1] (name "archive").every_seconds', "more often than every second floods the archive"),
+    ("every-seconds-high", HEAD + TAIL + SOURCE + "every_seconds = 1e6 # <-\n",
+     'sources[1] (name "archive").every_seconds', "use cron"),
+    ("lookback-high", HEAD + TAIL + SOURCE_60 + "lookback_hours = 1e300 # <-\n",
+     'sources[1] (name "archive").lookback_hours', "over 100 years (876000) is no date at all"),
+    ("late-arrival-negative", HEAD + TAIL + SOURCE_60 + "late_arrival_hours = -1 # <-\n",
+     'sources[1] (name "archive").late_arrival_hours', "from 0 to 87600"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in TIME_ERRORS], ids=[e[0] for e in TIME_ERRORS])
+def test_time_setting_out_of_its_span(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+def test_time_settings_the_tests_and_the_docs_use_are_accepted(tmp_path: Path) -> None:
+    """The floors are low enough for fast tests (settle 0.5 s, retention 1.8 s) and 0 keeps for ever."""
+    config = load_text(tmp_path, node_with("study_settle_seconds = 0.5\nforce_complete_seconds = 2.0\n"
+                                           "retention_hours = 0.0005\n").replace("settle_seconds = 10.0", "settle_seconds = 0.1")
+                       + "[delivery]\nbackoff_seconds = 0.1\nmax_backoff_seconds = 86400\n" + TAIL
+                       + SOURCE + "every_seconds = 1\nlookback_hours = 876000\nlate_arrival_hours = 0\n"
+                       + "timeout_seconds = 1\n")
+    assert (config.node.settle_seconds, config.node.study_settle_seconds) == (0.1, 0.5)
+    assert (config.node.force_complete_seconds, config.node.retention_hours) == (2.0, 0.0005)
+    assert (config.delivery.backoff_seconds, config.delivery.max_backoff_seconds) == (0.1, 86400.0)
+    source = config.sources["archive"]
+    assert (source.every_seconds, source.lookback_hours, source.late_arrival_hours, source.timeout_seconds) == (
+        1.0, 876000.0, 0.0, 1.0)
+    assert load_text(tmp_path, node_with("retention_hours = 0\n") + TAIL).node.retention_hours == 0.0
+
+
+PORT_ERRORS = [
+    ("http-on-the-dicom-port", HEAD.replace("port = 8080", "port = 11112 # <-") + TAIL,
+     "http.port", "11112 is also node.port (line 4, the DICOM listener), and their hosts overlap (0.0.0.0 takes "
+     "every address, 127.0.0.1 among them): the HTTP listener could not bind it; give each listener its own port"),
+    ("dicom-port-written-last", "[http]\nhost = \"127.0.0.1\"\nport = 4000\n[node]\nport = 4000 # <-\n" + TAIL,
+     "node.port", "4000 is also http.port (line 3, the HTTP listener), and their hosts overlap (0.0.0.0 takes"),
+    ("the-default-dicom-port", "[http]\nport = 11112 # <-\n" + TAIL,
+     "http.port", "11112 is also node.port (its default, the DICOM listener)"),
+    ("same-address", HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace("port = 8080", "port = 11112 # <-")
+     + TAIL, "http.port", "hosts overlap (both on 127.0.0.1)"),
+    ("ipv6-any-takes-ipv4-too", HEAD.replace('host = "0.0.0.0"', 'host = "::"').replace("port = 8080",
+                                                                                         "port = 11112 # <-") + TAIL,
+     "http.port", "hosts overlap (:: takes every address, 127.0.0.1 among them)"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in PORT_ERRORS], ids=[e[0] for e in PORT_ERRORS])
+def test_listeners_on_one_port(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+@pytest.fixture
+def node_certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A real self-signed certificate and key for the [tls] listener."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", "server.key", "-out", "server.pem", "-days", "1", "-subj", "/CN=node"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    return tmp_path / "server.pem", tmp_path / "server.key"
+
+
+def test_tls_listener_port_overlaps(tmp_path: Path, node_certificate: tuple[Path, Path]) -> None:
+    tls = '[tls]\nport = {port} # <-\ncert_file = "server.pem"\nkey_file = "server.key"\n'
+    assert_refused_at_mark(tmp_path, HEAD + tls.format(port=11112) + TAIL, "tls.port",
+                           "11112 is also node.port (line 4, the DICOM listener), and their hosts overlap (both on "
+                           "0.0.0.0): the DICOM TLS listener could not bind it")
+    assert_refused_at_mark(tmp_path, HEAD + tls.format(port=8080) + TAIL, "tls.port",
+                           "8080 is also http.port (line 12, the HTTP listener), and their hosts overlap (0.0.0.0 "
+                           "takes every address, 127.0.0.1 among them)")
+    # TLS alone (port = 0) on the HTTP port of another address is fine, as are different ports
+    text = HEAD.replace("port = 11112", "port = 0").replace('host = "127.0.0.1"', 'host = "127.0.0.2"')
+    alone = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"') + tls.format(port=8080) + TAIL
+    assert load_text(tmp_path, alone).tls.port == 8080  # type: ignore[union-attr]
+    assert load_text(tmp_path, HEAD + tls.format(port=2762) + TAIL).tls.port == 2762  # type: ignore[union-attr]
+
+
+def test_one_port_on_two_addresses_is_fine(tmp_path: Path) -> None:
+    text = HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace('host = "127.0.0.1"\nport = 8080',
+                                                                           'host = "127.0.0.2"\nport = 11112')
+    config = load_config(write(tmp_path, text + TAIL), check_machine=True)
+    assert (config.node.port, config.http.port, config.http.host) == (11112, 11112, "127.0.0.2")
+
+
+def test_host_names_are_compared_once_resolved(tmp_path: Path) -> None:
+    """"localhost" and "127.0.0.1" are told apart by their text, and found the same by resolving them."""
+    text = (HEAD.replace('host = "0.0.0.0"', 'host = "localhost"').replace("port = 8080", "port = 11112 # <-")
+            + TAIL)
+    assert load_text(tmp_path, text).http.port == 11112  # without resolving: nothing to compare
+    assert_refused_at_mark(tmp_path, text, "http.port", "hosts overlap (both on 127.0.0.1)", check_machine=True)
+
+
+ROUTE_ERRORS = [
+    ("png-to-dicom", HEAD + """\
+[[pipelines]]
+name = "colour"
+steps = [{ op = "channels", windows = ["brain", "subdural", "brain_bone"] }]
+output = "png"
+[[destinations]]
+name = "folder"
+kind = "folder"
+path = "out"
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = 4242
+ae_title = "PACS"
+[[routes]]
+match = {}
+pipeline = "colour"
+destinations = [
+    "folder",
+    "pacs", # <-
+]
+""", "routes[1].destinations[2]", 'destination "pacs" (kind = "dicom") takes DICOM only, and pipeline "colour" '
+     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc" or "sc16"'),
+    ("png16-to-dicomweb", HEAD + DICOMWEB + """\
+[[pipelines]]
+name = "grey16"
+steps = [{ op = "rescale" }]
+output = "png16"
+[[routes]]
+match = { Modality = "CT" }
+pipeline = "grey16"
+destinations = ["web"] # <-
+""", "routes[1].destinations[1]", 'destination "web" (kind = "dicomweb") takes DICOM only, and pipeline "grey16" '
+     'writes output = "png16"'),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in ROUTE_ERRORS], ids=[e[0] for e in ROUTE_ERRORS])
+def test_route_output_a_destination_cannot_take(tmp_path: Path, text: str, key: str, message: str) -> None:
+    assert_refused_at_mark(tmp_path, text, key, message)
+
+
+def test_png_to_a_folder_and_secondary_capture_anywhere_are_fine(tmp_path: Path) -> None:
+    text = HEAD + DICOMWEB + TAIL.replace('steps = [{ op = "rescale" }]', 'steps = [{ op = "rescale" }]\noutput = "png"')
+    text += '[[pipelines]]\nname = "sc"\nsteps = []\noutput = "sc16"\n[[routes]]\nmatch = {}\npipeline = "sc"\n'
+    text += 'destinations = ["web", "folder"]\n'
+    config = load_text(tmp_path, text)
+    assert [r.destinations for r in config.routes] == [("folder",), ("web", "folder")]
+
+
+URL_ERRORS = [
+    ("query", "?token=x", "must be the service root, without ?query or #fragment"),
+    ("fragment", "#studies", "must be the service root, without ?query or #fragment"),
+    ("port-zero", ":0", "the port must be a whole number 1-65535"),
+    ("port-range", ":99999", "the port must be a whole number 1-65535"),
+]
+
+
+@pytest.mark.parametrize(("tail", "message"), [e[1:] for e in URL_ERRORS], ids=[e[0] for e in URL_ERRORS])
+def test_url_the_dicomweb_client_cannot_use(tmp_path: Path, tail: str, message: str) -> None:
+    url = "http://127.0.0.1" + (tail if tail.startswith(":") else "/dicom-web" + tail)
+    text = HEAD + f'[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "{url}" # <-\n' + TAIL
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "web").url', message)
+    source = HEAD + TAIL + f'[[sources]]\nname = "a"\nkind = "dicomweb"\nurl = "{url}" # <-\nevery_seconds = 60\n'
+    assert_refused_at_mark(tmp_path, source, 'sources[1] (name "a").url', message)
+
+
+def test_url_with_credentials(tmp_path: Path) -> None:
+    text = HEAD + '[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "http://u:pw@127.0.0.1/d" # <-\n' + TAIL
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "web").url',
+                           "must not hold a user name or password (they would be in logs): use auth")
+
+
+# ---------------------------------------------------------------- on this machine (serve and config check)
+
+# Names glibc refuses itself ("!" is no host name character, a label has at most 63 characters): the
+# check fails as for a misspelt name, without asking the name server (the tests talk to no other host).
+NO_SUCH_HOST = "no!such-host"
+LONG_LABEL_HOST = "a" * 64 + ".example"
+
+MACHINE_ERRORS = [
+    ("destination-host", HEAD + f"""\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "{NO_SUCH_HOST}" # <-
+port = 104
+ae_title = "PACS"
+""" + TAIL, 'destinations[1] (name "pacs").host', f'host "{NO_SUCH_HOST}" does not resolve: Name or service not known'),
+    ("dicomweb-url-host", HEAD + DICOMWEB.replace("127.0.0.1", NO_SUCH_HOST).replace("web\"\n", "web\" # <-\n", 1)
+     .replace("dicom-web\"\n", "dicom-web\" # <-\n").replace("name = \"web\" # <-", "name = \"web\"") + TAIL,
+     'destinations[1] (name "web").url', f'host "{NO_SUCH_HOST}" does not resolve'),
+    ("source-url-host", HEAD + TAIL + SOURCE_60.replace('url = "http://127.0.0.1:8042/dicom-web"',
+                                                        f'url = "https://{NO_SUCH_HOST}/dicom-web" # <-'),
+     'sources[1] (name "archive").url', f'host "{NO_SUCH_HOST}" does not resolve'),
+    ("node-host-long-label", HEAD.replace('host = "0.0.0.0"', f'host = "{LONG_LABEL_HOST}" # <-') + TAIL,
+     "node.host", f'host "{LONG_LABEL_HOST}" does not resolve: encoding with \'idna\' codec failed'),
+    ("http-host", HEAD.replace('host = "127.0.0.1"', f'host = "{NO_SUCH_HOST}" # <-') + TAIL,
+     "http.host", "does not resolve"),
+    # documentation addresses (RFC 5737, 3849): never this machine's; binding fails locally, nothing is sent
+    ("node-host-not-ours", HEAD.replace('host = "0.0.0.0"', 'host = "203.0.113.7" # <-') + TAIL,
+     "node.host", 'the DICOM listener cannot listen on "203.0.113.7" (203.0.113.7): not an address of this '
+     "machine (a listener can bind 0.0.0.0, :: or one of its own)"),
+    ("http-host-not-ours", HEAD.replace('host = "127.0.0.1"', 'host = "2001:db8::1" # <-') + TAIL,
+     "http.host", 'the HTTP listener cannot listen on "2001:db8::1" (2001:db8::1): not an address of this machine'),
+    ("data-dir-is-a-file", HEAD.replace('data_dir = "var"', 'data_dir = "var.txt" # <-') + TAIL,
+     "node.data_dir", "var.txt is a file, not a folder"),
+    ("data-dir-under-a-file", HEAD.replace('data_dir = "var"', 'data_dir = "var.txt/spool" # <-') + TAIL,
+     "node.data_dir", "cannot create "),
+    ("folder-destination-is-a-file", HEAD + TAIL.replace('path = "out"', 'path = "var.txt" # <-'),
+     'destinations[1] (name "folder").path', "var.txt is a file, not a folder: nothing can be delivered there"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [e[1:] for e in MACHINE_ERRORS], ids=[e[0] for e in MACHINE_ERRORS])
+def test_what_this_machine_cannot_do(tmp_path: Path, text: str, key: str, message: str) -> None:
+    (tmp_path / "var.txt").write_text("a file where a folder should be")
+    load_text(tmp_path, text)  # only the check of this machine can tell
+    assert_refused_at_mark(tmp_path, text, key, message, check_machine=True)
+
+
+def test_data_dir_under_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "var.txt").write_text("x")
+    error = refusal(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "var.txt/spool"') + TAIL, check_machine=True)
+    assert error.endswith(f"node.data_dir: cannot create {tmp_path / 'var.txt' / 'spool'}: "
+                          f"{tmp_path / 'var.txt'} is a file, not a folder"), error
+
+
+def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    text = HEAD.replace('data_dir = "var"', 'data_dir = "a/b/var"') + TAIL
+    config = load_config(write(tmp_path, text), check_machine=True)
+    assert config.node.data_dir == tmp_path / "a" / "b" / "var"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.toml"]  # a/b/var made, written, removed
+    (tmp_path / "a").mkdir()
+    load_config(tmp_path / "node.toml", check_machine=True)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == []  # what was there stays, the probe is gone
+
+
+def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([*prefix, sys.executable, "-m", "node.cli", "config", "check", str(config)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_data_dir_without_permission(tmp_path: Path) -> None:
+    """Run as a user without write permission: root keeps its uid but loses CAP_DAC_OVERRIDE (setpriv)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    result = _config_check_cli(config, prefix)
+    assert result.returncode == 2, result.stderr
+    assert (f"{config}:5: node.data_dir: cannot create {locked / 'var'} (in {locked}): permission denied "
+            "(the node runs as user ") in result.stderr, result.stderr
+    assert not (locked / "var").exists()
+
+
+def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
+    """A read-only tmpfs mounted in a private mount namespace (unshare: gone with the process)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
+    inner = f"mount -t tmpfs -o ro none {mount} && exec \"$0\" \"$@\""
+    result = _config_check_cli(config, ["unshare", "-rm", "sh", "-c", inner])
+    assert result.returncode == 2, result.stderr
+    assert f"{config}:5: node.data_dir: cannot create {mount / 'var'} (in {mount}): read-only file system" in \
+        result.stderr, result.stderr
+
+
+def test_host_lookup_is_bounded_in_time() -> None:
+    from node.config import _resolve_hosts
+
+    release = threading.Event()
+    try:
+        started = time.monotonic()
+        found = _resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
+                               resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 3, elapsed
+    assert found["slow.example"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
+    assert found["127.0.0.1"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
+    assert _resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
+        "127.0.0.1": ("127.0.0.1",), "::1": ("::1",), NO_SUCH_HOST: "Name or service not known"}
+
+
+def test_tls_destination_with_nothing_to_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = HEAD + """\
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+host = "127.0.0.1"
+port = 2762
+ae_title = "PACS"
+tls = true # <-
+""" + TAIL
+    assert load_config(write(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # OpenSSL's default store: empty
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
+    assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "pacs").tls',
+                           "without ca_file the peer's certificate is checked against the system's CA "
+                           "certificates, and this machine has none (see SSL_CERT_FILE, SSL_CERT_DIR): give "
+                           "ca_file, the CA that signed the peer's certificate", check_machine=True)
+
+
+def test_secrets_must_be_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_NODE_STOW_PW", raising=False)
+    monkeypatch.setenv("TEST_NODE_QIDO_TOKEN", "")
+    text = HEAD + TAIL + DICOMWEB + """\
+auth = { kind = "basic", username = "u", password_env = "TEST_NODE_STOW_PW" } # <-
+"""
+    load_text(tmp_path, text)  # read when used; the check of this machine reads it now, as serve does
+    assert_refused_at_mark(tmp_path, text, 'destinations[2] (name "web").auth.password_env',
+                           "environment variable TEST_NODE_STOW_PW (password for basic auth) is not set",
+                           check_machine=True)
+    monkeypatch.setenv("TEST_NODE_STOW_PW", "s3cret")
+    source = text + SOURCE_60 + 'auth = { kind = "bearer", token_env = "TEST_NODE_QIDO_TOKEN" } # <-\n'
+    source = source.replace('"TEST_NODE_STOW_PW" } # <-', '"TEST_NODE_STOW_PW" }')
+    assert_refused_at_mark(tmp_path, source, 'sources[1] (name "archive").auth.token_env',
+                           "environment variable TEST_NODE_QIDO_TOKEN (bearer token) is empty", check_machine=True)
+    monkeypatch.setenv("TEST_NODE_QIDO_TOKEN", "t")
+    assert load_config(tmp_path / "node.toml", check_machine=True).sources["archive"].auth == BearerAuth(
+        "TEST_NODE_QIDO_TOKEN")
+
+
+def test_shipped_configs_pass_the_check_of_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config/node.toml, config/orthanc.toml and the embedded default start here (docker/node.toml names
+    the compose service "orthanc" and /data: only its container can tell)."""
+    for path in (ROOT / "config" / "node.toml", ROOT / "config" / "orthanc.toml"):
+        before = sorted(p.name for p in path.parent.iterdir())
+        assert load_config(path, check_machine=True).source == str(path)
+        assert sorted(p.name for p in path.parent.iterdir()) == before  # config/var made and removed again
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, check_machine=True).node.data_dir == tmp_path / "var"
+    assert list(tmp_path.iterdir()) == []
