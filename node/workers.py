@@ -362,8 +362,8 @@ class WorkerPool:
                 worker.conn.close()
                 self._workers[index] = self._spawn(worker.name)
             elif worker.busy_with is not None and worker.kill_reason is None and now - worker.busy_since > self.timeout:
-                worker.kill_reason = f"killed: processing took longer than processing_timeout_seconds ({self.timeout:g} s)"
-                log.error("%s: series id %d %s: worker killed", worker.name, worker.busy_with, worker.kill_reason)
+                worker.kill_reason = f"was killed: processing took longer than processing_timeout_seconds ({self.timeout:g} s)"
+                log.error("%s: series id %d: %s", worker.name, worker.busy_with, worker.kill_reason)
                 worker.process.kill()
 
     def _read(self, worker: _Worker) -> None:
@@ -384,8 +384,8 @@ class WorkerPool:
         worker.restart_at = float("inf")  # not waited on again; a finite time below restarts it
         if self._stopping.is_set():
             return  # stopped as asked, or killed after the grace time (stop() says so)
-        how = _death(worker.process.exitcode)
-        reason = f"{worker.name} (pid {worker.process.pid}) {worker.kill_reason or how}"
+        how = worker.kill_reason or _death(worker.process.exitcode)
+        reason = f"{worker.name} (pid {worker.process.pid}) {how}"
         claimed = self.jobs.claimed_by(worker.name)
         for series_id in claimed:
             outcome = self.jobs.abandon(series_id, reason, max_attempts=self.config.node.max_processing_attempts)

@@ -172,3 +172,25 @@ def test_a_killed_worker_is_replaced_and_its_series_finished(tmp_path: Path) -> 
         outputs = list(out.rglob("*.dcm"))
         assert len(outputs) == 1  # one multi-frame SC, written once
         assert node.alive()
+
+
+def test_a_series_that_outlasts_the_processing_timeout_is_failed_and_the_node_goes_on(tmp_path: Path) -> None:
+    port, http = free_port(), free_port()
+    out = tmp_path / "out"
+    (tmp_path / "in").mkdir()
+    slow = write_cine(tmp_path / "in" / "slow.dcm", 800)  # several seconds of per-image equalisation
+    slow_uid = pydicom.dcmread(slow, stop_before_pixels=True).SeriesInstanceUID
+    config = node_config(tmp_path / "var", port, http_port=http, settle=0.5, extra=PLAIN_SC.format(out=out),
+                         node_extra="processing_timeout_seconds = 1\nmax_processing_attempts = 2")
+    with NodeProcess(config, tmp_path, port=port) as node:
+        assert storescu("127.0.0.1", port, [slow], called_aet="DICOMNODE").returncode == 0
+        record = wait_for(lambda: (r := series_record(http, slow_uid)) and r["state"] == "failed" and r, 60,
+                          "the slow series failed", node.log)
+        assert record["error"].startswith("processing did not finish 2 times")
+        assert "processing took longer than processing_timeout_seconds (1 s)" in record["error"]
+        small = copy_as_series([bundled("CT_small.dcm")], tmp_path / "small")
+        small_uid = pydicom.dcmread(small[0], stop_before_pixels=True).SeriesInstanceUID
+        assert storescu("127.0.0.1", port, small, called_aet="DICOMNODE").returncode == 0
+        wait_for(lambda: (series_record(http, small_uid) or {}).get("state") == "delivered", 30,
+                 "the next series delivered", node.log)
+        assert not list(out.rglob(f"*{slow_uid}*")) and node.alive()
