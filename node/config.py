@@ -106,6 +106,14 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing workers.
+    association_timeout_seconds : float
+        A connection that has not sent a complete A-ASSOCIATE-RQ (after its TLS handshake, over TLS)
+        this many seconds after it was accepted is closed (see :mod:`node.netutil`).
+    max_negotiating_connections : int
+        Connections still negotiating at once (they do not count against ``max_associations``);
+        a connection beyond it is refused at once.
+    max_connections_per_address : int
+        Connections from one address at once, negotiating or associated; 0: no limit.
     """
 
     ae_title: str
@@ -120,6 +128,9 @@ class NodeSettings:
     retention_hours: float = 72.0
     study_settle_seconds: float = 120.0
     force_complete_seconds: float = 3600.0
+    association_timeout_seconds: float = 5.0
+    max_negotiating_connections: int = 64
+    max_connections_per_address: int = 0
 
 
 @dataclass(frozen=True)
@@ -753,7 +764,8 @@ _TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "ro
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds",
+    "force_complete_seconds", "association_timeout_seconds", "max_negotiating_connections",
+    "max_connections_per_address",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -993,7 +1005,21 @@ class _Checker:
             retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
             study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
             force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
+            association_timeout_seconds=self.association_timeout(table, path),
+            max_negotiating_connections=self.integer(table, path, "max_negotiating_connections", 1, 1000, default=64),
+            max_connections_per_address=self.integer(table, path, "max_connections_per_address", 0, 1000, default=0,
+                                                     note=" (0: no limit)"),
         )
+
+    def association_timeout(self, table: Mapping[str, Any], path: _KeyPath) -> float:
+        """``association_timeout_seconds``: 1-300."""
+        value = self.value(table, path, "association_timeout_seconds", 5.0)
+        if not _is_number(value) or not 1 <= value <= 300:
+            self.fail(path + ("association_timeout_seconds",),
+                      "must be a number of seconds from 1 to 300 (under 1 s a sender on a slow or lossy network is "
+                      "cut off while it negotiates; over 300 s a silent connection holds its place that long), "
+                      f"got {_show(value)}")
+        return float(value)
 
     def tls_settings(self) -> TlsSettings | None:
         path: _KeyPath = ("tls",)
