@@ -127,6 +127,14 @@ class NodeSettings:
     max_processing_attempts : int
         A series whose processing did not finish this many times (its worker was killed, e.g. out
         of memory, or timed out) is failed instead of being queued again.
+    association_timeout_seconds : float
+        A connection that has not sent a complete A-ASSOCIATE-RQ (after its TLS handshake, over TLS)
+        this many seconds after it was accepted is closed (see :mod:`node.netutil`).
+    max_negotiating_connections : int
+        Connections still negotiating at once (they do not count against ``max_associations``);
+        a connection beyond it is refused at once.
+    max_connections_per_address : int
+        Connections from one address at once, negotiating or associated; 0: no limit.
     """
 
     ae_title: str
@@ -142,6 +150,9 @@ class NodeSettings:
     study_settle_seconds: float = 120.0
     force_complete_seconds: float = 3600.0
     max_processing_attempts: int = 2
+    association_timeout_seconds: float = 5.0
+    max_negotiating_connections: int = 64
+    max_connections_per_address: int = 0
 
 
 @dataclass(frozen=True)
@@ -775,7 +786,8 @@ _TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "ro
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds", "max_processing_attempts",
+    "force_complete_seconds", "max_processing_attempts", "association_timeout_seconds", "max_negotiating_connections",
+    "max_connections_per_address",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -845,6 +857,9 @@ _TIME_SPANS = {
         "over 100 years (876000) is no date at all"),
     "late_arrival_hours": _TimeSpan(
         0, 87600, "hours", "over 10 years (87600) every poll asks the archive for a decade of studies"),
+    "association_timeout_seconds": _TimeSpan(
+        1, 300, "seconds", "under 1 s a sender on a slow or lossy network is cut off while it negotiates; "
+        "over 300 s a silent connection holds its place that long"),
 }
 
 
@@ -1361,6 +1376,10 @@ class _Checker:
             study_settle_seconds=self.duration(table, path, "study_settle_seconds", 120.0),
             force_complete_seconds=self.duration(table, path, "force_complete_seconds", 3600.0),
             max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
+            association_timeout_seconds=self.duration(table, path, "association_timeout_seconds", 5.0),
+            max_negotiating_connections=self.integer(table, path, "max_negotiating_connections", 1, 1000, default=64),
+            max_connections_per_address=self.integer(table, path, "max_connections_per_address", 0, 1000, default=0,
+                                                     note=" (0: no limit)"),
         )
 
     def tls_settings(self) -> TlsSettings | None:
