@@ -134,6 +134,14 @@ class NodeSettings:
         given back to the queue, or failed once it has used up its attempts).
     shared_dir : Path or None
         Spool and outputs, mounted by every machine of a scaled-out node (NFS); None: ``data_dir``.
+    association_timeout_seconds : float
+        A connection that has not sent a complete A-ASSOCIATE-RQ (after its TLS handshake, over TLS)
+        this many seconds after it was accepted is closed (see :mod:`node.netutil`).
+    max_negotiating_connections : int
+        Connections still negotiating at once (they do not count against ``max_associations``);
+        a connection beyond it is refused at once.
+    max_connections_per_address : int
+        Connections from one address at once, negotiating or associated; 0: no limit.
     """
 
     ae_title: str
@@ -151,6 +159,9 @@ class NodeSettings:
     max_processing_attempts: int = 2
     processing_timeout_seconds: float = 3600.0
     shared_dir: Path | None = None
+    association_timeout_seconds: float = 5.0
+    max_negotiating_connections: int = 64
+    max_connections_per_address: int = 0
 
     @property
     def shared(self) -> Path:
@@ -844,6 +855,7 @@ _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
     "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds", "shared_dir",
+    "association_timeout_seconds", "max_negotiating_connections", "max_connections_per_address",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -916,6 +928,9 @@ _TIME_SPANS = {
     "processing_timeout_seconds": _TimeSpan(
         1, 604800, "seconds", "under 1 s no series finishes; over a week (604800) a stuck worker is never "
         "noticed"),
+    "association_timeout_seconds": _TimeSpan(
+        1, 300, "seconds", "under 1 s a sender on a slow or lossy network is cut off while it negotiates; "
+        "over 300 s a silent connection holds its place that long"),
 }
 
 
@@ -1438,6 +1453,10 @@ class _Checker:
             max_processing_attempts=self.integer(table, path, "max_processing_attempts", 1, default=2),
             processing_timeout_seconds=self.duration(table, path, "processing_timeout_seconds", 3600.0),
             shared_dir=self.folder(table, path, "shared_dir") if "shared_dir" in table else None,
+            association_timeout_seconds=self.duration(table, path, "association_timeout_seconds", 5.0),
+            max_negotiating_connections=self.integer(table, path, "max_negotiating_connections", 1, 1000, default=64),
+            max_connections_per_address=self.integer(table, path, "max_connections_per_address", 0, 1000, default=0,
+                                                     note=" (0: no limit)"),
         )
 
     def tls_settings(self) -> TlsSettings | None:

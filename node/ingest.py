@@ -676,12 +676,28 @@ class StoreHandler:
 
 
 def build_application_entity(
-    ae_title: str, *, allowed_calling_aets: tuple[str, ...] = (), max_associations: int = 10
+    ae_title: str, *, allowed_calling_aets: tuple[str, ...] = (), max_associations: int = 10,
+    association_timeout: float = 10.0,
 ) -> AE:
     """An AE that accepts C-ECHO and C-STORE of every storage SOP class in every transfer syntax.
 
     Every transfer syntax pydicom knows is accepted as proposed: the node never transcodes on
     receipt (decoding happens later, in the pipeline, where a failure costs nothing but that file).
+
+    Parameters
+    ----------
+    ae_title : str
+        Our AE title.
+    allowed_calling_aets : tuple of str
+        Calling AE titles accepted; empty: any.
+    max_associations : int
+        Associations at once (``maximum_associations``). Behind the node's listeners
+        (:class:`node.netutil.GuardedAssociationServer`) only connections that sent an
+        A-ASSOCIATE-RQ count; behind pynetdicom's own server every connection does.
+    association_timeout : float
+        ``acse_timeout``: behind pynetdicom's own server, how long a connection may stay silent
+        before its A-ASSOCIATE-RQ (the node's listeners read that request themselves, within
+        ``association_timeout_seconds``); also the ARTIM timer.
     """
     ae = AE(ae_title=ae_title)
     ae.maximum_associations = max_associations
@@ -689,9 +705,8 @@ def build_application_entity(
     # no limit on the PDUs we receive: pynetdicom's 16 KiB default splits a 512x512 CT slice into
     # ~32 PDUs, each handled in Python (the ingest benchmark measured 24% of the node's time)
     ae.maximum_pdu_size = 0
-    # a TCP connection that never sends an association request (a port probe) holds one of the
-    # max_associations slots until this runs out; pynetdicom's default is 30 s
-    ae.acse_timeout = 10
+    # pynetdicom's default is 30 s
+    ae.acse_timeout = association_timeout
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)

@@ -16,7 +16,10 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 
-__all__ = ["BUCKETS", "DELIVERY_OUTCOMES", "QUEUE_STATES", "REFUSAL_REASONS", "Metrics", "CONTENT_TYPE"]
+__all__ = [
+    "BUCKETS", "CONNECTION_REFUSAL_REASONS", "DELIVERY_OUTCOMES", "QUEUE_STATES", "REFUSAL_REASONS", "Metrics",
+    "CONTENT_TYPE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,12 @@ DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
 #: Why a C-STORE was answered with a failure status (what :meth:`Metrics.instance_refused` counts;
 #: see :mod:`node.ingest` for the status of each).
 REFUSAL_REASONS = ("disk_low", "spool_write_failed", "cannot_parse", "invalid_uid", "not_authorised")
+
+#: Why a connection was closed before it became an association (what :meth:`Metrics.connection_refused`
+#: counts; see :mod:`node.netutil`): no A-ASSOCIATE-RQ within ``association_timeout_seconds``, something
+#: that is not an A-ASSOCIATE-RQ, over ``max_negotiating_connections`` or ``max_connections_per_address``,
+#: a failed TLS handshake.
+CONNECTION_REFUSAL_REASONS = ("timeout", "invalid_pdu", "over_limit", "tls_handshake")
 
 #: Series states always present in ``dicomnode_queue_depth`` (0 when none), as in the job store.
 QUEUE_STATES = ("receiving", "queued", "processing", "delivering", "delivered", "failed", "unrouted")
@@ -74,6 +83,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._instances_received = 0
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._connections_refused = dict.fromkeys(CONNECTION_REFUSAL_REASONS, 0)
         self._series_processed = 0
         self._series_failed = 0
         self._certificates: dict[str, float] = {}
@@ -102,6 +112,14 @@ class Metrics:
                 self._refused[str(reason)] = self._refused.get(str(reason), 0) + 1
         except Exception:
             log.debug("metrics: instance_refused(%r) ignored", reason, exc_info=True)
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection was closed before its association for *reason* (one of :data:`CONNECTION_REFUSAL_REASONS`)."""
+        try:
+            with self._lock:
+                self._connections_refused[str(reason)] = self._connections_refused.get(str(reason), 0) + 1
+        except Exception:
+            log.debug("metrics: connection_refused(%r) ignored", reason, exc_info=True)
 
     def series_processed(self, seconds: float) -> None:
         """A series was processed into outputs in *seconds* (observed in the histogram)."""
@@ -153,6 +171,7 @@ class Metrics:
             return {
                 "instances_received": self._instances_received,
                 "instances_refused": dict(self._refused),
+                "connections_refused": dict(self._connections_refused),
                 "series_processed": self._series_processed,
                 "series_failed": self._series_failed,
                 "deliveries": dict(self._deliveries),
@@ -176,6 +195,7 @@ class Metrics:
         with self._lock:
             received = self._instances_received
             refused = sorted(self._refused.items())
+            connections_refused = sorted(self._connections_refused.items())
             processed = self._series_processed
             failed = self._series_failed
             deliveries = sorted(self._deliveries.items())
@@ -196,6 +216,10 @@ class Metrics:
         name = family("instances_refused_total", "counter",
                       "C-STOREs answered with a failure status, by reason (see node.ingest).")
         for reason, value in refused:
+            lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
+        name = family("connections_refused_total", "counter",
+                      "Connections closed before they became an association, by reason (see node.netutil).")
+        for reason, value in connections_refused:
             lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
         name = family("series_processed_total", "counter", "Series processed into outputs.")
         lines.append(f"{name} {processed}")

@@ -2,7 +2,8 @@
 
 In the receiving process, threads, each with one job, all talking through the job store:
 
-- the pynetdicom SCP (ingest: spool + record, then Success);
+- the DICOM listeners, plain and TLS (:mod:`node.netutil` bounds each connection's negotiation), then
+  the pynetdicom SCP (ingest: spool + record, then Success);
 - the assembler (receiving series quiet for ``settle_seconds`` become queued);
 - the worker supervisor (:mod:`node.workers`): ``[node] workers`` processes claim queued series,
   run their route's pipeline and write outputs; a dead or stuck worker is replaced;
@@ -34,6 +35,7 @@ from node.ingest import StoreHandler, build_application_entity, enable_streamed_
 from node.jobstore import job_store_for
 from node.logsetup import LogSettings
 from node.metrics import Metrics
+from node.netutil import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.poller import DicomWebPoller, schedule
 from node.recording import PendingRecords
 from node.senders import Sender, sender_for
@@ -110,8 +112,13 @@ class NodeService:
         tls = self.config.tls
         if node.port or tls is not None:
             ae = build_application_entity(
-                node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations
+                node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations,
+                association_timeout=node.association_timeout_seconds,
             )
+            guard = ConnectionGuard(ConnectionLimits(
+                timeout=node.association_timeout_seconds, max_negotiating=node.max_negotiating_connections,
+                max_per_address=node.max_connections_per_address,
+            ), metrics=self.metrics)  # one for both listeners: their limits are over both
             min_free = node.min_free_disk_mb * 2**20
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
@@ -119,10 +126,11 @@ class NodeService:
             self._pending = handler.pending
             self._spawn("recorder", self._record_loop)
             if node.port:
-                self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handler.handlers())
+                self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard)
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
             if tls is not None:
-                self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context)
+                self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context,
+                                                    guard=guard)
         self._spawn("assembler", self._assemble_loop)
         self.workers.start()
         self.deliveries.start()

@@ -6,9 +6,13 @@
 * :func:`client_context` / :func:`server_hostname` - TLS towards a DICOM destination
   (``tls = true``), used by :class:`node.senders.DicomSender`.
 
-The TLS handshake of an incoming connection runs in that connection's own thread, with a time
-limit (pynetdicom does it in its single accept loop, without a limit, and drops failures
-silently); every refused handshake is logged at WARNING with the peer's address and why.
+The TLS handshake of an incoming connection runs in that connection's own thread, within the
+connection's negotiation deadline (``[node] association_timeout_seconds``, handshake and
+A-ASSOCIATE-RQ together; pynetdicom does it in its single accept loop, without a limit, and drops
+failures silently); the listener has the plain one's protection (:mod:`node.netutil`: limits,
+A-ABORT and close for what is no A-ASSOCIATE-RQ). Every refused handshake is counted in /metrics
+and logged at WARNING with the peer's address and why, at most once a minute per address and kind
+of failure.
 
 Peer names: a destination given by DNS name is checked against its certificate's names
 (``check_hostname``). A destination given by IP address with its own ``ca_file`` (the usual
@@ -25,16 +29,14 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 
-from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
-
 from node.config import ConfigError, TlsSettings
+from node.netutil import (
+    ConnectionGuard, GuardedAssociationServer, Negotiation, close_connection, serve_in_background,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -55,7 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds an incoming connection has to complete its TLS handshake.
+#: Seconds an incoming connection has to complete its TLS handshake, at most (the connection's negotiation
+#: deadline, ``association_timeout_seconds``, is usually shorter).
 HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -415,16 +418,11 @@ def record_tls_errors(context: ssl.SSLContext) -> list[BaseException]:
 # --------------------------------------------------------------------------- the listener
 
 
-def _peer(address) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
-    return str(address)
-
-
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server with the TLS handshake moved into the
-    connection's own thread, limited in time, and every outcome logged.
+class TlsAssociationServer(GuardedAssociationServer):
+    """The node's guarded association server (:class:`node.netutil.GuardedAssociationServer`) with the
+    TLS handshake done in the connection's own thread, before the A-ASSOCIATE-RQ and within the same
+    deadline (``association_timeout_seconds``; at most :attr:`handshake_timeout`), every refusal
+    counted and logged.
 
     pynetdicom's own server wraps the accepted socket inside its single accept loop (a client that
     connects and stays silent stops all further connections) and socketserver drops the handshake's
@@ -433,54 +431,33 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
     handshake_timeout: float = HANDSHAKE_TIMEOUT
 
-    def __init__(self, *args, **kwargs) -> None:
-        self._handshaking: set[ssl.SSLSocket] = set()  # before super(): a failed bind calls server_close
-        self._handshaking_lock = threading.Lock()
-        self._closing = False
-        super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept only; the handshake happens in :meth:`process_request_thread`."""
-        return self.socket.accept()
-
-    def process_request_thread(self, request, client_address) -> None:
+    def secure(self, negotiation: Negotiation, client_address: tuple) -> ssl.SSLSocket | None:
+        """The TLS handshake; None (connection closed) when it fails or does not end in time."""
         tls_socket = None
         try:
-            request.settimeout(self.handshake_timeout)
-            tls_socket = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-            with self._handshaking_lock:
-                self._handshaking.add(tls_socket)
+            limit = min(self.handshake_timeout, negotiation.deadline - time.monotonic())
+            negotiation.sock.settimeout(max(limit, 0.001))
+            tls_socket = self.ssl_context.wrap_socket(negotiation.sock, server_side=True, do_handshake_on_connect=False)
+            self.replace_socket(negotiation, tls_socket)
             tls_socket.do_handshake()
-            tls_socket.settimeout(None)  # as pynetdicom's own sockets: blocking, it selects
         except Exception as exc:  # noqa: BLE001 - any failure refuses this one connection
-            if self._closing:
-                log.info("TLS handshake with %s cut: the listener is stopping", _peer(client_address))
-            else:
-                log.warning("TLS connection from %s refused: %s",
-                            _peer(client_address), handshake_failure_reason(exc, server_side=True))
-            try:
-                (tls_socket or request).close()
-            except OSError:
-                pass
-            return
-        finally:
-            with self._handshaking_lock:
-                self._handshaking.discard(tls_socket)
-        log.info("TLS connection from %s: %s", _peer(client_address), describe_peer_certificate(tls_socket))
-        super().process_request_thread(tls_socket, client_address)
+            reason = handshake_failure_reason(exc, server_side=True)
+            if self.closing:
+                log.info("TLS handshake with %s cut: the listener is stopping", negotiation.peer)
+            elif isinstance(exc, (TimeoutError, socket.timeout)):
+                self.guard.refused(negotiation.host, "timeout", f"TLS connection from {negotiation.peer} refused: "
+                                   f"{reason}", logger=log)
+            else:  # rate-limited per address and reason: each kind of failure is seen
+                self.guard.refused(negotiation.host, "tls_handshake", f"TLS connection from {negotiation.peer} "
+                                   f"refused: {reason}", topic=("tls", reason), logger=log)
+            close_connection(tls_socket or negotiation.sock)
+            return None
+        log.info("TLS connection from %s: %s", negotiation.peer, describe_peer_certificate(tls_socket))
+        return tls_socket
 
-    def server_close(self) -> None:
-        """Close the listening socket, and cut handshakes still under way (socketserver joins their
-        threads on close, which would otherwise wait out ``handshake_timeout``)."""
-        with self._handshaking_lock:
-            self._closing = True
-            pending = list(self._handshaking)
-        for sock in pending:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket under the TLS layer
-            except OSError:
-                pass
-        super().server_close()
+    def refuse_over_limit(self, request: socket.socket) -> None:
+        """Close a connection over a limit (before any TLS: no A-ASSOCIATE-RJ can be read by the client)."""
+        close_connection(request)
 
 
 def start_tls_server(
@@ -491,6 +468,7 @@ def start_tls_server(
     *,
     context: ssl.SSLContext | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    guard: ConnectionGuard | None = None,
 ) -> TlsAssociationServer:
     """Start the TLS listener on ``host:tls.port`` in its own thread (as ``ae.start_server(...,
     block=False)`` does) and log it.
@@ -509,7 +487,11 @@ def start_tls_server(
     context : ssl.SSLContext, optional
         Defaults to :func:`server_context` of *tls*.
     handshake_timeout : float
-        Seconds a client has for its handshake.
+        Seconds a client has for its handshake, at most (the guard's timeout bounds handshake and
+        A-ASSOCIATE-RQ together).
+    guard : ConnectionGuard, optional
+        Timeout, limits, counting and warnings, shared with the plain listener; default: one of its
+        own with default limits.
 
     Returns
     -------
@@ -526,12 +508,10 @@ def start_tls_server(
     context = context if context is not None else server_context(tls)
     server = ae.make_server(
         (host, tls.port), ssl_context=context, evt_handlers=list(handlers), server_class=TlsAssociationServer,
+        guard=guard,
     )
     server.handshake_timeout = handshake_timeout
-    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
-    thread = threading.Thread(target=make_target(server.serve_forever), name=f"TlsAcceptor@{stamp}", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # as start_server does: ae.shutdown() and server.shutdown() expect it there
+    serve_in_background(ae, server, "TlsAcceptor")
     log.info(
         "TLS listener on %s:%d, client certificates %s", host, server.server_address[1],
         f"required (CA {tls.ca_file})" if context.verify_mode == ssl.CERT_REQUIRED else "not asked",

@@ -128,7 +128,8 @@ def test_shipped_node_toml_matches_the_default() -> None:
     assert config.source == str(path)
     assert config.node.data_dir == path.parent / "var"  # relative to the file's folder
     for field in ("ae_title", "host", "port", "allowed_calling_aets", "max_associations", "settle_seconds",
-                  "min_free_disk_mb", "retention_hours", "study_settle_seconds", "force_complete_seconds"):
+                  "min_free_disk_mb", "retention_hours", "study_settle_seconds", "force_complete_seconds",
+                  "association_timeout_seconds", "max_negotiating_connections", "max_connections_per_address"):
         assert getattr(config.node, field) == getattr(default.node, field)
     assert config.http == default.http
     assert config.delivery == default.delivery
@@ -284,6 +285,20 @@ ERRORS = [
      "node.settle_seconds", "must be a number of seconds from 0.1 to 86400"),
     ("workers", HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\nworkers = 0 # <-") + TAIL,
      "node.workers", "must be a whole number >= 1, got 0"),
+    ("association-timeout-low", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nassociation_timeout_seconds = 0.5 # <-') + TAIL,
+     "node.association_timeout_seconds", 'must be a number of seconds from 1 to 300 (under 1 s a sender on a slow or lossy network is cut off while it negotiates; over 300 s a silent connection holds its place that long), got 0.5'),
+    ("association-timeout-high", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nassociation_timeout_seconds = 301 # <-') + TAIL,
+     "node.association_timeout_seconds", 'must be a number of seconds from 1 to 300 (under 1 s'),
+    ("association-timeout-text", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nassociation_timeout_seconds = "5" # <-') + TAIL,
+     "node.association_timeout_seconds", 'must be a number of seconds from 1 to 300 (under 1 s'),
+    ("max-negotiating-low", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nmax_negotiating_connections = 0 # <-') + TAIL,
+     "node.max_negotiating_connections", 'must be a whole number 1-1000, got 0'),
+    ("max-negotiating-high", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nmax_negotiating_connections = 1001 # <-') + TAIL,
+     "node.max_negotiating_connections", 'must be a whole number 1-1000, got 1001'),
+    ("per-address-low", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nmax_connections_per_address = -1 # <-') + TAIL,
+     "node.max_connections_per_address", 'must be a whole number 0-1000 (0: no limit), got -1'),
+    ("per-address-high", HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nmax_connections_per_address = 1001 # <-') + TAIL,
+     "node.max_connections_per_address", 'must be a whole number 0-1000 (0: no limit), got 1001'),
     ("data-dir", HEAD.replace('data_dir = "var"', "data_dir = 3 # <-") + TAIL,
      "node.data_dir", "must be a non-empty string, got 3"),
     ("missing-key-header-line", HEAD + """\
@@ -923,6 +938,22 @@ trigger = "study"
     assert config.destinations["pacs"].tls and config.destinations["pacs"].key_file == tmp_path / "server.key"
     assert config.routes[0].trigger == "study"
     assert load_config(None).tls is None and load_config(None).routes[0].trigger == "series"
+
+
+def test_connection_keys(tmp_path: Path) -> None:
+    default = load_config(None).node
+    assert (default.association_timeout_seconds, default.max_negotiating_connections,
+            default.max_connections_per_address) == (5.0, 64, 0)
+    node = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\n"
+                                            "association_timeout_seconds = 1\nmax_negotiating_connections = 1000\n"
+                                            "max_connections_per_address = 4") + TAIL).node
+    assert (node.association_timeout_seconds, node.max_negotiating_connections,
+            node.max_connections_per_address) == (1.0, 1000, 4)
+    node = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", "settle_seconds = 10.0\n"
+                                            "association_timeout_seconds = 300\nmax_negotiating_connections = 1\n"
+                                            "max_connections_per_address = 1000") + TAIL).node
+    assert (node.association_timeout_seconds, node.max_negotiating_connections,
+            node.max_connections_per_address) == (300.0, 1, 1000)
 
 
 def test_tls_errors_point_at_the_line(tmp_path: Path) -> None:
