@@ -161,6 +161,9 @@ def _run_process(args: argparse.Namespace) -> int:
 def _add_service_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the node: receive, process, deliver")
     serve.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    serve.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                       help="all (default): receive and process; receiver: SCP, DICOMweb poller, assembly; "
+                       "worker: processing and delivery (several of each share [store] and shared_dir)")
     serve.set_defaults(func=_run_serve)
     status = sub.add_parser("status", help="series and deliveries from the job store")
     status.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
@@ -277,8 +280,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
     config = load_config(args.config, check_machine=True)
-    log.info("config: %s", config.source)
-    NodeService(config, log_settings=args.log_settings).run_forever()
+    log.info("config: %s (role %s)", config.source, args.role)
+    NodeService(config, log_settings=args.log_settings, role=args.role).run_forever()
     return 0
 
 

@@ -223,12 +223,16 @@ class StoreSettings:
         ``postgresql://USER@HOST:PORT/DATABASE``; None: SQLite in ``data_dir``.
     password_env : str or None
         The environment variable holding the database password (never in the file).
+    stalled_seconds : float
+        A worker whose heartbeat (every third of this) has stopped this long is taken for dead,
+        and its jobs are run again by another worker.
     where : str
         ``FILE:LINE`` of ``[store]``, for messages at run time.
     """
 
     url: str | None = None
     password_env: str | None = None
+    stalled_seconds: float = 30.0
     where: str = ""
 
     def password(self) -> str | None:
@@ -925,6 +929,9 @@ _TIME_SPANS = {
         "over 100 years (876000) is no date at all"),
     "late_arrival_hours": _TimeSpan(
         0, 87600, "hours", "over 10 years (87600) every poll asks the archive for a decade of studies"),
+    "stalled_seconds": _TimeSpan(
+        1, 3600, "seconds", "under 1 s a busy worker is taken for dead; over an hour (3600) the jobs of a dead "
+        "worker wait that long"),
     "processing_timeout_seconds": _TimeSpan(
         1, 604800, "seconds", "under 1 s no series finishes; over a week (604800) a stuck worker is never "
         "noticed"),
@@ -1550,7 +1557,7 @@ class _Checker:
         table = self.table(self.data, (), "store", required=False)
         if table is None:
             return StoreSettings()
-        self.keys(table, path, ("url", "password_env"), ("url",))
+        self.keys(table, path, ("url", "password_env", "stalled_seconds"), ("url",))
         url = self.string(table, path, "url")
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path.strip("/"):
@@ -1559,7 +1566,9 @@ class _Checker:
         if parts.password is not None:
             self.fail(path + ("url",), "must not hold a password: name an environment variable in password_env")
         password_env = self.env_name(table, path, "password_env") if "password_env" in table else None
-        return StoreSettings(url=url, password_env=password_env, where=self.located(path + ("password_env",)))
+        return StoreSettings(url=url, password_env=password_env,
+                             stalled_seconds=self.duration(table, path, "stalled_seconds", 30.0),
+                             where=self.located(path + ("password_env",)))
 
     def delivery_settings(self) -> DeliverySettings:
         path: _KeyPath = ("delivery",)

@@ -117,6 +117,11 @@ class SqliteDatabase:
                 raise
             self._db.execute("COMMIT")
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The sqlite3 connection."""
+        return self._db
+
     def columns(self, table: str) -> set[str]:
         return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
@@ -226,6 +231,11 @@ class PostgresDatabase:
         with self.lock, self._connection().transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
             yield self
+
+    @property
+    def connection(self) -> Any:
+        """The psycopg connection (inside :meth:`transaction`: the one the transaction runs on)."""
+        return self._db
 
     def columns(self, table: str) -> set[str]:
         rows = self.execute(

@@ -15,12 +15,12 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from node.config import DeliverySettings, Destination
+from node.config import DeliverySettings, Destination, StoreSettings
 from node.jobstore import Delivery, JobStore
 from node.metrics import Metrics
 from node.senders import DeliveryError, Sender
 
-__all__ = ["DeliveryLanes"]
+__all__ = ["DeliveryLanes", "DispatchedDeliveries"]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +149,69 @@ def _output_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+class DispatchedDeliveries:
+    """Deliveries as Procrastinate jobs (``[store]`` on PostgreSQL): one queue per destination.
+
+    A thread of this process works each destination's queue with ``concurrency`` slots, and the
+    maintenance queue (stalled jobs retried, missing jobs deferred: :mod:`node.dispatch`).  Each
+    job is one attempt (:meth:`DeliveryLanes.deliver`); a failure to retry defers the next attempt
+    at its backoff time, in the transaction that records the failure.
+
+    Parameters
+    ----------
+    lanes : DeliveryLanes
+        Does the sending and recording (its own threads are not started).
+    store : StoreSettings
+        The database, and how long a silent worker is taken for dead.
+    """
+
+    def __init__(self, lanes: DeliveryLanes, store: StoreSettings) -> None:
+        self.lanes = lanes
+        self.store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start working the queues; returns at once."""
+        from node.dispatch import (
+            MAINTENANCE_QUEUE, TaskHandlers, WorkerTiming, build_app, delivery_queue, maintenance, run_workers,
+        )
+
+        jobs = self.lanes.jobs
+        timing = WorkerTiming(self.store.stalled_seconds)
+        handlers = TaskHandlers(process_series=self._not_here, deliver=self._deliver,
+                                maintain=maintenance(jobs, timing.stalled_seconds))
+        app = build_app(self.store.url, self.store.password(), handlers=handlers)
+        concurrency = {name: d.concurrency for name, d in self.lanes.destinations.items()}
+        for name in jobs.pending_delivery_destinations():  # no longer configured: failed at once
+            concurrency.setdefault(name, 1)
+        queues = {delivery_queue(name): slots for name, slots in concurrency.items()} | {MAINTENANCE_QUEUE: 1}
+        self._thread = threading.Thread(target=run_workers, args=(app, queues), name="deliveries", daemon=True,
+                                        kwargs={"name": "deliveries", "timing": timing, "stop": self._stop})
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking jobs; a send under way ends (or times out) first."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def wake(self) -> None:
+        """Nothing to do: PostgreSQL's NOTIFY wakes the queue's workers."""
+
+    def alive(self) -> bool:
+        """Whether the queue thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _deliver(self, delivery_id: int, job_id: int) -> None:
+        delivery = self.lanes.jobs.claim_delivery(delivery_id)
+        if delivery is None:
+            log.debug("delivery %d: no longer pending; job %d does nothing", delivery_id, job_id)
+            return
+        self.lanes.deliver(delivery)
+
+    @staticmethod
+    def _not_here(series_id: int, job_id: int) -> None:
+        raise RuntimeError(f"job {job_id} (series {series_id}) belongs to a worker process")

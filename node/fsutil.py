@@ -8,11 +8,12 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_temporaries", "start_writeback"]
+__all__ = ["TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_temporaries", "start_writeback", "untouched_for"]
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,13 @@ def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[
         fsync_dir(path.parent)
 
 
-def remove_temporaries(root: str | os.PathLike, *, skip: str | os.PathLike | None = None) -> int:
+def remove_temporaries(root: str | os.PathLike, *, skip: str | os.PathLike | None = None,
+                       older_than: float = 0.0) -> int:
     """Delete the temporary files :func:`atomic_output` left under *root* when its process was killed.
 
-    Call it only while nothing writes under *root* (at start-up, before any worker runs).  Files
-    in the folder *skip* are left alone.  Returns how many were removed; one that cannot be
+    Call it only while nothing writes under *root* (at start-up, before any worker runs), or, on a
+    folder other machines write to, with *older_than* (seconds untouched) well above any write.
+    Files in the folder *skip* are left alone.  Returns how many were removed; one that cannot be
     removed is logged (it is harmless where it is: hidden, and never an output).
     """
     root = Path(root)
@@ -113,7 +116,7 @@ def remove_temporaries(root: str | os.PathLike, *, skip: str | os.PathLike | Non
         return 0
     removed = 0
     for tmp in list(root.rglob(TEMPORARY_GLOB)):
-        if (skip is not None and tmp.parent == Path(skip)) or not tmp.is_file():
+        if (skip is not None and tmp.parent == Path(skip)) or not tmp.is_file() or not untouched_for(tmp, older_than):
             continue
         try:
             tmp.unlink()
@@ -121,3 +124,13 @@ def remove_temporaries(root: str | os.PathLike, *, skip: str | os.PathLike | Non
         except OSError as exc:
             log.warning("cannot remove the half-written file %s: %s", tmp, exc)
     return removed
+
+
+def untouched_for(path: Path, seconds: float) -> bool:
+    """Whether *path* was last modified at least *seconds* ago (True for 0)."""
+    if seconds <= 0:
+        return True
+    try:
+        return path.stat().st_mtime <= time.time() - seconds
+    except OSError:
+        return False

@@ -48,6 +48,7 @@ from node.spool import Spool
 
 if TYPE_CHECKING:
     from node.config import Config
+    from node.dispatch import Dispatcher
 
 __all__ = [
     "DEFAULT_MAX_PROCESSING_ATTEMPTS", "Delivery", "DeliveryState", "JobStore", "JobStoreError", "Rebuilt",
@@ -345,6 +346,9 @@ class JobStore:
         (PostgreSQL: :func:`open_job_store`).
     clock : callable, optional
         Returns the current time in seconds (``time.time``); injected by tests.
+    dispatcher : node.dispatch.Dispatcher, optional
+        On PostgreSQL: each series that becomes ``queued`` and each delivery that becomes
+        ``pending`` gets its Procrastinate job in the same transaction (:mod:`node.dispatch`).
 
     Raises
     ------
@@ -354,9 +358,10 @@ class JobStore:
         The database was written by a newer dicom-node (its schema version is higher).
     """
 
-    def __init__(self, database: Path | Database, *, clock: Any = time.time,
+    def __init__(self, database: Path | Database, *, clock: Any = time.time, dispatcher: Dispatcher | None = None,
                  _folder_lock: _FolderLock | None = None) -> None:
         self._clock = clock
+        self._dispatcher = dispatcher
         self._folder_lock: _FolderLock | None = None
         if hasattr(database, "transaction"):
             self._db: Database = database
@@ -426,6 +431,16 @@ class JobStore:
 
     def _transaction(self) -> Any:
         return self._db.transaction()
+
+    def _queued(self, db: Database, series_id: int) -> None:
+        """A series became ``queued`` (inside a transaction): its processing job, when dispatching."""
+        if self._dispatcher is not None:
+            self._dispatcher.series_queued(db.connection, series_id)
+
+    def _due(self, db: Database, delivery_id: int, destination: str, at: float) -> None:
+        """A delivery became ``pending`` (inside a transaction): its job at *at*, when dispatching."""
+        if self._dispatcher is not None:
+            self._dispatcher.delivery_due(db.connection, delivery_id, destination, at)
 
     def _event(self, db: Database, series_id: int, state: str, detail: str | None = None) -> None:
         db.execute(
@@ -563,6 +578,7 @@ class JobStore:
                     (SeriesState.QUEUED.value, now, series_id),
                 )
                 self._event(db, series_id, SeriesState.QUEUED.value, why)
+                self._queued(db, series_id)
         return ready
 
     def _find_triggers(self, trigger_of: Callable[[int], str], wanted: Callable[[Any], bool]) -> None:
@@ -590,6 +606,8 @@ class JobStore:
             Who claims it (kept in ``claimed_by`` until processing ends), so the claims of a worker
             that died can be found (:meth:`claimed_by`).
 
+        Notes
+        -----
         The claim is counted (``processing_attempts``) until a processing of the series finishes.
         """
         with self._lock:  # idle workers ask often: a read first, the write lock only when there is work
@@ -598,29 +616,71 @@ class JobStore:
                 return None
         now = self._clock()
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT id, study_uid, series_uid, generation, processing_attempts FROM series WHERE state = ?"
-                " ORDER BY last_received LIMIT 1",
-                (SeriesState.QUEUED.value,),
-            ).fetchone()
+            row = db.execute("SELECT id FROM series WHERE state = ? ORDER BY last_received LIMIT 1",
+                             (SeriesState.QUEUED.value,)).fetchone()
+            return None if row is None else self._take(db, row["id"], worker, now)
+
+    def claim(self, series_id: int, worker: str, *, max_attempts: int = DEFAULT_MAX_PROCESSING_ATTEMPTS
+              ) -> SeriesJob | None:
+        """Take series *series_id* for processing if it is queued (a dispatched job); None otherwise.
+
+        A series still claimed by *worker* itself is an earlier run of the same job that did not
+        finish (its worker died and the job was retried): that attempt is counted as
+        :meth:`abandon` counts it, and the series is taken again unless it is now failed.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute("SELECT id, state, claimed_by, processing_attempts FROM series WHERE id = ?",
+                             (series_id,)).fetchone()
             if row is None:
                 return None
-            db.execute(
-                "UPDATE series SET state = ?, error = NULL, processing_attempts = processing_attempts + 1,"
-                " claimed_by = ?, updated_at = ? WHERE id = ?",
-                (SeriesState.PROCESSING.value, worker, now, row["id"]),
-            )
-            attempt = row["processing_attempts"] + 1
-            detail = f"claimed by {worker}" if worker else None
-            if attempt > 1:
-                detail = f"attempt {attempt}: the last did not finish" + (f"; {detail}" if detail else "")
-            self._event(db, row["id"], SeriesState.PROCESSING.value, detail)
-            paths = tuple(
-                Path(r[0]) for r in db.execute(
-                    "SELECT path FROM instances WHERE series_id = ? ORDER BY path", (row["id"],)
-                )
-            )
+            if row["state"] == SeriesState.PROCESSING.value and row["claimed_by"] == worker:
+                reason = f"{worker}: its worker stopped heartbeating"
+                if self._interrupted(db, row, reason, max_attempts, now, dispatch=False) == SeriesState.FAILED:
+                    return None
+            elif row["state"] != SeriesState.QUEUED.value:
+                return None
+            return self._take(db, series_id, worker, now)
+
+    def _take(self, db: Database, series_id: int, worker: str | None, now: float) -> SeriesJob:
+        """Mark a queued series ``processing`` under *worker*, counting the attempt (inside a transaction)."""
+        row = db.execute("SELECT id, study_uid, series_uid, generation, processing_attempts FROM series WHERE id = ?",
+                         (series_id,)).fetchone()
+        db.execute(
+            "UPDATE series SET state = ?, error = NULL, processing_attempts = processing_attempts + 1,"
+            " claimed_by = ?, updated_at = ? WHERE id = ?",
+            (SeriesState.PROCESSING.value, worker, now, series_id),
+        )
+        attempt = row["processing_attempts"] + 1
+        detail = f"claimed by {worker}" if worker else None
+        if attempt > 1:
+            detail = f"attempt {attempt}: the last did not finish" + (f"; {detail}" if detail else "")
+        self._event(db, series_id, SeriesState.PROCESSING.value, detail)
+        paths = tuple(Path(r[0]) for r in db.execute(
+            "SELECT path FROM instances WHERE series_id = ? ORDER BY path", (series_id,)))
         return SeriesJob(row["id"], row["study_uid"], row["series_uid"], row["generation"], paths)
+
+    def claim_delivery(self, delivery_id: int) -> Delivery | None:
+        """Take delivery *delivery_id* (``pending`` or, after its worker died, ``sending``); None otherwise."""
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT d.id, d.series_id, d.destination, d.attempts, d.generation, d.state, s.study_uid,"
+                " s.series_uid, s.output_dir FROM deliveries d JOIN series s ON s.id = d.series_id WHERE d.id = ?",
+                (delivery_id,)).fetchone()
+            if row is None or row["state"] not in (DeliveryState.PENDING.value, DeliveryState.SENDING.value):
+                return None
+            db.execute("UPDATE deliveries SET state = ?, updated_at = ? WHERE id = ?",
+                       (DeliveryState.SENDING.value, now, delivery_id))
+        return Delivery(row["id"], row["series_id"], row["study_uid"], row["series_uid"], row["destination"],
+                        row["attempts"], row["generation"], Path(row["output_dir"]))
+
+    def dispatch_missing(self) -> tuple[int, int]:
+        """Defer a job for each queued series and pending delivery that has none (PostgreSQL); the counts."""
+        if self._dispatcher is None:
+            return 0, 0
+        with self._transaction() as db:
+            return self._dispatcher.reconcile(db.connection)
 
     def claimed_by(self, worker: str) -> list[int]:
         """Ids of the series *worker* is processing (claimed, not yet finished)."""
@@ -668,13 +728,15 @@ class JobStore:
                  seconds, error, now, job.id),
             )
             for name in destinations:
-                db.execute(
+                delivery_id = db.execute(
                     "INSERT INTO deliveries(series_id, destination, state, generation, attempts, next_attempt_at,"
                     " updated_at) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(series_id, destination) DO UPDATE SET"
                     " state = excluded.state, generation = excluded.generation, attempts = 0,"
-                    " next_attempt_at = excluded.next_attempt_at, last_error = NULL, updated_at = excluded.updated_at",
+                    " next_attempt_at = excluded.next_attempt_at, last_error = NULL, updated_at = excluded.updated_at"
+                    " RETURNING id",
                     (job.id, name, DeliveryState.PENDING.value, job.generation, now, now),
-                )
+                ).fetchone()[0]
+                self._due(db, delivery_id, name, now)
             detail = f"{outputs} outputs by {pipeline} for {', '.join(destinations)}"
             self._event(db, job.id, SeriesState.DELIVERING.value, detail + (f"; {error}" if error else ""))
         return True
@@ -762,6 +824,8 @@ class JobStore:
                 " updated_at = ? WHERE id = ? AND state = ?",
                 (state.value, attempts, now + retry_in, reason, now, delivery.id, DeliveryState.SENDING.value),
             )
+            if not final:
+                self._due(db, delivery.id, delivery.destination, now + retry_in)
             what = "failed" if final else f"attempt {attempts} failed, retry in {retry_in:.0f} s"
             self._event(db, delivery.series_id, "delivery-" + ("failed" if final else "retry"),
                         f"{delivery.destination}: {what}: {reason}")
@@ -803,10 +867,14 @@ class JobStore:
                 "SELECT id, processing_attempts FROM series WHERE state = ?", (SeriesState.PROCESSING.value,)
             ).fetchall()
             outcomes = [self._interrupted(db, row, NODE_STOPPED, max_attempts, now) for row in interrupted]
+            sending = db.execute("SELECT id, destination FROM deliveries WHERE state = ?",
+                                 (DeliveryState.SENDING.value,)).fetchall()
             resent = db.execute(
                 "UPDATE deliveries SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ?",
                 (DeliveryState.PENDING.value, now, now, DeliveryState.SENDING.value),
             ).rowcount
+            for row in sending:
+                self._due(db, row[0], row[1], now)
         return {
             "series_requeued": outcomes.count(SeriesState.QUEUED),
             "series_failed": outcomes.count(SeriesState.FAILED),
@@ -844,7 +912,7 @@ class JobStore:
             return None if row is None else self._interrupted(db, row, reason, max_attempts, now)
 
     def _interrupted(self, db: Database, row: Any, reason: str, max_attempts: int,
-                     now: float) -> SeriesState:
+                     now: float, *, dispatch: bool = True) -> SeriesState:
         """Queue again, or fail, a series whose processing did not finish (inside a transaction)."""
         attempts = row["processing_attempts"]
         if attempts >= max_attempts:
@@ -859,6 +927,8 @@ class JobStore:
                    (SeriesState.QUEUED.value, now, row["id"]))
         self._event(db, row["id"], SeriesState.QUEUED.value,
                     f"{reason}: attempt {attempts} of {max_attempts} did not finish, queued again")
+        if dispatch:
+            self._queued(db, row["id"])
         return SeriesState.QUEUED
 
     def retry(self, series_ids: Iterable[int] | None = None) -> int:
@@ -878,15 +948,21 @@ class JobStore:
                 row = db.execute("SELECT state FROM series WHERE id = ?", (series_id,)).fetchone()
                 if row is None or row[0] not in (SeriesState.FAILED.value, SeriesState.UNROUTED.value):
                     continue
-                failed_deliveries = db.execute(
+                failed = db.execute("SELECT id, destination FROM deliveries WHERE series_id = ? AND state = ?",
+                                    (series_id, DeliveryState.FAILED.value)).fetchall()
+                db.execute(
                     "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
                     " WHERE series_id = ? AND state = ?",
                     (DeliveryState.PENDING.value, now, now, series_id, DeliveryState.FAILED.value),
-                ).rowcount
-                state = SeriesState.DELIVERING if failed_deliveries else SeriesState.QUEUED
+                )
+                state = SeriesState.DELIVERING if failed else SeriesState.QUEUED
                 db.execute("UPDATE series SET state = ?, error = NULL, processing_attempts = 0, updated_at = ?"
                            " WHERE id = ?", (state.value, now, series_id))
                 self._event(db, series_id, state.value, "retry asked by operator")
+                for delivery_id, destination in failed:
+                    self._due(db, delivery_id, destination, now)
+                if not failed:
+                    self._queued(db, series_id)
                 count += 1
         return count
 
@@ -1041,8 +1117,12 @@ class JobStore:
                        (key, json.dumps(value)))
 
 
-def open_job_store(url: str | None, data_dir: Path, *, password: str | None = None, clock: Any = time.time) -> JobStore:
+def open_job_store(url: str | None, data_dir: Path, *, password: str | None = None, clock: Any = time.time,
+                   app: Any = None) -> JobStore:
     """The job store a configuration names: PostgreSQL at *url*, else SQLite ``data_dir/jobs.sqlite``.
+
+    On PostgreSQL, Procrastinate's schema is applied when missing and state changes defer their
+    jobs (:mod:`node.dispatch`) through *app* (a deferring-only app when None).
 
     Raises
     ------
@@ -1052,9 +1132,17 @@ def open_job_store(url: str | None, data_dir: Path, *, password: str | None = No
     """
     if url is None:
         return JobStore(data_dir / "jobs.sqlite", clock=clock)
-    return JobStore(PostgresDatabase(url, password=password), clock=clock)
+    from node.dispatch import Dispatcher, build_app, ensure_schema
+
+    database = PostgresDatabase(url, password=password)
+    try:
+        ensure_schema(database.connection)
+    except Exception as exc:
+        database.close()
+        raise DatabaseError(f"cannot prepare the job queue in {database!r}: {exc}") from None
+    return JobStore(database, clock=clock, dispatcher=Dispatcher(app or build_app(url, password)))
 
 
-def job_store_for(config: Config) -> JobStore:
+def job_store_for(config: Config, *, app: Any = None) -> JobStore:
     """The job store of *config* (``[store]``, else SQLite in ``[node] data_dir``); see :func:`open_job_store`."""
-    return open_job_store(config.store.url, config.node.data_dir, password=config.store.password())
+    return open_job_store(config.store.url, config.node.data_dir, password=config.store.password(), app=app)

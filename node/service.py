@@ -28,7 +28,7 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
-from node.delivery import DeliveryLanes
+from node.delivery import DeliveryLanes, DispatchedDeliveries
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
@@ -47,6 +47,11 @@ __all__ = ["NodeService"]
 
 log = logging.getLogger(__name__)
 
+#: What ``dicom-node serve --role`` can run.
+ROLES = ("all", "receiver", "worker")
+#: On a shared spool and outputs, temporaries untouched this long are taken as left by a crash.
+SHARED_TEMPORARY_SECONDS = 3600.0
+
 #: Seconds between two checks of the TLS certificates' expiry (the first is at start-up).
 CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
 
@@ -60,10 +65,18 @@ class NodeService:
         The checked configuration.
     log_settings : LogSettings, optional
         How the worker processes log (as the command does).
+    role : str
+        ``all`` (receive and process), ``receiver`` (SCP, DICOMweb poller, assembly) or ``worker``
+        (processing and delivery); several of each may share one ``[store]`` and ``shared_dir``.
     """
 
-    def __init__(self, config: Config, *, log_settings: LogSettings | None = None) -> None:
+    def __init__(self, config: Config, *, log_settings: LogSettings | None = None, role: str = "all") -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         self.config = config
+        self.role = role
+        self.receives = role in ("all", "receiver")
+        self.works = role in ("all", "worker")
         shared = config.node.shared
         self.spool = Spool(shared / "spool")
         self.outputs = shared / "outputs"
@@ -82,7 +95,9 @@ class NodeService:
         self._pending: PendingRecords | list = []  # the SCP's instances waiting for the job store
         self.workers = WorkerPool(config, self.jobs, count=config.node.workers,
                                   log_settings=log_settings or LogSettings(), on_report=self._worker_report)
-        self.deliveries = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
+        lanes = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
+        self.deliveries: DeliveryLanes | DispatchedDeliveries = (
+            lanes if config.store.url is None else DispatchedDeliveries(lanes, config.store))
         self.pollers = [
             DicomWebPoller(source, spool=self.spool, jobs=self.jobs, pipeline_names=config.pipelines)
             for source in config.sources.values()
@@ -102,12 +117,24 @@ class NodeService:
         self.http.start()  # /healthz answers during recovery
         log.info("HTTP status on http://%s:%d/", self.config.http.host, self.http.port)
         self._recover()
-        for destination in self.config.destinations.values():
-            if isinstance(destination, FolderDestination):
-                try:
-                    destination.path.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:  # delivery retries it; say so now
-                    log.warning("folder destination %s: %s", destination.name, exc)
+        if self.receives:
+            self._start_receiving()
+        if self.works:
+            self._start_working()
+        if self.config.node.retention_hours > 0 and self.receives:
+            self._spawn("retention", self._retention_loop)
+        if self._certificates():
+            self._spawn("certificates", self._certificate_loop)
+        self._ready.set()
+        node = self.config.node
+        log.info(
+            "node started (%s): data in %s, %s, %d routes, destinations: %s", self.role, node.shared,
+            f"{node.workers} workers" if self.works else "no workers", len(self.config.routes),
+            ", ".join(s.describe() for s in self.senders.values()) or "none",
+        )
+
+    def _start_receiving(self) -> None:
+        """The SCP(s), the assembler and the DICOMweb pollers."""
         node = self.config.node
         tls = self.config.tls
         if node.port or tls is not None:
@@ -132,22 +159,21 @@ class NodeService:
                 self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context,
                                                     guard=guard)
         self._spawn("assembler", self._assemble_loop)
-        self.workers.start()
-        self.deliveries.start()
-        if node.retention_hours > 0:
-            self._spawn("retention", self._retention_loop)
-        if self._certificates():
-            self._spawn("certificates", self._certificate_loop)
         if self._scheduler is not None:
             schedule(self.pollers, self._scheduler)
             self._scheduler.start()
             log.info("polling %d DICOMweb source(s): %s", len(self.pollers), ", ".join(self.config.sources))
-        self._ready.set()
-        log.info(
-            "node started: data in %s, %d workers, %d routes, destinations: %s",
-            node.data_dir, node.workers, len(self.config.routes),
-            ", ".join(s.describe() for s in self.senders.values()) or "none",
-        )
+
+    def _start_working(self) -> None:
+        """The worker processes and the deliveries."""
+        for destination in self.config.destinations.values():
+            if isinstance(destination, FolderDestination):
+                try:
+                    destination.path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # delivery retries it; say so now
+                    log.warning("folder destination %s: %s", destination.name, exc)
+        self.workers.start()
+        self.deliveries.start()
 
     def stop(self) -> None:
         """Stop accepting, let running work finish its current step, and close the store."""
@@ -160,10 +186,12 @@ class NodeService:
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.shutdown()
-        self.workers.stop()
+        if self.works:
+            self.workers.stop()
         for thread in self._threads:
             thread.join(timeout=60)
-        self.deliveries.stop()
+        if self.works:
+            self.deliveries.stop()
         self.http.stop()
         self.jobs.close()
         log.info("node stopped")
@@ -187,7 +215,7 @@ class NodeService:
     def _alive(self) -> bool:
         """For /healthz: every thread, the worker supervisor and the delivery lanes run."""
         return (not self._stop.is_set() and all(t.is_alive() for t in self._threads)
-                and self.workers.alive() and self.deliveries.alive())
+                and (not self.works or (self.workers.alive() and self.deliveries.alive())))
 
     def _worker_report(self, kind: str, seconds: float) -> None:
         """A worker processed (or failed) a series: count it; deliver what is due at once."""
@@ -200,15 +228,26 @@ class NodeService:
     # -- recovery -------------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        removed = self.spool.remove_temporaries()
-        removed_outputs = remove_temporaries(self.outputs)  # outputs half-written when the node was killed
-        recorded = self.jobs.reconcile(self.spool)
+        """Half-written files removed, spooled instances the store missed recorded, interrupted work resumed.
+
+        On one machine (SQLite) everything in flight was this node's and is resumed at once.  With
+        a shared ``[store]`` other receivers and workers may be at work: only temporaries untouched
+        for :data:`SHARED_TEMPORARY_SECONDS` are removed, and interrupted jobs are left to the queue's
+        maintenance (their workers stop heartbeating: :mod:`node.dispatch`).
+        """
+        shared = self.config.store.url is not None
+        age = SHARED_TEMPORARY_SECONDS if shared else 0.0
+        removed = self.spool.remove_temporaries(older_than=age) if self.receives else 0
+        removed_outputs = remove_temporaries(self.outputs, older_than=age) if self.works else 0
+        recorded = self.jobs.reconcile(self.spool) if self.receives else None
         attempts = self.config.node.max_processing_attempts
-        counts = self.jobs.recover(max_attempts=attempts)
+        counts = {"series_requeued": 0, "series_failed": 0, "deliveries_resumed": 0}
+        if not shared:
+            counts = self.jobs.recover(max_attempts=attempts)
         log.info(
             "recovery: %d temporary spool files and %d temporary output files removed, %d spooled instances "
             "re-recorded, %d series re-queued, %d deliveries resumed", removed, removed_outputs,
-            recorded.instances, counts["series_requeued"], counts["deliveries_resumed"],
+            recorded.instances if recorded else 0, counts["series_requeued"], counts["deliveries_resumed"],
         )
         for _ in range(counts["series_failed"]):
             self.metrics.series_failed()

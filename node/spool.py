@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import atomic_output, fsync_dir, remove_temporaries
+from node.fsutil import atomic_output, fsync_dir, remove_temporaries, untouched_for
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +181,20 @@ class Spool:
                     if entry.suffix == ".dcm" and not entry.name.startswith("."):
                         yield SpooledInstance(study.name, series.name, entry.stem, entry, entry.stat().st_size)
 
-    def remove_temporaries(self) -> int:
+    def remove_temporaries(self, *, older_than: float = 0.0) -> int:
         """Delete temporary files a crash left half-written; returns how many.
 
-        Also everything in ``<spool>/.incoming``: call it only while nothing is being received.
+        Also everything in ``<spool>/.incoming``: call it only while nothing is being received, or,
+        on a spool other receivers share, with *older_than* (seconds untouched) above any transfer.
         """
         removed = 0
         incoming = self.root / INCOMING
-        for leftover in [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []:
+        leftovers = [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []
+        for leftover in [p for p in leftovers if untouched_for(p, older_than)]:
             try:
                 leftover.unlink()
                 removed += 1
             except OSError as exc:  # harmless where it is (never counted as an instance); say so
                 log.warning("cannot remove the half-written file %s: %s", leftover, exc)
-        return removed + remove_temporaries(self.root, skip=incoming)
+        return removed + remove_temporaries(self.root, skip=incoming, older_than=older_than)
 

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from node.config import Config
 from node.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
@@ -168,26 +169,39 @@ class WorkerSpec:
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of a worker process: claim, process and record series until the receiver says stop.
+    """Entry point of a worker process: process series until the receiver says stop.
 
-    SIGINT and SIGTERM are ignored (a Ctrl-C or ``kill`` of the process group reaches the workers
-    too: the receiver decides, and sends :data:`STOP` on the pipe once it stops; the current series
-    is finished first).  When the receiver dies, the worker is killed with it (Linux
-    ``PR_SET_PDEATHSIG``) or stops at its next look for work: an orphan never goes on claiming.
+    On SQLite it claims queued series from the job store; on PostgreSQL it runs the series jobs
+    Procrastinate hands it (:mod:`node.dispatch`).  SIGINT and SIGTERM are ignored (a Ctrl-C or
+    ``kill`` of the process group reaches the workers too: the receiver decides, and sends
+    :data:`STOP` on the pipe once it stops; the current series is finished first).  When the
+    receiver dies, the worker is killed with it (Linux ``PR_SET_PDEATHSIG``) or stops at its next
+    look for work: an orphan never goes on claiming.
     """
     setup_logging(spec.log_settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    parent = os.getppid()
     os.nice(WORKER_NICENESS)
-    jobs = job_store_for(spec.config)
+    if spec.config.store.url is None:
+        _claim_from_store(spec, conn)
+    else:
+        _run_dispatched(spec, conn)
 
+
+def _processor(spec: WorkerSpec, jobs: JobStore, conn: Connection) -> SeriesProcessor:
     def report(kind: str, seconds: float) -> None:
         conn.send((kind, seconds))
 
-    processor = SeriesProcessor(spec.config, jobs, spec.config.node.shared / "outputs", render_threads=spec.render_threads,
-                                report=report)
+    return SeriesProcessor(spec.config, jobs, spec.config.node.shared / "outputs",
+                           render_threads=spec.render_threads, report=report)
+
+
+def _claim_from_store(spec: WorkerSpec, conn: Connection) -> None:
+    """SQLite: claim the oldest queued series, process it, and again, until told to stop."""
+    parent = os.getppid()
+    jobs = job_store_for(spec.config)
+    processor = _processor(spec, jobs, conn)
     try:
         while not _told_to_stop(conn, 0.0) and os.getppid() == parent:
             job = jobs.claim_next(worker=spec.name)
@@ -200,6 +214,43 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             conn.send((IDLE, job.id))
     finally:
         jobs.close()
+
+
+def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
+    """PostgreSQL: run the ``process_series`` jobs of the queue, one at a time, until told to stop."""
+    from node.dispatch import PROCESS_QUEUE, TaskHandlers, WorkerTiming, build_app, run_workers
+
+    store = spec.config.store
+    holder: dict[str, Any] = {}
+
+    def process_series(series_id: int, job_id: int) -> None:
+        job = holder["jobs"].claim(series_id, f"job:{job_id}", max_attempts=spec.config.node.max_processing_attempts)
+        if job is None:
+            log.debug("series id %d: no longer queued; job %d does nothing", series_id, job_id)
+            return
+        conn.send((BUSY, job.id))
+        holder["processor"].run(job)
+        conn.send((IDLE, job.id))
+
+    def deliver(delivery_id: int, job_id: int) -> None:
+        raise RuntimeError(f"{spec.name} processes series only: job {job_id} (delivery {delivery_id}) is not ours")
+
+    app = build_app(store.url, store.password(), handlers=TaskHandlers(process_series, deliver))
+    jobs = holder["jobs"] = job_store_for(spec.config, app=app)
+    holder["processor"] = _processor(spec, jobs, conn)
+    stop = threading.Event()
+    threading.Thread(target=_wait_for_stop, args=(conn, stop), name="stop-watch", daemon=True).start()
+    try:
+        run_workers(app, {PROCESS_QUEUE: 1}, name=spec.name, timing=WorkerTiming(store.stalled_seconds), stop=stop)
+    finally:
+        jobs.close()
+
+
+def _wait_for_stop(conn: Connection, stop: threading.Event) -> None:
+    """Set *stop* when the receiver sends :data:`STOP`, or is gone."""
+    while not _told_to_stop(conn, 1.0):
+        pass
+    stop.set()
 
 
 def _told_to_stop(conn: Connection, wait: float) -> bool:
@@ -386,7 +437,7 @@ class WorkerPool:
             return  # stopped as asked, or killed after the grace time (stop() says so)
         how = worker.kill_reason or _death(worker.process.exitcode)
         reason = f"{worker.name} (pid {worker.process.pid}) {how}"
-        claimed = self.jobs.claimed_by(worker.name)
+        claimed = sorted(set(self.jobs.claimed_by(worker.name)) | ({worker.busy_with} if worker.busy_with else set()))
         for series_id in claimed:
             outcome = self.jobs.abandon(series_id, reason, max_attempts=self.config.node.max_processing_attempts)
             if outcome == SeriesState.FAILED:
