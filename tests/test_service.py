@@ -217,7 +217,8 @@ def test_hostile_input_is_contained(orthanc: OrthancServer, tmp_path: Path) -> N
         wait_for(lambda: len(folder_outputs(out, study)) == 2, 60, "the good series after the hostile ones", node.log)
         assert node.alive()
         log = node.log()
-        assert "truncated" in log and "GiB decoded" in log and "Bits Allocated (0028,0100) 12" in log
+        assert "truncated" in log and "Bits Allocated (0028,0100) 12" in log
+        assert "above the 2,048 MB limit ([node] max_decoded_mb)" in log
         assert "RT Plan Storage" in log and "is not a valid UID" in log and "refused" in log
 
 
