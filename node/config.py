@@ -106,6 +106,10 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing workers.
+    max_decoded_mb, max_frame_mb : int
+        Decode limits (MB): an image whose pixels would decode to more, in all or in one frame,
+        is refused at C-STORE (0xC000) and fails processing, before anything is decoded
+        (:class:`node.imaging.source.DecodeLimits`).
     """
 
     ae_title: str
@@ -120,6 +124,8 @@ class NodeSettings:
     retention_hours: float = 72.0
     study_settle_seconds: float = 120.0
     force_complete_seconds: float = 3600.0
+    max_decoded_mb: int = 2048
+    max_frame_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -753,7 +759,7 @@ _TOP_KEYS = ("node", "http", "tls", "delivery", "pipelines", "destinations", "ro
 _NODE_KEYS = (
     "ae_title", "host", "port", "data_dir", "allowed_calling_aets", "max_associations",
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
-    "force_complete_seconds",
+    "force_complete_seconds", "max_decoded_mb", "max_frame_mb",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -993,6 +999,8 @@ class _Checker:
             retention_hours=self.number(table, path, "retention_hours", 72.0, above=-1),
             study_settle_seconds=self.number(table, path, "study_settle_seconds", 120.0, above=0),
             force_complete_seconds=self.number(table, path, "force_complete_seconds", 3600.0, above=0),
+            max_decoded_mb=self.integer(table, path, "max_decoded_mb", 1, default=2048),
+            max_frame_mb=self.integer(table, path, "max_frame_mb", 1, default=256),
         )
 
     def tls_settings(self) -> TlsSettings | None:
