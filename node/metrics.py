@@ -31,7 +31,9 @@ DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
 
 #: Why a C-STORE was answered with a failure status (what :meth:`Metrics.instance_refused` counts;
 #: see :mod:`node.ingest` for the status of each).
-REFUSAL_REASONS = ("disk_low", "spool_write_failed", "not_recorded", "cannot_parse", "invalid_uid", "not_authorised")
+REFUSAL_REASONS = (
+    "disk_low", "spool_write_failed", "not_recorded", "cannot_parse", "invalid_uid", "not_authorised", "too_large",
+)
 
 #: Series states always present in ``dicomnode_queue_depth`` (0 when none), as in the job store.
 QUEUE_STATES = ("receiving", "queued", "processing", "delivering", "delivered", "failed", "unrouted")
