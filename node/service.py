@@ -32,6 +32,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.config import Config, FolderDestination
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
+from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import Delivery, JobStore, SeriesJob, SeriesState
 from node.metrics import Metrics
@@ -70,6 +71,8 @@ class NodeService:
             name: sender_for(dest) for name, dest in config.destinations.items()
         }
         self.metrics = Metrics(destinations=config.destinations)
+        #: [node] max_decoded_mb / max_frame_mb, checked at C-STORE, before processing and thumbnails
+        self.decode_limits = DecodeLimits.from_mb(config.node.max_decoded_mb, config.node.max_frame_mb)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._work = threading.Condition()
@@ -88,6 +91,7 @@ class NodeService:
         self.http = StatusServer(
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
+            decode_limits=self.decode_limits,
             is_alive=lambda: not self._stop.is_set() and all(t.is_alive() for t in self._threads),
             is_ready=lambda: self._ready.is_set() and not self._stop.is_set(),
         )
@@ -119,7 +123,8 @@ class NodeService:
             min_free = node.min_free_disk_mb * 2**20
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
-                                   match_tls_ae_title=tls is not None and tls.match_ae_title)
+                                   match_tls_ae_title=tls is not None and tls.match_ae_title,
+                                   decode_limits=self.decode_limits)
             if node.port:
                 self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard)
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
@@ -310,7 +315,7 @@ class NodeService:
             log.warning("series %s: %s", job.series_uid, reason)
             self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
             return
-        images, failures = open_images(job.instance_paths)
+        images, failures = open_images(job.instance_paths, self.decode_limits)
         for failure in failures:
             log.error("series %s: %s", job.series_uid, failure)
         if not images:
