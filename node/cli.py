@@ -13,6 +13,7 @@ from pathlib import Path
 from node.config import ConfigError
 from node.database import DatabaseError
 from node.jobstore import JobStoreError
+from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
 from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
@@ -89,7 +90,24 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
         "--format", choices=[f.value for f in OutputFormat], default="sc",
         help="sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit (default sc)",
     )
+    p.add_argument(
+        "--max-decoded-mb", type=_megabytes, default=DEFAULT_MAX_DECODED_MB, metavar="MB",
+        help="refuse a file whose pixels decode to more than this many MB in all "
+        f"(as [node] max_decoded_mb; default {DEFAULT_MAX_DECODED_MB})",
+    )
+    p.add_argument(
+        "--max-frame-mb", type=_megabytes, default=DEFAULT_MAX_FRAME_MB, metavar="MB",
+        help="refuse a file one of whose frames decodes to more than this many MB "
+        f"(as [node] max_frame_mb; default {DEFAULT_MAX_FRAME_MB})",
+    )
     p.set_defaults(func=_run_process)
+
+
+def _megabytes(text: str) -> int:
+    """A decode limit in MB: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of MB, at least 1")
+    return int(text)
 
 
 def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
@@ -116,7 +134,7 @@ def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
 
 
 def _run_process(args: argparse.Namespace) -> int:
-    from node.imaging.source import NotDicom
+    from node.imaging.source import DecodeLimits, NotDicom
     from node.process import process_series
     from node.series import find_files, group_series, open_images
 
@@ -128,7 +146,9 @@ def _run_process(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     log.info("%d files found", len(paths))
-    images, failures = open_images(paths)
+    limits = DecodeLimits.from_mb(args.max_decoded_mb, args.max_frame_mb,
+                                  decoded_setting="--max-decoded-mb", frame_setting="--max-frame-mb")
+    images, failures = open_images(paths, limits)
     named = {Path(item) for item in args.inputs}
     not_dicom = [f for f in failures if isinstance(f, NotDicom) and f.path not in named]
     failures = [f for f in failures if f not in not_dicom]

@@ -142,6 +142,10 @@ class NodeSettings:
         a connection beyond it is refused at once.
     max_connections_per_address : int
         Connections from one address at once, negotiating or associated; 0: no limit.
+    max_decoded_mb, max_frame_mb : int
+        Decode limits (MB): an image whose pixels would decode to more, in all or in one frame,
+        is refused at C-STORE (0xC000) and fails processing, before anything is decoded
+        (:class:`node.imaging.source.DecodeLimits`).
     """
 
     ae_title: str
@@ -162,6 +166,8 @@ class NodeSettings:
     association_timeout_seconds: float = 5.0
     max_negotiating_connections: int = 64
     max_connections_per_address: int = 0
+    max_decoded_mb: int = 2048
+    max_frame_mb: int = 256
 
     @property
     def shared(self) -> Path:
@@ -860,6 +866,7 @@ _NODE_KEYS = (
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
     "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds", "shared_dir",
     "association_timeout_seconds", "max_negotiating_connections", "max_connections_per_address",
+    "max_decoded_mb", "max_frame_mb",
 )
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
@@ -1464,6 +1471,8 @@ class _Checker:
             max_negotiating_connections=self.integer(table, path, "max_negotiating_connections", 1, 1000, default=64),
             max_connections_per_address=self.integer(table, path, "max_connections_per_address", 0, 1000, default=0,
                                                      note=" (0: no limit)"),
+            max_decoded_mb=self.integer(table, path, "max_decoded_mb", 1, default=2048),
+            max_frame_mb=self.integer(table, path, "max_frame_mb", 1, default=256),
         )
 
     def tls_settings(self) -> TlsSettings | None:

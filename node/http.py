@@ -28,7 +28,6 @@ import functools
 import hashlib
 import html
 import io
-import itertools
 import json
 import logging
 import re
@@ -48,7 +47,7 @@ import pydicom
 from PIL import Image, ImageDraw
 
 from node.fsutil import atomic_output
-from node.imaging.source import ImageFile
+from node.imaging.source import DecodeLimits, ImageFile
 from node.jobstore import JobStore, SeriesState
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.metrics import Metrics
@@ -137,16 +136,17 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _dicom_frame(path: Path, frame: int, *, as_stored: bool) -> np.ndarray:
+def _dicom_frame(path: Path, frame: int, *, as_stored: bool, limits: DecodeLimits | None = None) -> np.ndarray:
     """Frame *frame* of a DICOM image rendered for display.
 
     A source is shown as a viewer would by default (Modality LUT, then its own window, else its
     range).  A Secondary Capture this node wrote already holds display values: *as_stored* shows
-    them over the full range of Bits Stored, not stretched again.
+    them over the full range of Bits Stored, not stretched again.  Only that frame is decoded,
+    and nothing at all of a file above *limits* (:class:`~node.imaging.source.TooLarge`).
     """
-    image = ImageFile.open(path)
+    image = ImageFile.open(path, limits)
     frame = max(0, min(frame, image.number_of_frames - 1))
-    arr = next(itertools.islice(image.iter_frames(), frame, None))
+    arr = next(image.iter_frames([frame]))
     pipeline = _SOURCE_VIEW
     if as_stored and image.is_grey:
         header = image.header
@@ -183,6 +183,9 @@ class Thumbnails:
         The configured pipelines: they name the output made from the chosen source instance
         exactly (derived UIDs); without them a Secondary Capture is found by its Source Image
         Sequence and a PNG output is the middle one by name.
+    decode_limits : DecodeLimits, optional
+        ``[node] max_decoded_mb`` / ``max_frame_mb`` (default: their defaults): a file above
+        them is never decoded; its thumbnail is the placeholder.
     """
 
     def __init__(
@@ -191,8 +194,10 @@ class Thumbnails:
         outputs_dir: Path,
         spool_dir: Path,
         pipelines: Mapping[str, Pipeline] | None = None,
+        decode_limits: DecodeLimits | None = None,
     ) -> None:
         self.jobs = jobs
+        self.decode_limits = decode_limits or DecodeLimits()
         self.outputs_dir = Path(outputs_dir)
         self.spool_dir = Path(spool_dir)
         self.cache_dir = self.outputs_dir / ".thumbs"
@@ -290,14 +295,14 @@ class Thumbnails:
             if source is None:
                 return None
             path, _, frame = source
-            return _png_bytes(_dicom_frame(path, frame, as_stored=False))
+            return _png_bytes(_dicom_frame(path, frame, as_stored=False, limits=self.decode_limits))
         chosen = self.choose_output(row, source)
         if chosen is None:
             return None
         path, frame = chosen
         if path.suffix == ".png":
             return _png_bytes(_png_frame(path))
-        return _png_bytes(_dicom_frame(path, frame, as_stored=True))
+        return _png_bytes(_dicom_frame(path, frame, as_stored=True, limits=self.decode_limits))
 
     def choose_source(self, series_id: int) -> tuple[Path, str, int] | None:
         """The middle instance of a series in instance order (path, SOP UID), and its middle frame."""
@@ -651,6 +656,8 @@ class StatusServer:
     pipelines : mapping of str to Pipeline, optional
         The configured pipelines (``config.pipelines``): with them the "after" thumbnail is
         exactly the output of the "before" instance.
+    decode_limits : DecodeLimits, optional
+        The node's decode limits: thumbnails of a file above them are never decoded.
     """
 
     def __init__(
@@ -665,6 +672,7 @@ class StatusServer:
         is_alive: Callable[[], bool],
         is_ready: Callable[[], bool],
         pipelines: Mapping[str, Pipeline] | None = None,
+        decode_limits: DecodeLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -674,7 +682,7 @@ class StatusServer:
         self.spool_dir = Path(spool_dir)
         self.is_alive = is_alive
         self.is_ready = is_ready
-        self.thumbnails = Thumbnails(jobs, self.outputs_dir, self.spool_dir, pipelines)
+        self.thumbnails = Thumbnails(jobs, self.outputs_dir, self.spool_dir, pipelines, decode_limits)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -20,6 +20,8 @@ Each failure has its own status so the sender's log says what happened:
 0x0124    not authorised: over TLS with ``[tls] match_ae_title``, a calling AE title its client
           certificate does not name (the association is also aborted at once)
 0xA700    out of resources: free disk below ``min_free_disk_mb``, or the spool could not be written
+0xC000    cannot understand: the header asks for more decoded pixel data than ``[node] max_decoded_mb``
+          (all frames) or ``max_frame_mb`` (one frame) allow; nothing is stored
 0xC210    the data set header cannot be parsed, or has no Study or Series Instance UID
 0xC211    a UID is not valid (it would have become a file name)
 ========  ==========================================================
@@ -35,7 +37,8 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pynetdicom
@@ -48,6 +51,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from node.fsutil import start_writeback
+from node.imaging.source import DecodeLimits, OverLimit
 from node.jobstore import JobStore
 from node.metrics import Metrics
 from node.recording import PendingRecords
@@ -65,6 +69,7 @@ STATUS = {
     "success": 0x0000,
     "not_authorised": 0x0124,
     "out_of_resources": 0xA700,
+    "too_large": 0xC000,
     "cannot_parse": 0xC210,
     "invalid_uid": 0xC211,
 }
@@ -76,9 +81,12 @@ _REFUSAL_STATUS = {
     "cannot_parse": STATUS["cannot_parse"],
     "invalid_uid": STATUS["invalid_uid"],
     "not_authorised": STATUS["not_authorised"],
+    "too_large": STATUS["too_large"],
 }
 
-_LAST_HEADER_TAG = 0x0020000E  # Series Instance UID: everything needed to place the file
+# Bits Allocated: past it, everything needed to place the file (up to (0020,000E)) and to know its
+# decoded size (group 0028) has been read; Pixel Data and the big functional groups come later.
+_LAST_HEADER_TAG = 0x00280100
 
 #: Seconds between two "disk low" warnings; the refusals in between are counted, not logged.
 LOW_DISK_WARNING_SECONDS = 30.0
@@ -294,6 +302,8 @@ class _Header:
     sop_uid: str
     sop_class_uid: str
     modality: str | None
+    #: Image Pixel attributes found (rows, columns, frames, samples, bits: int; photometric: str)
+    pixels: Mapping[str, int | str] = field(default_factory=dict)
 
 
 # The attributes that place an instance in the spool and the job store, by tag.
@@ -301,14 +311,31 @@ _PLACING = {
     0x00080016: "sop_class_uid", 0x00080018: "sop_uid", 0x00080060: "modality",
     0x0020000D: "study_uid", 0x0020000E: "series_uid",
 }
-_PLACING_TAGS = list(_PLACING)
+# The Image Pixel attributes that give the decoded size (checked against the decode limits).
+_PIXEL_SIZE = {
+    0x00280002: "samples", 0x00280004: "photometric", 0x00280008: "frames", 0x00280010: "rows",
+    0x00280011: "columns", 0x00280100: "bits",
+}
+_PLACING_TAGS = [*_PLACING, *_PIXEL_SIZE]
+
+
+def _pixel_value(name: str, raw: bytes, little_endian: bool) -> int | str | None:
+    """One Image Pixel attribute from its raw bytes (US, IS or CS), or None when it is not readable."""
+    if name == "photometric":
+        return raw.decode("ascii", "replace").strip(" \x00")
+    if name == "frames":
+        try:
+            return int(raw.decode("ascii").strip(" \x00"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+    return int.from_bytes(raw, "little" if little_endian else "big") if len(raw) == 2 else None
 
 
 def _past_header(tag: int, vr: object, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
-def _header(values: dict[str, str], request) -> _Header:
+def _header(values: dict[str, str], request, pixels: Mapping[str, int | str] | None = None) -> _Header:
     """A header from the placing values found; the SOP UIDs fall back to the C-STORE request's."""
     return _Header(
         study_uid=values.get("study_uid", ""),
@@ -316,34 +343,49 @@ def _header(values: dict[str, str], request) -> _Header:
         sop_uid=values.get("sop_uid") or str(request.AffectedSOPInstanceUID or ""),
         sop_class_uid=values.get("sop_class_uid") or str(request.AffectedSOPClassUID or ""),
         modality=values.get("modality") or None,
+        pixels=pixels or {},
     )
 
 
 def _header_of(ds: Dataset, request) -> _Header:
-    """The placing attributes of a pydicom data set."""
+    """The placing attributes (and Image Pixel attributes) of a pydicom data set."""
+    pixels: dict[str, int | str] = {}
+    for tag, name in _PIXEL_SIZE.items():
+        with contextlib.suppress(Exception):  # a value pydicom cannot convert: not checked here
+            value = ds[tag].value if tag in ds else None
+            if value not in (None, ""):
+                pixels[name] = str(value).strip() if name == "photometric" else int(value)
     return _header({name: str(ds[tag].value) for tag, name in _PLACING.items() if tag in ds and ds[tag].value},
-                   request)
+                   request, pixels)
 
 
 def _read_placing(fp, ts: UID, request) -> _Header:
-    """The placing attributes of the data set in *fp* (read from where it stands, up to (0020,000E)).
+    """The placing and Image Pixel attributes of the data set in *fp* (read from where it stands,
+    up to Bits Allocated (0028,0100)).
 
     Read with pydicom's element generator rather than into a ``Dataset`` (``read_dataset``): the
-    node needs five values and building a Dataset of the whole header costs three times as much
-    (0.6 ms against 0.2 ms for a CT slice's header, on every C-STORE).  The five are of VR UI and
-    CS, plain ASCII padded with NUL or space, so their raw bytes need no character set.
+    node needs eleven values and building a Dataset of the whole header costs three times as much
+    (0.6 ms against 0.2 ms for a CT slice's header, on every C-STORE).  The five placing values are
+    of VR UI and CS, plain ASCII padded with NUL or space, so their raw bytes need no character
+    set; the six Image Pixel values (US, IS, CS) are read by :func:`_pixel_value`.  Reading on
+    from (0020,000E) to (0028,0100) took the header of a real CT slice from 0.06 to 0.12 ms.
     """
     values = {}
+    pixels: dict[str, int | str] = {}
     for element in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian,
                                           stop_when=_past_header, specific_tags=_PLACING_TAGS):
         name = _PLACING.get(element.tag)
         if name is not None and element.value:
             values[name] = bytes(element.value).decode("ascii", "replace").strip(" \x00")
-    return _header(values, request)
+        elif element.tag in _PIXEL_SIZE and element.value:
+            pixel = _pixel_value(_PIXEL_SIZE[element.tag], bytes(element.value), ts.is_little_endian)
+            if pixel is not None:
+                pixels[_PIXEL_SIZE[element.tag]] = pixel
+    return _header(values, request, pixels)
 
 
 def _read_header(event: evt.Event, raw: bytes) -> _Header:
-    """The placing attributes, parsed from the raw dataset *raw* up to Series Instance UID."""
+    """The placing and Image Pixel attributes, parsed from the raw dataset *raw* up to Bits Allocated."""
     ts = UID(event.context.transfer_syntax)
     if ts.is_deflated:
         return _header_of(event.dataset, event.request)  # pynetdicom inflates it
@@ -362,10 +404,10 @@ def _data_set_start(head: bytes) -> int | None:
 
 
 def _read_file_header(event: evt.Event, path: Path, head: bytes = b"") -> _Header:
-    """The placing attributes of the streamed file *path*, read up to Series Instance UID.
+    """The placing and Image Pixel attributes of the streamed file *path*, read up to Bits Allocated.
 
     The same reading as for a data set in memory (so both ways accept and refuse the same data
-    sets): it ends at the first element past (0020,000E), long before any pixel data.  *head*, the
+    sets): it ends at the first element past (0028,0100), long before any pixel data.  *head*, the
     file's first bytes as they were written, is read first, without reading the file: the header of
     an image is a few KB.  Only when the reading runs to the end of *head* (a header longer than
     it, or a file no longer than it) is the file itself read.  A deflated data set, or a file meta
@@ -432,11 +474,16 @@ class StoreHandler:
         Common Name nor a DNS name of its client certificate is aborted as soon as it is
         established (and any C-STORE on it answered 0x0124).  Plain associations are not
         concerned (a TLS-only node has ``port = 0``).
+    decode_limits : DecodeLimits, optional
+        ``[node] max_decoded_mb`` / ``max_frame_mb``: an image whose header (Rows, Columns,
+        Number of Frames, Samples per Pixel, Bits Allocated, Photometric Interpretation) asks
+        for more decoded pixel data is refused with 0xC000 and nothing is stored.  Missing or
+        unreadable values are not refused here (processing reports them).  None: no check.
     """
 
     def __init__(
         self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None, min_free_bytes: int = 0,
-        match_tls_ae_title: bool = False,
+        match_tls_ae_title: bool = False, decode_limits: DecodeLimits | None = None,
     ) -> None:
         self.spool = spool
         self.jobs = jobs
@@ -444,6 +491,7 @@ class StoreHandler:
         self.pending = PendingRecords(jobs)
         self.metrics = metrics
         self.min_free_bytes = max(0, int(min_free_bytes))
+        self.decode_limits = decode_limits
         #: C-STOREs refused by the disk guard since start-up.
         self.refused_low_disk = 0
         self._counts: dict[int, int] = {}
@@ -529,6 +577,11 @@ class StoreHandler:
         except InvalidUID as exc:
             log.error("C-STORE from %s refused: %s", calling, exc)
             return self._refusal("invalid_uid", str(exc))
+        over = self._over_decode_limits(header)
+        if over is not None:
+            log.warning("C-STORE from %s refused (0x%04X): SOP Instance %s: %s", calling, STATUS["too_large"],
+                        header.sop_uid, over)
+            return self._refusal("too_large", over.comment)
         if path is None:
             chunks = (b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), raw)
             needed = sum(len(c) for c in chunks)
@@ -571,6 +624,17 @@ class StoreHandler:
             self._counts[key] = self._counts.get(key, 0) + 1
         log.debug("stored %s (series %s) from %s", header.sop_uid, header.series_uid, calling)
         return STATUS["success"]
+
+    def _over_decode_limits(self, header: _Header) -> OverLimit | None:
+        """What of the header's decoded size is above :attr:`decode_limits` (None: fits, or unknown)."""
+        if self.decode_limits is None:
+            return None
+        pixels = header.pixels
+        dimensions = {name: pixels.get(name, default) for name, default in
+                      (("rows", None), ("columns", None), ("bits", None), ("frames", 1), ("samples", 1))}
+        if not all(isinstance(value, int) and value >= 1 for value in dimensions.values()):
+            return None  # not an image, or values processing will report
+        return self.decode_limits.check(**dimensions, photometric=str(pixels.get("photometric", "")))
 
     def _refusal(self, reason: str, comment: str) -> Dataset:
         """The failure reply for *reason* (a :data:`node.metrics.REFUSAL_REASONS` entry), counted."""

@@ -34,7 +34,9 @@ DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
 
 #: Why a C-STORE was answered with a failure status (what :meth:`Metrics.instance_refused` counts;
 #: see :mod:`node.ingest` for the status of each).
-REFUSAL_REASONS = ("disk_low", "spool_write_failed", "cannot_parse", "invalid_uid", "not_authorised")
+REFUSAL_REASONS = (
+    "disk_low", "spool_write_failed", "cannot_parse", "invalid_uid", "not_authorised", "too_large",
+)
 
 #: Why a connection was closed before it became an association (what :meth:`Metrics.connection_refused`
 #: counts; see :mod:`node.netutil`): no A-ASSOCIATE-RQ within ``association_timeout_seconds``, something

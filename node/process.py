@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 _LO_MAX = 64
 _PROGRESS_SECONDS = 5.0
+# Images whose frames decode to more than this are processed one at a time within a series (the
+# others still in parallel): decoding and rendering hold 2.2-3.1 frames, so four 256 MB frames at
+# once would need 2.3-3.2 GB.  A 4096 x 4096 16-bit frame is 32 MB.
+_ONE_AT_A_TIME_FRAME_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -95,6 +100,8 @@ def process_series(
     threads : int
         Images processed at once.  Decoding, the array work, PNG compression and file writes
         release the GIL, so 2 threads on 2 cores take about two thirds of the time of one.
+        Images with frames above 32 MB decoded are processed one at a time whatever this says,
+        so one series holds at most one such frame (2.2-3.1 times its size) at once.
 
     Returns
     -------
@@ -112,9 +119,12 @@ def process_series(
     # One writer for the whole series: it encodes the header its SCs share once (see there).
     sc_writer = SecondaryCaptureSeriesWriter(derived, now)
 
+    big_frames = threading.Lock()
+
     def one(image: ImageFile) -> list[Path] | UnsupportedImage:
         try:
-            return _process_image(image, pipeline, sc_writer, folder, bins)
+            with big_frames if image.frame_bytes > _ONE_AT_A_TIME_FRAME_BYTES else contextlib.nullcontext():
+                return _process_image(image, pipeline, sc_writer, folder, bins)
         except UnsupportedImage as exc:
             return exc
         except OSError as exc:  # the output side: disk full, permissions

@@ -8,7 +8,9 @@ files or keeps state between frames except the series-wide equalisation bins han
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from node.imaging.source import ImageFile, UnsupportedImage
 from node.imaging.voi import apply_voi_lut_sequence, file_window, has_voi_lut_sequence, window_scaled
 from node.pipeline import Channels, Equalise, Pipeline, WindowSpec
 
-__all__ = ["FrameRenderer", "series_bins"]
+__all__ = ["BLOCK_PIXELS", "FrameRenderer", "row_blocks", "series_bins"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,14 @@ log = logging.getLogger(__name__)
 # (per-image equalisation, the default display's min/max fallback).
 _TABLE_MAX_ENTRIES = 1 << 16
 _TABLE_PIXELS_PER_ENTRY = 4
+
+# A frame is rendered a block of rows at a time into its output array, so the float temporaries
+# of the arithmetic (4 to 8 bytes a pixel, several at once) cover one block, not the frame: a
+# 256 MB 16-bit frame would otherwise need over 1.5 GB of them.  Every step is per pixel, and the
+# two displays that read the whole frame (per-image equalisation, the default display's min/max)
+# get those statistics from a first pass over the blocks, so the output is the same bit for bit.
+# Frames of up to one block (a 1024 x 1024 slice) are rendered whole, as before.
+BLOCK_PIXELS = 1 << 20
 
 
 class FrameRenderer:
@@ -50,6 +60,9 @@ class FrameRenderer:
     lookup_table : bool
         Render each stored value of a frame's range once and look the pixels up, where that gives
         the same output (the default); False renders every pixel (for tests comparing the two).
+    block_pixels : int
+        Pixels rendered at once (whole rows); a larger frame is rendered block by block, with
+        the same output (see :data:`BLOCK_PIXELS`).
     """
 
     def __init__(
@@ -59,11 +72,13 @@ class FrameRenderer:
         series_bins: np.ndarray | None = None,
         *,
         lookup_table: bool = True,
+        block_pixels: int = BLOCK_PIXELS,
     ) -> None:
         self.pipeline = pipeline
         self.image = image
         self.series_bins = series_bins
         self.lookup_table = lookup_table
+        self.block_pixels = max(1, int(block_pixels))
         self.colour_out = not image.is_grey and not pipeline.grey or isinstance(pipeline.display, Channels)
         self.bits = 8 if self.colour_out else pipeline.output.bits
         if not image.is_grey and not pipeline.grey and (pipeline.display is not None or pipeline.clip):
@@ -78,15 +93,58 @@ class FrameRenderer:
             yield self.render(arr, index)
 
     def render(self, arr: np.ndarray, frame: int = 0) -> np.ndarray:
-        """One decoded frame to output pixels: (rows, cols) ``uint8``/``uint16`` or (rows, cols, 3) ``uint8``."""
+        """One decoded frame to output pixels: (rows, cols) ``uint8``/``uint16`` or (rows, cols, 3) ``uint8``.
+
+        Temporaries cover at most :attr:`block_pixels` pixels at a time, whatever the frame's size.
+        """
         if not self.image.is_grey and not self.pipeline.grey:
-            return _colour_to_8bit(arr)
+            if arr.dtype == np.uint8:
+                return arr  # colour passed through as 8-bit RGB
+            top = _colour_top(arr)
+            return self._by_blocks(arr, lambda block: _colour_to_8bit(block, top))
         span = self._table_span(arr, frame)
         if span is None:
-            return self._render_pixels(arr, frame)
+            statistics = self._frame_statistics(arr, frame)
+            return self._by_blocks(arr, lambda block: self._render_pixels(block, frame, statistics))
         low, high = span
         table = self._render_pixels(np.arange(low, high + 1).astype(arr.dtype), frame)
-        return table[np.subtract(arr, low, dtype=np.intp)]
+        return self._by_blocks(arr, lambda block: table[np.subtract(block, low, dtype=np.intp)])
+
+    def _by_blocks(self, arr: np.ndarray, render: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``render`` applied to blocks of rows of *arr*, gathered into one output array."""
+        if _fits_one_block(arr, self.block_pixels):
+            return render(arr)
+        out: np.ndarray | None = None
+        start = 0
+        for block in row_blocks(arr, self.block_pixels):
+            rendered = render(block)
+            if out is None:
+                out = np.empty((arr.shape[0], *rendered.shape[1:]), dtype=rendered.dtype)
+            out[start : start + len(block)] = rendered
+            start += len(block)
+        assert out is not None
+        return out
+
+    def _frame_statistics(self, arr: np.ndarray, frame: int) -> _FrameStatistics | None:
+        """What a display reading the whole frame needs, gathered a block at a time (None: not needed).
+
+        Only for frames larger than a block: a smaller frame is rendered whole, and its display
+        reads its own values as before.
+        """
+        if _fits_one_block(arr, self.block_pixels) or not self._uses_frame_statistics(frame):
+            return None
+        equalise = self.pipeline.equalise
+        per_image = equalise is not None and equalise.per == "image"
+        histogram = FrequencyHistogram() if per_image else None
+        low, high = math.inf, -math.inf
+        for block in row_blocks(arr, self.block_pixels):
+            values = modality_values(block, self.image, self.pipeline, frame)
+            if histogram is not None:
+                histogram.add(values)
+            if values.size:
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+        bins = histogram.bins(equalise.bins) if histogram is not None and histogram.count else None
+        return _FrameStatistics(low=low, high=high, bins=bins)
 
     def _table_span(self, arr: np.ndarray, frame: int) -> tuple[int, int] | None:
         """The frame's (lowest, highest) stored value when a lookup table gives the same output."""
@@ -115,30 +173,37 @@ class FrameRenderer:
             return True
         return False
 
-    def _render_pixels(self, arr: np.ndarray, frame: int) -> np.ndarray:
-        """Stored values (a frame, or every value of its range) to output pixels, value by value."""
+    def _render_pixels(
+        self, arr: np.ndarray, frame: int, statistics: _FrameStatistics | None = None
+    ) -> np.ndarray:
+        """Stored values (a frame, a block of its rows, or every value of its range) to output pixels.
+
+        *statistics* stand in for the frame's own values where the display reads them (a block).
+        """
         values = modality_values(arr, self.image, self.pipeline, frame)
         levels = output_levels(self.bits)
-        y = self._display(values, frame, levels)
+        y = self._display(values, frame, levels, statistics)
         if self.image.is_monochrome1:
             y = invert(y, levels)
         return floor_levels(y, self.bits)
 
-    def _display(self, values: np.ndarray, frame: int, levels: int) -> np.ndarray:
+    def _display(
+        self, values: np.ndarray, frame: int, levels: int, statistics: _FrameStatistics | None = None
+    ) -> np.ndarray:
         display = self.pipeline.display
         if isinstance(display, WindowSpec):
             return self._window(values, display, frame, levels)
         if isinstance(display, Equalise):
-            return self._equalise(values, display) * levels
+            return self._equalise(values, display, statistics) * levels
         if isinstance(display, Channels):
             channels = [self._window(values, spec, frame, levels) for spec in display.windows]
             if display.equalise:
-                channels.append(self._equalise(values, display.equalise) * levels)
+                channels.append(self._equalise(values, display.equalise, statistics) * levels)
             out = np.zeros((*values.shape, 3), dtype=np.float64)
             for index, channel in enumerate(channels):
                 out[..., index] = channel
             return out
-        return self._default_display(values, frame, levels)
+        return self._default_display(values, frame, levels, statistics)
 
     def _window(self, values: np.ndarray, spec: WindowSpec, frame: int, levels: int) -> np.ndarray:
         header = self.image.header
@@ -153,14 +218,20 @@ class FrameRenderer:
             win = spec.window
         return window_scaled(values, win.center, win.width, win.function, out_max=levels)
 
-    def _equalise(self, values: np.ndarray, equalise: Equalise) -> np.ndarray:
+    def _equalise(
+        self, values: np.ndarray, equalise: Equalise, statistics: _FrameStatistics | None = None
+    ) -> np.ndarray:
         if equalise.per == "series":
             if self.series_bins is None:
                 raise ValueError("per-series equalisation needs the series bins (series_bins())")
             return hist_scaled(values, self.series_bins)
+        if statistics is not None and statistics.bins is not None:
+            return hist_scaled(values, statistics.bins)
         return hist_scaled(values, freqhist_bins(values, equalise.bins))
 
-    def _default_display(self, values: np.ndarray, frame: int, levels: int) -> np.ndarray:
+    def _default_display(
+        self, values: np.ndarray, frame: int, levels: int, statistics: _FrameStatistics | None = None
+    ) -> np.ndarray:
         """No display step: the clip range, else the file's window, else the frame's own range."""
         clip_range = self._clip_range()
         if clip_range is not None:
@@ -170,7 +241,10 @@ class FrameRenderer:
                 win = file_window(self.image.header, 0, frame)
                 return window_scaled(values, win.center, win.width, win.function, out_max=levels)
             except ValueError:
-                low, high = float(values.min()), float(values.max())
+                if statistics is not None:
+                    low, high = statistics.low, statistics.high
+                else:
+                    low, high = float(values.min()), float(values.max())
         if high <= low:
             return np.zeros(values.shape, dtype=np.float64)
         return (values.astype(np.float64) - low) * (levels / (high - low))
@@ -217,7 +291,8 @@ def series_bins(
     for image in images:
         try:
             for index, arr in enumerate(image.iter_frames()):
-                histogram.add(modality_values(arr, image, pipeline, index))
+                for block in row_blocks(arr, BLOCK_PIXELS):  # float temporaries of a block, not the frame
+                    histogram.add(modality_values(block, image, pipeline, index))
         except UnsupportedImage as exc:
             failures.append(exc)
     if histogram.count == 0:
@@ -226,9 +301,36 @@ def series_bins(
     return histogram.bins(equalise.bins), failures
 
 
-def _colour_to_8bit(arr: np.ndarray) -> np.ndarray:
-    """Colour passed through as 8-bit RGB (16-bit palette output is scaled down)."""
-    if arr.dtype == np.uint8:
-        return arr
-    top = 65535 if arr.dtype.itemsize == 2 else float(arr.max() or 1)
+def row_blocks(arr: np.ndarray, block_pixels: int = BLOCK_PIXELS) -> Iterator[np.ndarray]:
+    """Views of *arr* (a frame: rows, columns[, samples]) of whole rows, each of at most
+    *block_pixels* pixels (but at least one row); *arr* itself when it fits in one block."""
+    if _fits_one_block(arr, block_pixels):
+        yield arr
+        return
+    step = max(1, block_pixels // arr.shape[1])
+    for start in range(0, arr.shape[0], step):
+        yield arr[start : start + step]
+
+
+def _fits_one_block(arr: np.ndarray, block_pixels: int) -> bool:
+    """Whether *arr* has no more than *block_pixels* pixels (rows x columns), or no rows to split."""
+    return arr.ndim < 2 or arr.shape[0] * arr.shape[1] <= block_pixels
+
+
+@dataclass(frozen=True)
+class _FrameStatistics:
+    """What displays reading the whole frame need, when the frame is rendered a block at a time."""
+
+    low: float  # smallest modality value of the frame
+    high: float  # largest
+    bins: np.ndarray | None  # per-image equalisation edges, when the pipeline equalises per image
+
+
+def _colour_top(arr: np.ndarray) -> float:
+    """The value of 16- or 32-bit colour (palette output) that becomes 255 in 8-bit."""
+    return 65535.0 if arr.dtype.itemsize == 2 else float(arr.max() or 1)
+
+
+def _colour_to_8bit(arr: np.ndarray, top: float) -> np.ndarray:
+    """16- or 32-bit colour scaled down to 8-bit RGB (*top* becomes 255)."""
     return np.floor(arr.astype(np.float64) * (255 / top)).astype(np.uint8)

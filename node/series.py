@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.imaging.source import ImageFile, UnsupportedImage
+from node.imaging.source import DecodeLimits, ImageFile, UnsupportedImage
 
 __all__ = ["InputSeries", "find_files", "group_series", "instance_order", "open_images"]
 
@@ -51,13 +51,24 @@ def find_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
-def open_images(paths: Iterable[Path]) -> tuple[list[ImageFile], list[UnsupportedImage]]:
-    """Open and check every path; the ones that fail come back as errors, not exceptions."""
+def open_images(
+    paths: Iterable[Path], limits: DecodeLimits | None = None
+) -> tuple[list[ImageFile], list[UnsupportedImage]]:
+    """Open and check every path; the ones that fail come back as errors, not exceptions.
+
+    Parameters
+    ----------
+    paths : iterable of pathlib.Path
+        The files.
+    limits : DecodeLimits, optional
+        Decoded sizes allowed (default: the :class:`DecodeLimits` defaults); a file above them
+        fails with :class:`~node.imaging.source.TooLarge` before anything is decoded.
+    """
     images: list[ImageFile] = []
     failures: list[UnsupportedImage] = []
     for path in paths:
         try:
-            images.append(ImageFile.open(path))
+            images.append(ImageFile.open(path, limits))
         except UnsupportedImage as exc:
             failures.append(exc)
     return images, failures

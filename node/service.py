@@ -31,6 +31,7 @@ from node.config import Config, FolderDestination
 from node.delivery import DeliveryLanes, DispatchedDeliveries
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
+from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import job_store_for
 from node.logsetup import LogSettings
@@ -85,6 +86,8 @@ class NodeService:
             name: sender_for(dest) for name, dest in config.destinations.items()
         }
         self.metrics = Metrics(destinations=config.destinations)
+        #: [node] max_decoded_mb / max_frame_mb, checked at C-STORE, before processing and thumbnails
+        self.decode_limits = DecodeLimits.from_mb(config.node.max_decoded_mb, config.node.max_frame_mb)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -106,6 +109,7 @@ class NodeService:
         self.http = StatusServer(
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
+            decode_limits=self.decode_limits,
             is_alive=self._alive,
             is_ready=lambda: self._ready.is_set() and not self._stop.is_set() and not self._pending,
         )
@@ -149,7 +153,8 @@ class NodeService:
             min_free = node.min_free_disk_mb * 2**20
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
-                                   match_tls_ae_title=tls is not None and tls.match_ae_title)
+                                   match_tls_ae_title=tls is not None and tls.match_ae_title,
+                                   decode_limits=self.decode_limits)
             self._pending = handler.pending
             self._spawn("recorder", self._record_loop)
             if node.port:

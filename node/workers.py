@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Config
+from node.imaging.source import DecodeLimits
 from node.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.logsetup import LogSettings, setup_logging
 from node.process import process_series
@@ -96,6 +97,7 @@ class SeriesProcessor:
         self.jobs = jobs
         self.outputs = outputs
         self.render_threads = render_threads
+        self.decode_limits = DecodeLimits.from_mb(config.node.max_decoded_mb, config.node.max_frame_mb)
         self._report = report or (lambda kind, seconds: None)
 
     def run(self, job: SeriesJob) -> None:
@@ -112,7 +114,7 @@ class SeriesProcessor:
             log.warning("series %s: %s", job.series_uid, reason)
             self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
             return
-        images, failures = open_images(job.instance_paths)
+        images, failures = open_images(job.instance_paths, self.decode_limits)
         for failure in failures:
             log.error("series %s: %s", job.series_uid, failure)
         if not images:

@@ -1374,3 +1374,38 @@ def test_shipped_configs_pass_the_check_of_this_machine(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert load_config(None, check_machine=True).node.data_dir == tmp_path / "var"
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- decode limits
+
+
+def test_decode_limits_default_set_and_shipped(tmp_path: Path) -> None:
+    from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
+
+    default = load_config(None).node
+    assert (default.max_decoded_mb, default.max_frame_mb) == (DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB) == (2048, 256)
+    shipped = load_config(ROOT / "config" / "node.toml").node
+    assert (shipped.max_decoded_mb, shipped.max_frame_mb) == (2048, 256)
+    config = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", "max_decoded_mb = 4096\nmax_frame_mb = 1") + TAIL)
+    assert (config.node.max_decoded_mb, config.node.max_frame_mb) == (4096, 1)
+
+
+DECODE_LIMIT_ERRORS = [
+    ("decoded-zero", "max_decoded_mb = 0 # <-", "node.max_decoded_mb", "must be a whole number >= 1, got 0"),
+    ("decoded-float", "max_decoded_mb = 2048.5 # <-", "node.max_decoded_mb", "must be a whole number >= 1, got 2048.5"),
+    ("decoded-text", 'max_decoded_mb = "2 GB" # <-', "node.max_decoded_mb", 'must be a whole number >= 1, got "2 GB"'),
+    ("frame-negative", "max_frame_mb = -1 # <-", "node.max_frame_mb", "must be a whole number >= 1, got -1"),
+    ("frame-bool", "max_frame_mb = true # <-", "node.max_frame_mb", "must be a whole number >= 1, got true"),
+    ("frame-misspelt", "max_frame_size_mb = 256 # <-", "node.max_frame_size_mb",
+     "unknown key (did you mean 'max_frame_mb'?)"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "message"), [e[1:] for e in DECODE_LIMIT_ERRORS],
+                         ids=[e[0] for e in DECODE_LIMIT_ERRORS])
+def test_decode_limit_errors_name_file_line_and_key(tmp_path: Path, line: str, key: str, message: str) -> None:
+    text = HEAD.replace("settle_seconds = 10.0", f"settle_seconds = 10.0\n{line}") + TAIL
+    error = error_of(tmp_path, text)
+    prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: {key}: "
+    assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
+    assert message in error

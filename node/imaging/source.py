@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +19,129 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, iter_pixels
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["GREY", "MAX_DECODED_BYTES", "ImageFile", "NotDicom", "UnsupportedImage"]
+__all__ = [
+    "DEFAULT_MAX_DECODED_MB", "DEFAULT_MAX_FRAME_MB", "GREY", "DecodeLimits", "ImageFile", "NotDicom", "OverLimit",
+    "TooLarge", "UnsupportedImage", "decoded_frame_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 
-#: Decoded size above which an image is refused before decoding (a corrupt Rows/Columns/Number of
-#: Frames would otherwise ask for terabytes).  Frames are decoded one at a time, so this bounds
-#: what one frame-by-frame pass may produce, not what is held in memory.
-MAX_DECODED_BYTES = 64 * 2**30
+MB = 2**20
+
+#: Default of ``[node] max_decoded_mb``: decoded size of a whole file (all its frames), in MB.
+#: A 1,000-frame 640x480 RGB cine is 879 MB; a 16-bit CT volume of 1,000 512x512 slices 500 MB.
+DEFAULT_MAX_DECODED_MB = 2048
+#: Default of ``[node] max_frame_mb``: decoded size of one frame, in MB (the largest real frames,
+#: digital mammography or scanned film, are 30-100 MB).  Decoding and rendering one frame of this
+#: size peaked at 570-790 MB resident for the whole ``dicom-node process`` (see config/node.toml).
+DEFAULT_MAX_FRAME_MB = 256
+
+
+def decoded_frame_bytes(*, rows: int, columns: int, samples: int = 1, bits: int, photometric: str = "") -> int:
+    """Bytes of one decoded frame: Rows x Columns x Samples per Pixel x Bits Allocated rounded up to
+    whole bytes (1-bit data decodes to a byte a pixel); PALETTE COLOR as the RGB that
+    ``apply_color_lut`` makes of it, counted at 16 bits (its LUTs' 8 or 16, the larger)."""
+    if _is_palette(photometric):
+        samples, bits = 3, 16
+    return rows * columns * samples * ((max(bits, 8) + 7) // 8)
+
+
+def _is_palette(photometric: str) -> bool:
+    return photometric.strip().upper() == "PALETTE COLOR"
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """Why a file is refused before decoding: its decoded size (whole, or of one frame) and the limit.
+
+    Attributes
+    ----------
+    part : str
+        ``"one frame"`` or ``"all frames"``.
+    dimensions : str
+        How the size was computed, e.g. ``Rows 16384 x Columns 16384 x 1 frame x 1 sample x 16 bits``.
+    size, limit : int
+        Decoded bytes, and the limit they are above.
+    setting : str
+        The setting that holds the limit (``[node] max_frame_mb``, or a command-line flag).
+    """
+
+    part: str
+    dimensions: str
+    size: int
+    limit: int
+    setting: str
+
+    def __str__(self) -> str:
+        return (f"decoded size too large: {self.part} of {self.dimensions} is {self.size / MB:,.1f} MB decoded, "
+                f"above the {self.limit / MB:,.0f} MB limit ({self.setting})")
+
+    @property
+    def comment(self) -> str:
+        """At most 64 characters, for a C-STORE reply's Error Comment (0000,0902)."""
+        what = "frame" if self.part == "one frame" else "image"
+        name = self.setting.rsplit(" ", 1)[-1]
+        return f"{what} {self.size / MB:,.0f} MB decoded > {name} {self.limit // MB}"[:64]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How much decoded pixel data a file may ask for; a file above is refused before decoding.
+
+    Decoded size is Rows x Columns x Samples per Pixel x bytes per sample (Bits Allocated rounded
+    up to whole bytes; PALETTE COLOR as the 16-bit RGB it becomes), times Number of Frames for the
+    whole file.  A corrupt or hostile header (an 8 MB RLE file can hold a 512 MB frame) is
+    refused from these numbers alone.
+
+    Attributes
+    ----------
+    max_decoded_bytes : int
+        Limit for all frames of one file: what one frame-by-frame pass produces.
+    max_frame_bytes : int
+        Limit for one frame: decoding and rendering hold a small multiple of it at once.
+    decoded_setting, frame_setting : str
+        How messages name the two limits (the config keys, or the command-line flags).
+    """
+
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_MB * MB
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_MB * MB
+    decoded_setting: str = "[node] max_decoded_mb"
+    frame_setting: str = "[node] max_frame_mb"
+
+    @classmethod
+    def from_mb(cls, max_decoded_mb: int, max_frame_mb: int, **settings: str) -> DecodeLimits:
+        """Limits given in MB (2**20 bytes), as in the config file; *settings* name them for messages."""
+        return cls(int(max_decoded_mb) * MB, int(max_frame_mb) * MB, **settings)
+
+    def check(
+        self, *, rows: int, columns: int, frames: int = 1, samples: int = 1, bits: int, photometric: str = "",
+    ) -> OverLimit | None:
+        """What is over the limits for an image of these dimensions, or None when it fits.
+
+        Parameters
+        ----------
+        rows, columns, frames, samples, bits : int
+            Rows, Columns, Number of Frames, Samples per Pixel and Bits Allocated (all >= 1).
+        photometric : str
+            Photometric Interpretation: PALETTE COLOR is counted as the RGB it decodes to.
+        """
+        frame = decoded_frame_bytes(rows=rows, columns=columns, samples=samples, bits=bits, photometric=photometric)
+        palette = _is_palette(photometric)
+        if palette:
+            samples, bits = 3, 16
+        frames_text = f"{frames} frame{'s' if frames != 1 else ''}"
+        dimensions = (f"Rows {rows} x Columns {columns} x {frames_text} x {samples} sample{'s' if samples != 1 else ''}"
+                      f" x {(max(bits, 8) + 7) // 8 * 8} bits")
+        if palette:
+            dimensions += " (PALETTE COLOR as the RGB it becomes)"
+        if frame * frames > self.max_decoded_bytes:
+            return OverLimit("all frames", dimensions, frame * frames, self.max_decoded_bytes, self.decoded_setting)
+        if frame > self.max_frame_bytes:
+            return OverLimit("one frame", dimensions, frame, self.max_frame_bytes, self.frame_setting)
+        return None
 
 
 class UnsupportedImage(Exception):
@@ -45,6 +157,14 @@ class NotDicom(UnsupportedImage):
     """A file that is not DICOM at all (a README beside the images): skipped, not failed."""
 
 
+class TooLarge(UnsupportedImage):
+    """A file whose header asks for more decoded pixel data than the limits allow (never decoded)."""
+
+    def __init__(self, path: str | os.PathLike, over: OverLimit) -> None:
+        super().__init__(path, str(over))
+        self.over = over
+
+
 @dataclass
 class ImageFile:
     """A checked DICOM image file: its header (no pixel data) and how to read its frames.
@@ -58,6 +178,14 @@ class ImageFile:
     photometric: str
 
     @property
+    def frame_bytes(self) -> int:
+        """Bytes of one decoded frame (:func:`decoded_frame_bytes` of the checked header)."""
+        header = self.header
+        return decoded_frame_bytes(rows=int(header.Rows), columns=int(header.Columns),
+                                   samples=int(header.get("SamplesPerPixel") or 1), bits=int(header.BitsAllocated),
+                                   photometric=self.photometric)
+
+    @property
     def is_grey(self) -> bool:
         """MONOCHROME1 or MONOCHROME2."""
         return self.photometric in GREY
@@ -68,26 +196,38 @@ class ImageFile:
         return self.photometric == "MONOCHROME1"
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ImageFile:
-        """Read and check the header of *path*.
+    def open(cls, path: str | os.PathLike, limits: DecodeLimits | None = None) -> ImageFile:
+        """Read and check the header of *path* (Pixel Data is not read).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file.
+        limits : DecodeLimits, optional
+            Decoded sizes allowed (default: :class:`DecodeLimits` defaults).
 
         Raises
         ------
+        TooLarge
+            The header asks for more decoded pixel data than *limits* allow.
         UnsupportedImage
             Unreadable file, no pixel data, an unsupported pixel module, or pixel data shorter
             than Rows x Columns x Frames x Samples x Bits Allocated say.
         """
         path = Path(path)
+        limits = limits or DecodeLimits()
         header = _read_header(path)
-        photometric = _check_pixel_module(path, header)
+        photometric = _check_pixel_module(path, header, limits)
         frames = _int_attr(path, header, "NumberOfFrames", 1)
         return cls(path=path, header=header, number_of_frames=frames, photometric=photometric)
 
-    def iter_frames(self) -> Iterator[np.ndarray]:
-        """Yield the decoded frames one at a time.
+    def iter_frames(self, indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Yield the decoded frames one at a time (only those of *indices*, 0-based, if given).
 
         Grey frames are (rows, columns) stored values; colour frames are (rows, columns, 3) RGB
-        (YBR converted by pydicom, PALETTE COLOR expanded through its lookup table).
+        (YBR converted by pydicom, PALETTE COLOR expanded through its lookup table).  Each frame
+        is decoded when it is asked for and only it is held (uncompressed Pixel Data is read
+        from the file a frame at a time, encapsulated Pixel Data a fragment at a time).
 
         Raises
         ------
@@ -95,26 +235,32 @@ class ImageFile:
             If the pixel data cannot be decoded (missing decoder, truncated or corrupt data).
         """
         try:
-            for arr in self._decoded_frames():
+            for arr in self._decoded_frames(indices):
                 if self.photometric == "PALETTE COLOR":
                     arr = apply_color_lut(arr, self.header)
                 yield arr
         except UnsupportedImage:
             raise
-        except Exception as exc:  # pydicom raises many types for bad pixel data
+        except BaseException as exc:  # pydicom raises many types for bad pixel data
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise  # KeyboardInterrupt, SystemExit, GeneratorExit
+            # PanicException: a Rust decoder (pylibjpeg-rle) that panics on data longer than
+            # the header says raises this BaseException; it must fail the file, not the worker.
             ts = self.header.file_meta.get("TransferSyntaxUID", "unknown")
             raise UnsupportedImage(
                 self.path, f"cannot decode pixel data ({ts.name if hasattr(ts, 'name') else ts}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def _decoded_frames(self) -> Iterator[np.ndarray]:
+    def _decoded_frames(self, indices: Sequence[int] | None) -> Iterator[np.ndarray]:
         if self.header.get("_node_no_file_meta"):
+            # old archives' bare data sets (single frames in practice) are read whole: pydicom's
+            # frame-by-frame file reading assumes the Part 10 layout
             ds = pydicom.dcmread(self.path, force=True)
             ds.file_meta = self.header.file_meta
-            yield from iter_pixels(ds)
+            yield from iter_pixels(ds, indices=indices)
         else:
-            yield from iter_pixels(self.path)
+            yield from iter_pixels(self.path, indices=indices)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -156,8 +302,8 @@ def _read_without_preamble(path: Path) -> Dataset:
     return ds
 
 
-def _check_pixel_module(path: Path, ds: Dataset) -> str:
-    """Check the Image Pixel module against the pixel data, before decoding anything."""
+def _check_pixel_module(path: Path, ds: Dataset, limits: DecodeLimits) -> str:
+    """Check the Image Pixel module against the pixel data and *limits*, before decoding anything."""
     if "PixelData" not in ds:
         other = [kw for kw in ("FloatPixelData", "DoubleFloatPixelData") if kw in ds]
         if other:
@@ -184,12 +330,10 @@ def _check_pixel_module(path: Path, ds: Dataset) -> str:
     samples = _int_attr(path, ds, "SamplesPerPixel", 1)
     if min(rows, columns, frames, samples) < 1:
         raise UnsupportedImage(path, f"empty image: Rows {rows}, Columns {columns}, Number of Frames {frames}")
-    decoded = rows * columns * frames * samples * max(bits, 8) // 8
-    if decoded > MAX_DECODED_BYTES:
-        raise UnsupportedImage(
-            path, f"Rows {rows} x Columns {columns} x Number of Frames {frames} x {samples} samples "
-            f"x {bits} bits is {decoded / 2**30:.0f} GiB decoded, above the {MAX_DECODED_BYTES // 2**30} GiB limit"
-        )
+    over = limits.check(rows=rows, columns=columns, frames=frames, samples=samples, bits=bits,
+                        photometric=photometric)
+    if over is not None:
+        raise TooLarge(path, over)
     ts = ds.file_meta.get("TransferSyntaxUID")
     if ts is not None and not ts.is_compressed:
         expected = (rows * columns * frames * samples * bits + 7) // 8
