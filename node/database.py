@@ -25,6 +25,7 @@ newer one (written by a later dicom-node) is refused with a message saying so.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import threading
@@ -34,7 +35,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["Database", "DatabaseError", "PostgresDatabase", "Row", "SqliteDatabase", "describe_url"]
+__all__ = [
+    "Database", "DatabaseError", "PostgresDatabase", "Row", "SqliteDatabase", "describe_url", "unavailable",
+]
 
 #: The advisory lock key every job store write transaction takes on PostgreSQL ("dnod").
 WRITE_LOCK_KEY = 0x646E6F64
@@ -228,9 +231,35 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresDatabase]:
-        with self.lock, self._connection().transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-            yield self
+        with self.lock:
+            with self._begin():
+                yield self
+
+    @contextmanager
+    def _begin(self) -> Iterator[None]:
+        """BEGIN and the write lock; a connection the server dropped meanwhile (a restart) is made again
+        once, before anything of the transaction was sent, so nothing is done twice."""
+        for attempt in (1, 2):
+            import psycopg
+
+            transaction = self._connection().transaction()
+            try:
+                transaction.__enter__()
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+            except psycopg.OperationalError:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                if attempt == 2:
+                    raise
+                continue
+            break
+        try:
+            yield
+        except BaseException as exc:
+            if not transaction.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            transaction.__exit__(None, None, None)
 
     @property
     def connection(self) -> Any:
@@ -256,3 +285,12 @@ class PostgresDatabase:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether *exc* says the job store cannot be reached or used now (not a bug): for quieter logs."""
+    if isinstance(exc, DatabaseError | OSError | sqlite3.OperationalError):
+        return True
+    import psycopg
+
+    return isinstance(exc, psycopg.OperationalError)

@@ -47,6 +47,9 @@ from typing import Any
 import procrastinate
 import psycopg
 
+from node.database import DatabaseError
+from node.logsetup import Throttle
+
 __all__ = [
     "DELIVER", "MAINTAIN", "MAINTENANCE_QUEUE", "PROCESS", "PROCESS_QUEUE", "Dispatcher", "ResilientConnector",
     "TaskHandlers", "WorkerTiming", "build_app", "delivery_queue", "ensure_schema", "maintenance", "retry_stalled",
@@ -77,12 +80,18 @@ class ResilientConnector(procrastinate.PsycopgConnector):
     polling (``fetch_job_polling_interval``) until LISTEN is back.
     """
 
+    _lost = Throttle(60.0)
+
     async def listen_notify(self, on_notification: Any, channels: Any) -> None:
         while True:
             try:
                 await super().listen_notify(on_notification=on_notification, channels=channels)
             except procrastinate.exceptions.ConnectorException as exc:
-                log.warning("job queue: LISTEN lost (%s); listening again in 1 s", exc.__cause__ or exc)
+                held = self._lost.ready()
+                if held is not None:
+                    log.warning("job queue: the database connection is lost (%s); trying again every second "
+                                "meanwhile%s", _first_line(exc.__cause__ or exc),
+                                f" ({held} tries since the last line)" if held else "")
                 await asyncio.sleep(1.0)
 
 
@@ -93,6 +102,12 @@ class TaskHandlers:
     process_series: Callable[[int, int], None]
     deliver: Callable[[int, int], None]
     maintain: Callable[[procrastinate.App], Any] | None = None
+
+
+#: A job that met the database away (restarting, unreachable) is run again later; any other failure
+#: is recorded in the job store by the task itself, so the job ends there.
+_DATABASE_AWAY = procrastinate.RetryStrategy(max_attempts=10, wait=2, linear_wait=2,
+                                             retry_exceptions={DatabaseError, psycopg.OperationalError})
 
 
 def _not_here(*_: Any) -> None:
@@ -116,18 +131,18 @@ def build_app(url: str, password: str | None, *, handlers: TaskHandlers | None =
     app = procrastinate.App(connector=ResilientConnector(conninfo=url, kwargs=kwargs, min_size=1, max_size=4))
     chosen = handlers or TaskHandlers(_not_here, _not_here)
 
-    @app.task(name=PROCESS, queue=PROCESS_QUEUE, pass_context=True)
+    @app.task(name=PROCESS, queue=PROCESS_QUEUE, pass_context=True, retry=_DATABASE_AWAY)
     def process_series(context: procrastinate.JobContext, series_id: int) -> None:
         chosen.process_series(series_id, context.job.id)
 
-    @app.task(name=DELIVER, pass_context=True)
+    @app.task(name=DELIVER, pass_context=True, retry=_DATABASE_AWAY)
     def deliver(context: procrastinate.JobContext, delivery_id: int) -> None:
         chosen.deliver(delivery_id, context.job.id)
 
     if chosen.maintain is not None:
         maintain_fn = chosen.maintain
 
-        @app.periodic(cron=f"*/{maintain_every_seconds} * * * * *", periodic_id="maintain")
+        @app.periodic(cron=f"* * * * * */{maintain_every_seconds}", periodic_id="maintain")  # seconds: last
         @app.task(name=MAINTAIN, queue=MAINTENANCE_QUEUE, queueing_lock=MAINTAIN, pass_context=True)
         async def maintain(context: procrastinate.JobContext, timestamp: int) -> None:
             await maintain_fn(app)
@@ -149,14 +164,14 @@ def ensure_schema(connection: psycopg.Connection) -> bool:
 class Dispatcher:
     """Defers the node's jobs inside the job store's transactions (PostgreSQL only).
 
-    Parameters
-    ----------
-    app : procrastinate.App
-        An app with the node's tasks (it need not be opened: jobs go through the given connection).
+    Its own app has a synchronous connector and is never opened: every job goes through the
+    connection of the transaction (an app whose connector is asynchronous, as a worker's is,
+    cannot defer on a synchronous connection; and one app cannot serve a worker's event loop and
+    other threads at once).
     """
 
-    def __init__(self, app: procrastinate.App) -> None:
-        self.app = app
+    def __init__(self) -> None:
+        self.app = procrastinate.App(connector=procrastinate.SyncPsycopgConnector())
 
     def series_queued(self, connection: psycopg.Connection, series_id: int) -> None:
         """Defer the processing of a series that just became ``queued``."""
@@ -298,3 +313,7 @@ def maintenance(jobs: Any, stalled_seconds: float) -> Callable[[procrastinate.Ap
             log.info("job queue: %d jobs of stalled workers retried", retried)
 
     return maintain
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

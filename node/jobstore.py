@@ -1117,12 +1117,12 @@ class JobStore:
                        (key, json.dumps(value)))
 
 
-def open_job_store(url: str | None, data_dir: Path, *, password: str | None = None, clock: Any = time.time,
-                   app: Any = None) -> JobStore:
+def open_job_store(url: str | None, data_dir: Path, *, password: str | None = None, clock: Any = time.time
+                   ) -> JobStore:
     """The job store a configuration names: PostgreSQL at *url*, else SQLite ``data_dir/jobs.sqlite``.
 
-    On PostgreSQL, Procrastinate's schema is applied when missing and state changes defer their
-    jobs (:mod:`node.dispatch`) through *app* (a deferring-only app when None).
+    On PostgreSQL, Procrastinate's schema is applied when missing, and state changes defer their
+    jobs in the same transaction (:mod:`node.dispatch`).
 
     Raises
     ------
@@ -1132,7 +1132,7 @@ def open_job_store(url: str | None, data_dir: Path, *, password: str | None = No
     """
     if url is None:
         return JobStore(data_dir / "jobs.sqlite", clock=clock)
-    from node.dispatch import Dispatcher, build_app, ensure_schema
+    from node.dispatch import Dispatcher, ensure_schema
 
     database = PostgresDatabase(url, password=password)
     try:
@@ -1140,9 +1140,9 @@ def open_job_store(url: str | None, data_dir: Path, *, password: str | None = No
     except Exception as exc:
         database.close()
         raise DatabaseError(f"cannot prepare the job queue in {database!r}: {exc}") from None
-    return JobStore(database, clock=clock, dispatcher=Dispatcher(app or build_app(url, password)))
+    return JobStore(database, clock=clock, dispatcher=Dispatcher())
 
 
-def job_store_for(config: Config, *, app: Any = None) -> JobStore:
+def job_store_for(config: Config) -> JobStore:
     """The job store of *config* (``[store]``, else SQLite in ``[node] data_dir``); see :func:`open_job_store`."""
-    return open_job_store(config.store.url, config.node.data_dir, password=config.store.password(), app=app)
+    return open_job_store(config.store.url, config.node.data_dir, password=config.store.password())

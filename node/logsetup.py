@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["LogSettings", "setup_logging"]
+__all__ = ["LogSettings", "Throttle", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -69,5 +72,39 @@ def setup_logging(settings: LogSettings) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request
         logging.getLogger("retrying").setLevel(logging.ERROR)  # a traceback per failed request otherwise
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)  # a line per job; ours say what matters
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # a line per reconnection try; ours say it once
     # pydicom both logs and warns about damaged files; its log line is the one we keep.
     warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+
+
+class Throttle:
+    """Whether a message that repeats (a database away, a lost connection) may be logged now.
+
+    At most once every *seconds* per key; the calls in between are counted, so the next line can
+    say how many were held back.  Thread-safe.
+    """
+
+    def __init__(self, seconds: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def ready(self, key: str = "") -> int | None:
+        """None when the message is held back; else how many were held back since the last one."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.seconds:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def reset(self, key: str = "") -> bool:
+        """Forget *key* (the trouble is over); True when it had been logged."""
+        with self._lock:
+            self._held.pop(key, None)
+            return self._last.pop(key, None) is not None

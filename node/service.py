@@ -28,13 +28,14 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
+from node.database import unavailable
 from node.delivery import DeliveryLanes, DispatchedDeliveries
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
 from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import job_store_for
-from node.logsetup import LogSettings
+from node.logsetup import LogSettings, Throttle
 from node.metrics import Metrics
 from node.netutil import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.poller import DicomWebPoller, schedule
@@ -96,6 +97,8 @@ class NodeService:
         # TLS files are checked now: a ConfigError before anything starts
         self._tls_context = server_context(config.tls) if config.tls is not None else None
         self._pending: PendingRecords | list = []  # the SCP's instances waiting for the job store
+        self._store_ok = True  # the assembler's last use of the job store worked (for /readyz)
+        self._store_trouble = Throttle(60.0)
         self.workers = WorkerPool(config, self.jobs, count=config.node.workers,
                                   log_settings=log_settings or LogSettings(), on_report=self._worker_report)
         lanes = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
@@ -111,7 +114,8 @@ class NodeService:
             outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
             decode_limits=self.decode_limits,
             is_alive=self._alive,
-            is_ready=lambda: self._ready.is_set() and not self._stop.is_set() and not self._pending,
+            is_ready=lambda: (self._ready.is_set() and not self._stop.is_set() and not self._pending
+                              and self._store_ok),
         )
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -277,9 +281,18 @@ class NodeService:
                     node.settle_seconds, study_settle_seconds=node.study_settle_seconds,
                     force_complete_seconds=node.force_complete_seconds, trigger_of=self._trigger_of,
                 )
-            except Exception:
-                log.exception("series assembly failed; retrying")
+            except Exception as exc:  # the store away (or a bug): said once a minute, tried again
+                self._store_ok = False
+                held = self._store_trouble.ready("assembly")
+                if held is not None:
+                    log.error("series assembly: the job store cannot be used (%s); trying again every %.2g s%s",
+                              _first_line(exc), interval, f" ({held} failures since the last line)" if held else "",
+                              exc_info=not unavailable(exc))
                 continue
+            if not self._store_ok:
+                log.warning("series assembly: the job store answers again")
+                self._store_ok = True
+                self._store_trouble.reset("assembly")
             for why in sorted(set(ready.values())):
                 log.info("%d series queued: %s", sum(1 for w in ready.values() if w == why), why)
 
@@ -353,3 +366,7 @@ def _remove_empty_parents(folder: Path, root: Path) -> None:
         except OSError:
             return
         folder = folder.parent
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -238,7 +238,7 @@ def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
         raise RuntimeError(f"{spec.name} processes series only: job {job_id} (delivery {delivery_id}) is not ours")
 
     app = build_app(store.url, store.password(), handlers=TaskHandlers(process_series, deliver))
-    jobs = holder["jobs"] = job_store_for(spec.config, app=app)
+    jobs = holder["jobs"] = job_store_for(spec.config)
     holder["processor"] = _processor(spec, jobs, conn)
     stop = threading.Event()
     threading.Thread(target=_wait_for_stop, args=(conn, stop), name="stop-watch", daemon=True).start()

@@ -22,7 +22,7 @@ class NodeProcess:
     """``dicom-node serve --config FILE`` in its own process group, logging to a file."""
 
     def __init__(self, config_text: str, workdir: Path, *, ae_title: str = "DICOMNODE", port: int,
-                 code_root: Path = ROOT) -> None:
+                 code_root: Path = ROOT, args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.code_root = code_root  # the checkout whose node runs (benchmarks compare two)
         self.config_path = workdir / "node.toml"
@@ -30,14 +30,21 @@ class NodeProcess:
         self.log_path = workdir / "node.log"
         self.ae_title = ae_title
         self.port = port
+        self.args = args  # more arguments of serve (--role worker)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> NodeProcess:
         """Start and wait until it answers C-ECHO."""
+        return self.start_without_echo(
+            lambda: echoscu("127.0.0.1", self.port, called_aet=self.ae_title).returncode == 0, timeout,
+            "answer C-ECHO")
+
+    def start_without_echo(self, ready: Callable[[], bool], timeout: float = 30, what: str = "get ready") -> NodeProcess:
+        """Start and wait until *ready()* (a node without a DICOM listener: a worker)."""
         env = dict(os.environ, PYTHONPATH=str(self.code_root))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
         )
         log.close()
@@ -45,11 +52,11 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dicom-node exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if echoscu("127.0.0.1", self.port, called_aet=self.ae_title).returncode == 0:
+            if ready():
                 return self
             time.sleep(0.2)
         self.kill()  # never leave a node behind that the caller's "with" will not stop
-        raise RuntimeError(f"dicom-node did not answer C-ECHO in {timeout} s:\n{self.log()[-3000:]}")
+        raise RuntimeError(f"dicom-node did not {what} in {timeout} s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
         """Everything the node logged so far."""
