@@ -103,12 +103,16 @@ destinations = ["hung", "out"]
 """
 
 
-def test_a_hung_destination_delays_no_other(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_hung_destination_delays_no_other(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
     port, http = free_port(), free_port()
     out = tmp_path / "out"
+    tables = LANES
+    if store == "postgresql":  # deliveries are Procrastinate jobs, one queue per destination
+        tables = f'[store]\nurl = "{request.getfixturevalue("postgres").new_database()}"\n' + LANES
     with silent_listener() as hung_port:
         config = node_config(tmp_path / "var", port, http_port=http, settle=0.5,
-                             extra=LANES.format(hung_port=hung_port, out=out))
+                             extra=tables.format(hung_port=hung_port, out=out))
         with NodeProcess(config, tmp_path, port=port) as node:
             for name in ("a", "b"):  # b arrives while the hung lane still waits on a
                 files = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / name)
