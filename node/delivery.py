@@ -165,11 +165,14 @@ class DispatchedDeliveries:
         Does the sending and recording (its own threads are not started).
     store : StoreSettings
         The database, and how long a silent worker is taken for dead.
+    shared : Path
+        ``shared_dir``: no delivery is taken while this machine cannot use it (not mounted here).
     """
 
-    def __init__(self, lanes: DeliveryLanes, store: StoreSettings) -> None:
+    def __init__(self, lanes: DeliveryLanes, store: StoreSettings, shared: Path) -> None:
         self.lanes = lanes
         self.store = store
+        self.shared = shared
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,6 +181,7 @@ class DispatchedDeliveries:
         from node.dispatch import (
             MAINTENANCE_QUEUE, TaskHandlers, WorkerTiming, build_app, delivery_queue, maintenance, run_workers,
         )
+        from node.workers import shared_dir_problem
 
         jobs = self.lanes.jobs
         timing = WorkerTiming(self.store.stalled_seconds)
@@ -189,7 +193,8 @@ class DispatchedDeliveries:
             concurrency.setdefault(name, 1)
         queues = {delivery_queue(name): slots for name, slots in concurrency.items()} | {MAINTENANCE_QUEUE: 1}
         self._thread = threading.Thread(target=run_workers, args=(app, queues), name="deliveries", daemon=True,
-                                        kwargs={"name": "deliveries", "timing": timing, "stop": self._stop})
+                                        kwargs={"name": "deliveries", "timing": timing, "stop": self._stop,
+                                                "problem": lambda: shared_dir_problem(self.shared)})
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:

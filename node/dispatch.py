@@ -104,10 +104,11 @@ class TaskHandlers:
     maintain: Callable[[procrastinate.App], Any] | None = None
 
 
-#: A job that met the database away (restarting, unreachable) is run again later; any other failure
-#: is recorded in the job store by the task itself, so the job ends there.
+#: A job that met the database away (restarting, unreachable) or a shared_dir this machine cannot use
+#: is run again later, by any worker; any other failure is recorded in the job store by the task
+#: itself, so the job ends there.
 _DATABASE_AWAY = procrastinate.RetryStrategy(max_attempts=10, wait=2, linear_wait=2,
-                                             retry_exceptions={DatabaseError, psycopg.OperationalError})
+                                             retry_exceptions={DatabaseError, psycopg.OperationalError, OSError})
 
 
 def _not_here(*_: Any) -> None:
@@ -262,8 +263,11 @@ class WorkerTiming:
 
 
 def run_workers(app: procrastinate.App, queues: dict[str, int], *, name: str, timing: WorkerTiming,
-                stop: threading.Event) -> None:
+                stop: threading.Event, problem: Callable[[], str | None] = lambda: None) -> None:
     """Work *queues* (queue name: concurrency) in this thread's own event loop until *stop* is set.
+
+    No job is taken while *problem()* says what keeps this process from doing them (a shared
+    folder not mounted here): they wait for another worker, and this one looks again every 5 s.
 
     One Procrastinate worker per queue, so a queue whose jobs hang (a destination that never
     answers) holds only its own slots.  Synchronous tasks run in this loop's thread pool, sized to
@@ -283,6 +287,8 @@ def run_workers(app: procrastinate.App, queues: dict[str, int], *, name: str, ti
                 await asyncio.sleep(2.0)
 
     async def main() -> None:
+        if not await asyncio.to_thread(_wait_until_fit, problem, stop, name):
+            return
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(max_workers=sum(queues.values()) + 2,
                                                      thread_name_prefix=name))
@@ -317,3 +323,14 @@ def maintenance(jobs: Any, stalled_seconds: float) -> Callable[[procrastinate.Ap
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _wait_until_fit(problem: Callable[[], str | None], stop: threading.Event, name: str) -> bool:
+    """Wait until *problem()* is None (True) or *stop* is set (False), saying why once a minute."""
+    throttle = Throttle(60.0)
+    while (why := problem()) is not None:
+        if throttle.ready() is not None:
+            log.error("%s takes no job: %s", name, why)
+        if stop.wait(5.0):
+            return False
+    return not stop.is_set()

@@ -43,7 +43,7 @@ from node.recording import PendingRecords
 from node.senders import Sender, sender_for
 from node.spool import Spool
 from node.tls import check_certificate_expiry, server_context, start_tls_server
-from node.workers import PROCESSED, WorkerPool
+from node.workers import PROCESSED, WorkerPool, shared_dir_problem
 
 __all__ = ["NodeService"]
 
@@ -80,7 +80,9 @@ class NodeService:
         self.receives = role in ("all", "receiver")
         self.works = role in ("all", "worker")
         shared = config.node.shared
-        self.spool = Spool(shared / "spool")
+        spool_root = shared / "spool"
+        # only a receiver makes the spool: a worker that finds none is looking at an unmounted share
+        self.spool: Spool = Spool(spool_root) if self.receives else None  # type: ignore[assignment]
         self.outputs = shared / "outputs"
         self.jobs = job_store_for(config)
         self.senders: dict[str, Sender] = {
@@ -103,19 +105,18 @@ class NodeService:
                                   log_settings=log_settings or LogSettings(), on_report=self._worker_report)
         lanes = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
         self.deliveries: DeliveryLanes | DispatchedDeliveries = (
-            lanes if config.store.url is None else DispatchedDeliveries(lanes, config.store))
+            lanes if config.store.url is None else DispatchedDeliveries(lanes, config.store, config.node.shared))
         self.pollers = [
             DicomWebPoller(source, spool=self.spool, jobs=self.jobs, pipeline_names=config.pipelines)
-            for source in config.sources.values()
+            for source in config.sources.values() if self.receives
         ]
         self._scheduler = BackgroundScheduler() if self.pollers else None
         self.http = StatusServer(
             host=config.http.host, port=config.http.port, jobs=self.jobs, metrics=self.metrics,
-            outputs_dir=self.outputs, spool_dir=self.spool.root, pipelines=config.pipelines,
+            outputs_dir=self.outputs, spool_dir=spool_root, pipelines=config.pipelines,
             decode_limits=self.decode_limits,
             is_alive=self._alive,
-            is_ready=lambda: (self._ready.is_set() and not self._stop.is_set() and not self._pending
-                              and self._store_ok),
+            is_ready=self._is_ready,
         )
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -175,6 +176,10 @@ class NodeService:
 
     def _start_working(self) -> None:
         """The worker processes and the deliveries."""
+        problem = shared_dir_problem(self.config.node.shared)
+        if problem is not None:  # its jobs wait for another worker; /readyz says not ready until it is fixed
+            self._store_trouble.ready("shared_dir")
+            log.error("not ready: %s", problem)
         for destination in self.config.destinations.values():
             if isinstance(destination, FolderDestination):
                 try:
@@ -225,6 +230,19 @@ class NodeService:
         """For /healthz: every thread, the worker supervisor and the delivery lanes run."""
         return (not self._stop.is_set() and all(t.is_alive() for t in self._threads)
                 and (not self.works or (self.workers.alive() and self.deliveries.alive())))
+
+    def _is_ready(self) -> bool:
+        """For /readyz: started, the job store answering, nothing waiting to be recorded, and (a worker)
+        the shared folder usable."""
+        if not self._ready.is_set() or self._stop.is_set() or self._pending or not self._store_ok:
+            return False
+        if self.works:
+            problem = shared_dir_problem(self.config.node.shared)
+            if problem is not None:
+                if self._store_trouble.ready("shared_dir") is not None:
+                    log.error("not ready: %s", problem)
+                return False
+        return True
 
     def _worker_report(self, kind: str, seconds: float) -> None:
         """A worker processed (or failed) a series: count it; deliver what is due at once."""

@@ -157,6 +157,29 @@ class SeriesProcessor:
         self.jobs.set_outcome(job, SeriesState.FAILED, reason)
 
 
+class SharedDirUnavailable(OSError):
+    """This machine cannot use ``shared_dir`` (a missing mount, permissions): its jobs wait for another worker."""
+
+
+def shared_dir_problem(shared: Path) -> str | None:
+    """What keeps this process from reading the spool and writing outputs under *shared* (None: nothing).
+
+    The spool is never created here: a worker whose ``shared_dir`` holds no spool is looking at an
+    empty mount point (the share not mounted), and must not take series whose files it cannot see.
+    """
+    spool, outputs = shared / "spool", shared / "outputs"
+    if not spool.is_dir():
+        return f"shared_dir {shared} has no spool folder (is the share mounted on this machine?)"
+    try:
+        outputs.mkdir(exist_ok=True)
+    except OSError as exc:
+        return f"shared_dir {shared}: cannot create {outputs}: {exc.strerror or exc}"
+    for folder in (spool, outputs):
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            return f"shared_dir {shared}: {folder} is not readable and writable by this user"
+    return None
+
+
 # -- the worker process ---------------------------------------------------------------------------
 
 
@@ -226,6 +249,9 @@ def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
     holder: dict[str, Any] = {}
 
     def process_series(series_id: int, job_id: int) -> None:
+        problem = shared_dir_problem(spec.config.node.shared)
+        if problem is not None:  # the job goes back to the queue (retried later, by any worker)
+            raise SharedDirUnavailable(f"{spec.name}: {problem}: series id {series_id} left queued")
         job = holder["jobs"].claim(series_id, f"job:{job_id}", max_attempts=spec.config.node.max_processing_attempts)
         if job is None:
             log.debug("series id %d: no longer queued; job %d does nothing", series_id, job_id)
@@ -243,7 +269,8 @@ def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
     stop = threading.Event()
     threading.Thread(target=_wait_for_stop, args=(conn, stop), name="stop-watch", daemon=True).start()
     try:
-        run_workers(app, {PROCESS_QUEUE: 1}, name=spec.name, timing=WorkerTiming(store.stalled_seconds), stop=stop)
+        run_workers(app, {PROCESS_QUEUE: 1}, name=spec.name, timing=WorkerTiming(store.stalled_seconds), stop=stop,
+                    problem=lambda: shared_dir_problem(spec.config.node.shared))
     finally:
         jobs.close()
 

@@ -206,3 +206,39 @@ def test_postgresql_away_for_10_seconds_during_a_push(site: Site, tmp_path: Path
     assert sorted(counts.values()) == [3, 3, 5]
     assert processed_by(worker) == {before, during, after}
     assert receiver.alive() and worker.alive()
+
+
+def test_a_worker_without_the_shared_folder_leaves_the_series_to_another(site: Site, tmp_path: Path) -> None:
+    port, http = free_port(), free_port()
+    site.start("receiver", "receiver", port=port)
+    unmounted = Site(tmp_path / "elsewhere", site.url, site.orthanc)  # an empty mount point: no spool
+    unmounted.shared.mkdir(parents=True)
+    try:
+        lost = unmounted.start("lost", "worker", http_port=http)
+        wait_for(lambda: "has no spool folder (is the share mounted on this machine?)" in lost.log(), 30,
+                 "the worker saying why it is not ready", lost.log)
+        assert __import__("requests").get(f"http://127.0.0.1:{http}/readyz", timeout=5).status_code == 503
+        source = push_series(tmp_path, "s", port)
+        good = site.start("good", "worker")
+        wait_for(lambda: len(derived_in_orthanc(site.orthanc)) == 1, 90, "the series delivered by the good worker",
+                 lambda: lost.log()[-2000:] + good.log()[-2000:])
+        assert processed_by(good) == {source} and not processed_by(lost)
+        assert "failed" not in (lost.log() + good.log()).lower().replace("failed: 0", "")
+    finally:
+        unmounted.stop()
+
+
+def test_serve_without_its_database_says_where_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nport = {free_port()}\n[http]\nport = {free_port()}\n'
+                      f'[store]\nurl = "postgresql://node@127.0.0.1:{port}/dicomnode"\npassword_env = "TEST_DB_PW"\n')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TEST_DB_PW="s3cret-pw")
+    result = __import__("subprocess").run(
+        [__import__("sys").executable, "-m", "node.cli", "serve", "--config", str(config), "--role", "worker"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr  # the config line, then why
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/dicomnode" in lines[-1]
+    assert "s3cret-pw" not in result.stderr
