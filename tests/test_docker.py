@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from node.config import load_config
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
@@ -27,3 +29,19 @@ def test_the_image_config_is_valid_and_wired_to_orthanc() -> None:
     assert orthanc["DicomModalities"]["node"][0] == config.node.ae_title
     assert orthanc["DicomModalities"]["node"][2] == config.node.port
     assert "11112:11112" in (DOCKER / "compose.yaml").read_text()
+
+
+def test_compose_scales_workers_over_postgresql_with_the_password_from_the_environment() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    config = load_config(DOCKER / "node.toml")
+    assert config.store.url == "postgresql://node@postgres:5432/dicomnode" and config.node.shared_dir == Path("/shared")
+    database = services["postgres"]["environment"]
+    assert (database["POSTGRES_USER"], database["POSTGRES_DB"]) == ("node", "dicomnode")
+    for name, role in (("dicom-node", "receiver"), ("worker", "worker")):
+        service = services[name]
+        assert service["command"][-2:] == ["--role", role]
+        assert "shared:/shared" in service["volumes"] and "ports" not in service or name == "dicom-node"
+        password = service["environment"][config.store.password_env]
+        assert password.startswith("${DICOM_NODE_DB_PASSWORD:?") and password == database["POSTGRES_PASSWORD"]
+    assert "node-data:/data" not in services["worker"]["volumes"]  # each worker its own data_dir
