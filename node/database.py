@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from node.logsetup import first_line
+
 __all__ = [
     "Database", "DatabaseError", "PostgresDatabase", "Row", "SqliteDatabase", "describe_url", "unavailable",
 ]
@@ -206,7 +208,7 @@ class PostgresDatabase:
                                    row_factory=_row_factory, **extra)
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot connect to PostgreSQL at {describe_url(self.url)}: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
 
     def _connection(self) -> Any:
         """The connection, made again when the server closed it (a restart, a network cut).
@@ -281,10 +283,6 @@ class PostgresDatabase:
     def close(self) -> None:
         with self.lock:
             self._db.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def unavailable(exc: BaseException) -> bool:

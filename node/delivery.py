@@ -185,9 +185,8 @@ class DispatchedDeliveries:
 
         jobs = self.lanes.jobs
         timing = WorkerTiming(self.store.stalled_seconds)
-        handlers = TaskHandlers(process_series=self._not_here, deliver=self._deliver,
-                                maintain=maintenance(jobs, timing.stalled_seconds))
-        app = build_app(self.store.url, self.store.password(), handlers=handlers)
+        handlers = TaskHandlers(deliver=self._deliver, maintain=maintenance(jobs, timing.stalled_seconds))
+        app = build_app(self.store.url, self.store.password(), handlers)
         concurrency = {name: d.concurrency for name, d in self.lanes.destinations.items()}
         for name in jobs.pending_delivery_destinations():  # no longer configured: failed at once
             concurrency.setdefault(name, 1)
@@ -216,7 +215,3 @@ class DispatchedDeliveries:
             log.debug("delivery %d: no longer pending; job %d does nothing", delivery_id, job_id)
             return
         self.lanes.deliver(delivery)
-
-    @staticmethod
-    def _not_here(series_id: int, job_id: int) -> None:
-        raise RuntimeError(f"job {job_id} (series {series_id}) belongs to a worker process")

@@ -48,7 +48,7 @@ import procrastinate
 import psycopg
 
 from node.database import DatabaseError
-from node.logsetup import Throttle
+from node.logsetup import Throttle, first_line
 
 __all__ = [
     "DELIVER", "MAINTAIN", "MAINTENANCE_QUEUE", "PROCESS", "PROCESS_QUEUE", "Dispatcher", "ResilientConnector",
@@ -90,58 +90,55 @@ class ResilientConnector(procrastinate.PsycopgConnector):
                 held = self._lost.ready()
                 if held is not None:
                     log.warning("job queue: the database connection is lost (%s); trying again every second "
-                                "meanwhile%s", _first_line(exc.__cause__ or exc),
+                                "meanwhile%s", first_line(exc.__cause__ or exc),
                                 f" ({held} tries since the last line)" if held else "")
                 await asyncio.sleep(1.0)
 
 
 @dataclass(frozen=True)
 class TaskHandlers:
-    """What a worker does with each task (bound to its job store, pipeline runner and senders)."""
+    """What a worker does with the tasks it runs (bound to its job store, pipeline runner, senders).
 
-    process_series: Callable[[int, int], None]
-    deliver: Callable[[int, int], None]
+    A task without a handler is not registered: the app does not run it (jobs are still deferred
+    to it by name, by :class:`Dispatcher`).
+    """
+
+    process_series: Callable[[int, int], None] | None = None
+    deliver: Callable[[int, int], None] | None = None
     maintain: Callable[[procrastinate.App], Any] | None = None
 
 
-#: A job that met the database away (restarting, unreachable) or a shared_dir this machine cannot use
-#: is run again later, by any worker; any other failure is recorded in the job store by the task
-#: itself, so the job ends there.
-_DATABASE_AWAY = procrastinate.RetryStrategy(max_attempts=10, wait=2, linear_wait=2,
-                                             retry_exceptions={DatabaseError, psycopg.OperationalError, OSError})
-
-
-def _not_here(*_: Any) -> None:
-    raise RuntimeError("this process only defers jobs; it runs none")
-
-
-def build_app(url: str, password: str | None, *, handlers: TaskHandlers | None = None,
-              maintain_every_seconds: int = 5) -> procrastinate.App:
-    """A Procrastinate app on the job store's database, with the node's tasks registered.
+def build_app(url: str, password: str | None, handlers: TaskHandlers, *, maintain_every_seconds: int = 5
+              ) -> procrastinate.App:
+    """A Procrastinate worker app on the job store's database, with the tasks *handlers* run.
 
     Parameters
     ----------
     url, password : str
         The ``[store]`` database.
-    handlers : TaskHandlers, optional
-        What the tasks do (a worker); None in a process that only defers (a receiver).
+    handlers : TaskHandlers
+        What the tasks do.
     maintain_every_seconds : int
         Period of the maintenance task (1-59).
     """
     kwargs = {"password": password} if password else {}
     app = procrastinate.App(connector=ResilientConnector(conninfo=url, kwargs=kwargs, min_size=1, max_size=4))
-    chosen = handlers or TaskHandlers(_not_here, _not_here)
+    if handlers.process_series is not None:
+        run_process = handlers.process_series
 
-    @app.task(name=PROCESS, queue=PROCESS_QUEUE, pass_context=True, retry=_DATABASE_AWAY)
-    def process_series(context: procrastinate.JobContext, series_id: int) -> None:
-        chosen.process_series(series_id, context.job.id)
+        @app.task(name=PROCESS, queue=PROCESS_QUEUE, pass_context=True, retry=_DATABASE_AWAY)
+        def process_series(context: procrastinate.JobContext, series_id: int) -> None:
+            run_process(series_id, context.job.id)
 
-    @app.task(name=DELIVER, pass_context=True, retry=_DATABASE_AWAY)
-    def deliver(context: procrastinate.JobContext, delivery_id: int) -> None:
-        chosen.deliver(delivery_id, context.job.id)
+    if handlers.deliver is not None:
+        run_delivery = handlers.deliver
 
-    if chosen.maintain is not None:
-        maintain_fn = chosen.maintain
+        @app.task(name=DELIVER, pass_context=True, retry=_DATABASE_AWAY)
+        def deliver(context: procrastinate.JobContext, delivery_id: int) -> None:
+            run_delivery(delivery_id, context.job.id)
+
+    if handlers.maintain is not None:
+        maintain_fn = handlers.maintain
 
         @app.periodic(cron=f"* * * * * */{maintain_every_seconds}", periodic_id="maintain")  # seconds: last
         @app.task(name=MAINTAIN, queue=MAINTENANCE_QUEUE, queueing_lock=MAINTAIN, pass_context=True)
@@ -319,10 +316,6 @@ def maintenance(jobs: Any, stalled_seconds: float) -> Callable[[procrastinate.Ap
             log.info("job queue: %d jobs of stalled workers retried", retried)
 
     return maintain
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _wait_until_fit(problem: Callable[[], str | None], stop: threading.Event, name: str) -> bool:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["LogSettings", "Throttle", "setup_logging"]
+__all__ = ["LogSettings", "Throttle", "first_line", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,8 @@ class Throttle:
         with self._lock:
             self._held.pop(key, None)
             return self._last.pop(key, None) is not None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): for one-line logs."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any
 
 from node.jobstore import JobStore
+from node.logsetup import first_line
 
 __all__ = ["PendingRecords"]
 
@@ -82,8 +83,4 @@ class PendingRecords:
         if now - self._last_log >= LOG_EVERY_SECONDS:
             self._last_log = now
             log.error("job store unavailable (%s): %d spooled instances wait to be recorded (kept on disk; "
-                      "C-STOREs still answered Success)", _first_line(error), waiting)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                      "C-STOREs still answered Success)", first_line(error), waiting)

@@ -35,7 +35,7 @@ from node.http import StatusServer
 from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import job_store_for
-from node.logsetup import LogSettings, Throttle
+from node.logsetup import LogSettings, Throttle, first_line
 from node.metrics import Metrics
 from node.netutil import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.poller import DicomWebPoller, schedule
@@ -304,7 +304,7 @@ class NodeService:
                 held = self._store_trouble.ready("assembly")
                 if held is not None:
                     log.error("series assembly: the job store cannot be used (%s); trying again every %.2g s%s",
-                              _first_line(exc), interval, f" ({held} failures since the last line)" if held else "",
+                              first_line(exc), interval, f" ({held} failures since the last line)" if held else "",
                               exc_info=not unavailable(exc))
                 continue
             if not self._store_ok:
@@ -384,7 +384,3 @@ def _remove_empty_parents(folder: Path, root: Path) -> None:
         except OSError:
             return
         folder = folder.parent
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -260,10 +260,7 @@ def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
         holder["processor"].run(job)
         conn.send((IDLE, job.id))
 
-    def deliver(delivery_id: int, job_id: int) -> None:
-        raise RuntimeError(f"{spec.name} processes series only: job {job_id} (delivery {delivery_id}) is not ours")
-
-    app = build_app(store.url, store.password(), handlers=TaskHandlers(process_series, deliver))
+    app = build_app(store.url, store.password(), TaskHandlers(process_series=process_series))
     jobs = holder["jobs"] = job_store_for(spec.config)
     holder["processor"] = _processor(spec, jobs, conn)
     stop = threading.Event()
@@ -400,10 +397,6 @@ class WorkerPool:
     def alive(self) -> bool:
         """Whether the supervisor runs (it restarts dead workers itself)."""
         return self._thread is not None and self._thread.is_alive()
-
-    def pids(self) -> dict[str, int | None]:
-        """Process id of each worker, by name."""
-        return {w.name: w.process.pid for w in self._workers}
 
     # -- supervision ------------------------------------------------------------------------------
 

@@ -78,13 +78,14 @@ def processing_span(record: dict) -> tuple[float, float]:
     return start, end
 
 
-def one_run(a: list[Path], b: list[Path], work: Path, code_root: Path) -> dict[str, float]:
+def one_run(a: list[Path], b: list[Path], work: Path, code_root: Path, warmup: float) -> dict[str, float]:
     port, http = bl.free_port(), bl.free_port()
     config = node_config(work / "var", port, http_port=http, settle=1.0,
                          extra=EQUALISE_TO_FOLDER.format(out=work / "out"))
     config = config.replace("workers = 2\n", "")  # the default: the number of CPUs, at most 4
     uid_a, uid_b = (pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID for files in (a, b))
     with NodeProcess(config, work, port=port, code_root=code_root) as node:
+        time.sleep(warmup)  # worker processes import numpy & co. after the SCP answers: not part of a push
         bl.sync_disks()
         idle = bl.push(port, a, called_aet=node.ae_title)
         wait(lambda: series_states(http).get(uid_a, {}).get("state") in ("processing", "delivering", "delivered"),
@@ -117,6 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--before", metavar="REV", help="also run the node of this git revision, same run")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds between start and first push (both nodes)")
     args = parser.parse_args()
     print(f"# ingest under processing\n{bl.machine_info()}")
     files = bl.ct_series(N, series=2)
@@ -129,7 +131,7 @@ def main() -> int:
     for rep in range(args.reps):
         for name, root in roots.items():
             with bl.tempdir("contention-") as work:
-                run = one_run(a, b, work, root)
+                run = one_run(a, b, work, root, args.warmup)
             results[name].append(run)
             print(f"  rep {rep + 1} {name:<24} idle {run['idle']:5.2f} s  busy {run['busy']:5.2f} s  "
                   f"ratio {run['busy'] / run['idle']:4.2f}  push overlapped processing {run['overlap']:4.0%}  "
