@@ -95,6 +95,13 @@ class ResilientConnector(procrastinate.PsycopgConnector):
                 await asyncio.sleep(1.0)
 
 
+#: A job that met the database away (restarting, unreachable) or a shared_dir this machine cannot use
+#: is run again later, by any worker; any other failure is recorded in the job store by the task
+#: itself, so the job ends there.
+_DATABASE_AWAY = procrastinate.RetryStrategy(max_attempts=10, wait=2, linear_wait=2,
+                                             retry_exceptions={DatabaseError, psycopg.OperationalError, OSError})
+
+
 @dataclass(frozen=True)
 class TaskHandlers:
     """What a worker does with the tasks it runs (bound to its job store, pipeline runner, senders).

@@ -297,10 +297,17 @@ def cine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cine(tmp_path_factory.mktemp("cine") / "cine.dcm", 200)
 
 
-def test_transfer_cut_short_leaves_nothing(cine: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def long_cine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 307 MB multi-frame file: its transfer lasts long enough (about a second here) to be cut midway
+    when the test sees it under way (the 61 MB one sometimes arrived whole between two looks)."""
+    return write_cine(tmp_path_factory.mktemp("long") / "cine.dcm", 1000)
+
+
+def test_transfer_cut_short_leaves_nothing(long_cine: Path, tmp_path: Path) -> None:
     for scp in _scp(tmp_path / "node", streamed=True):
         sender = subprocess.Popen(
-            [STORESCU_BIN, "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), str(cine)],
+            [STORESCU_BIN, "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), str(long_cine)],
             env=_nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
