@@ -1099,6 +1099,15 @@ class JobStore:
         with self._lock:
             return [dict(r) for r in self._db.execute(query, args)]
 
+    def reachable(self) -> bool:
+        """Whether the database answers now (a trivial query; for /readyz)."""
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1").fetchone()
+        except Exception:  # noqa: BLE001 - any failure means "not now"
+            return False
+        return True
+
     def counts(self) -> dict[str, int]:
         """How many series are in each state."""
         with self._lock:

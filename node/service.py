@@ -232,9 +232,11 @@ class NodeService:
                 and (not self.works or (self.workers.alive() and self.deliveries.alive())))
 
     def _is_ready(self) -> bool:
-        """For /readyz: started, the job store answering, nothing waiting to be recorded, and (a worker)
-        the shared folder usable."""
+        """For /readyz: started, the job store answering (now, and to the assembler), nothing waiting to
+        be recorded, and (a worker) the shared folder usable."""
         if not self._ready.is_set() or self._stop.is_set() or self._pending or not self._store_ok:
+            return False
+        if not self.jobs.reachable():
             return False
         if self.works:
             problem = shared_dir_problem(self.config.node.shared)

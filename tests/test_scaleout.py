@@ -187,18 +187,25 @@ def test_a_receiver_killed_mid_push_loses_nothing_acknowledged(site: Site, tmp_p
 
 
 def test_postgresql_away_for_10_seconds_during_a_push(site: Site, tmp_path: Path, postgres: PostgresServer) -> None:
-    port = free_port()
-    receiver = site.start("receiver", "receiver", port=port)
-    worker = site.start("worker", "worker")
+    port, receiver_http, worker_http = free_port(), free_port(), free_port()
+    receiver = site.start("receiver", "receiver", port=port, http_port=receiver_http)
+    worker = site.start("worker", "worker", http_port=worker_http)
+
+    def ready(http: int) -> int:
+        return __import__("requests").get(f"http://127.0.0.1:{http}/readyz", timeout=5).status_code
+
     before = push_series(tmp_path, "before", port)
     wait_for(lambda: len(derived_in_orthanc(site.orthanc)) == 1, 60, "the first series delivered", worker.log)
+    assert ready(receiver_http) == ready(worker_http) == 200
     postgres.stop()
     try:
         during = push_series(tmp_path, "during", port, count=5)  # answered Success: the spool is the record
         wait_for(lambda: "wait to be recorded" in receiver.log(), 15, "the receiver saying it waits", receiver.log)
-        __import__("time").sleep(8)
+        assert ready(receiver_http) == ready(worker_http) == 503
+        __import__("time").sleep(7)
     finally:
         postgres.start()
+    wait_for(lambda: ready(receiver_http) == ready(worker_http) == 200, 30, "both ready again", receiver.log)
     after = push_series(tmp_path, "after", port)
     wait_for(lambda: len(derived_in_orthanc(site.orthanc)) == 3, 120, "all three series delivered",
              lambda: receiver.log()[-2000:] + worker.log()[-2000:])
