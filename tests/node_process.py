@@ -117,12 +117,14 @@ max_backoff_seconds = 2.0
 """
 
 
-def folder_route(out: Path, trigger: str = "series") -> str:
-    """Config tables: every series through a rescale-only pipeline to a folder destination *out*."""
+def folder_route(out: Path, trigger: str = "series", *, steps: str = '{ op = "rescale" }', output: str = "sc") -> str:
+    """Config tables: every series through one pipeline (*steps*, TOML, rescale only by default;
+    *output*) to a folder destination *out*."""
     return f"""
 [[pipelines]]
 name = "plain"
-steps = [{{ op = "rescale" }}]
+steps = [{steps}]
+output = "{output}"
 [[destinations]]
 name = "out"
 kind = "folder"

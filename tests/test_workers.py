@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
+from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import echoscu, free_port, storescu
 from tests.test_huge import write_cine
 
@@ -133,20 +133,8 @@ def worker_pids(log: str) -> dict[str, int]:
     return {name: int(pid) for name, pid in re.findall(r"(worker-\d+) started \(pid (\d+)\)", log)}
 
 
-PLAIN_SC = """
-[[pipelines]]
-name = "eq"
-steps = [{{ op = "equalise", per = "image" }}]
-output = "sc"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "eq"
-destinations = ["out"]
-"""
+#: Per-image equalisation (fastai's hist_scaled on each frame): a few seconds for a few hundred frames.
+EQUALISE = '{ op = "equalise", per = "image" }'
 
 
 def test_a_killed_worker_is_replaced_and_its_series_finished(tmp_path: Path) -> None:
@@ -155,7 +143,8 @@ def test_a_killed_worker_is_replaced_and_its_series_finished(tmp_path: Path) -> 
     (tmp_path / "in").mkdir()
     cine = write_cine(tmp_path / "in" / "cine.dcm", 300)
     series_uid = pydicom.dcmread(cine, stop_before_pixels=True).SeriesInstanceUID
-    config = node_config(tmp_path / "var", port, http_port=http, settle=0.5, extra=PLAIN_SC.format(out=out))
+    config = node_config(tmp_path / "var", port, http_port=http, settle=0.5,
+                         extra=folder_route(out, steps=EQUALISE))
     with NodeProcess(config, tmp_path, port=port) as node:
         before = wait_for(lambda: len(worker_pids(node.log())) == 2 and worker_pids(node.log()), 30,
                           "two workers started", node.log)
@@ -184,7 +173,8 @@ def test_a_series_that_outlasts_the_processing_timeout_is_failed_and_the_node_go
     (tmp_path / "in").mkdir()
     slow = write_cine(tmp_path / "in" / "slow.dcm", 800)  # several seconds of per-image equalisation
     slow_uid = pydicom.dcmread(slow, stop_before_pixels=True).SeriesInstanceUID
-    config = node_config(tmp_path / "var", port, http_port=http, settle=0.5, extra=PLAIN_SC.format(out=out),
+    config = node_config(tmp_path / "var", port, http_port=http, settle=0.5,
+                         extra=folder_route(out, steps=EQUALISE),
                          node_extra="processing_timeout_seconds = 1\nmax_processing_attempts = 2")
     with NodeProcess(config, tmp_path, port=port) as node:
         assert storescu("127.0.0.1", port, [slow], called_aet="DICOMNODE").returncode == 0

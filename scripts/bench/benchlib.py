@@ -50,6 +50,9 @@ __all__ = [
 # --------------------------------------------------------------------------- inputs
 
 
+#: Pipeline steps (TOML) of the processing benchmarks: rescale, then fastai's equalisation per image.
+RESCALE_EQUALISE = '{ op = "rescale" }, { op = "equalise", per = "image" }'
+
 # Config tables for the node in the ingest/scale benchmarks: CT through a brain window to a folder.
 CT_FOLDER_ROUTE = """
 [[pipelines]]

@@ -32,25 +32,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.node_process import NodeProcess, folder_route, node_config  # noqa: E402
 
 N = 300
-
-EQUALISE_TO_FOLDER = """
-[[pipelines]]
-name = "ct-eq"
-steps = [{{ op = "rescale" }}, {{ op = "equalise", per = "image" }}]
-output = "sc"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-eq"
-destinations = ["out"]
-"""
-
 
 def series_states(http: int) -> dict[str, dict]:
     """The node's series by Series Instance UID (from ``/api/jobs``)."""
@@ -81,7 +65,7 @@ def processing_span(record: dict) -> tuple[float, float]:
 def one_run(a: list[Path], b: list[Path], work: Path, code_root: Path, warmup: float) -> dict[str, float]:
     port, http = bl.free_port(), bl.free_port()
     config = node_config(work / "var", port, http_port=http, settle=1.0,
-                         extra=EQUALISE_TO_FOLDER.format(out=work / "out"))
+                         extra=folder_route(work / "out", steps=bl.RESCALE_EQUALISE))
     config = config.replace("workers = 2\n", "")  # the default: the number of CPUs, at most 4
     uid_a, uid_b = (pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID for files in (a, b))
     with NodeProcess(config, work, port=port, code_root=code_root) as node:

@@ -23,26 +23,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.node_process import NodeProcess, folder_route, node_config  # noqa: E402
 from tests.postgres import running_postgres  # noqa: E402
 
 SERIES, SLICES, INGEST = 10, 30, 300
-
-EQUALISE_TO_FOLDER = """
-[[pipelines]]
-name = "ct-eq"
-steps = [{{ op = "rescale" }}, {{ op = "equalise", per = "image" }}]
-output = "sc"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "ct-eq"
-destinations = ["out"]
-"""
-
 
 def records(http: int) -> list[dict]:
     rows = requests.get(f"http://127.0.0.1:{http}/api/jobs?limit=1000", timeout=10).json()
@@ -53,7 +37,8 @@ def throughput(groups: list[list[Path]], work: Path, workers: int) -> float:
     """Series per minute with *workers* worker processes."""
     port, http = bl.free_port(), bl.free_port()
     config = node_config(work / "var", port, http_port=http, settle=1.0,
-                         extra=EQUALISE_TO_FOLDER.format(out=work / "out")).replace("workers = 2", f"workers = {workers}")
+                         extra=folder_route(work / "out", steps=bl.RESCALE_EQUALISE))
+    config = config.replace("workers = 2", f"workers = {workers}")
     with NodeProcess(config, work, port=port) as node:
         for group in groups:
             bl.push(port, group, called_aet=node.ae_title)
