@@ -1,19 +1,25 @@
-"""``dicom-node serve``: the node as one receiving process and its worker processes.
+"""``dicom-node serve``: a receiving process and its worker processes, in one role or both.
 
-In the receiving process, threads, each with one job, all talking through the job store:
+``--role receiver`` runs, as threads each with one job, all talking through the job store:
 
 - the DICOM listeners, plain and TLS (:mod:`node.netutil` bounds each connection's negotiation), then
-  the pynetdicom SCP (ingest: spool + record, then Success);
+  the pynetdicom SCP (ingest: spool + record, then Success; :mod:`node.recording` keeps the rows
+  when the store is away);
 - the assembler (receiving series quiet for ``settle_seconds`` become queued);
-- the worker supervisor (:mod:`node.workers`): ``[node] workers`` processes claim queued series,
-  run their route's pipeline and write outputs; a dead or stuck worker is replaced;
-- the delivery lanes (:mod:`node.delivery`): per destination, send due deliveries, retry with backoff;
 - an apscheduler job per ``[[sources]]`` entry, pulling new series from a DICOMweb archive into
   the same spool (:mod:`node.poller`).
 
-Start-up first removes half-written spool files, re-records spooled instances the database does not
-know, and puts in-flight work back in its queue, so a SIGKILL at any moment loses nothing that was
-acknowledged.
+``--role worker`` runs:
+
+- the worker supervisor (:mod:`node.workers`): ``[node] workers`` processes process queued series
+  and write outputs; a dead or stuck worker is replaced;
+- the deliveries (:mod:`node.delivery`): a lane per destination, retried with backoff.
+
+``--role all`` (the default) runs both.  On SQLite (one machine) workers claim from the job store;
+with ``[store]`` (PostgreSQL) Procrastinate carries the jobs to workers on any machine
+(:mod:`node.dispatch`).  Start-up first removes half-written files, re-records spooled instances
+the database does not know, and (on one machine) puts in-flight work back in its queue, so a
+SIGKILL at any moment loses nothing that was acknowledged.
 """
 
 from __future__ import annotations
