@@ -13,7 +13,7 @@ One poll of one source (:meth:`DicomWebPoller.poll_once`):
    studies that reach the archive up to that long after their StudyDate are still found, and a node
    that was down for a week catches up on the whole week. A study imported later than that (an
    outside study loaded a week after it was made) is not found: raise ``late_arrival_hours`` where
-   that happens, at the price of larger queries.
+   that happens, at the price of larger queries; for older studies see *Backfill* below.
 2. **Find.** ``level = "series"``: one series query; ``"study"``: a study query, then each study's
    series. Every query is paged with ``limit``/``offset`` (``page_size``) until a short page.
 3. **Skip.** A series is not fetched when it is one of the node's own results (the job store knows
@@ -159,7 +159,7 @@ class PollResult:
     source : str
         The source's name.
     since : str
-        The StudyDate the window started at (``YYYYMMDD``).
+        The StudyDate the window (or a backfill) started at (``YYYYMMDD``).
     until : str
         A backfill's last StudyDate (``YYYYMMDD``); empty for a scheduled poll (open-ended).
     """
@@ -442,7 +442,10 @@ class DicomWebPoller:
     # -- backfill ---------------------------------------------------------------------------------
 
     def backfill(self, since: datetime.date, until: datetime.date, *, chunk: str = "month") -> PollResult:
-        """Find and fetch every series with a StudyDate from *since* to *until*; never raises.
+        """Find and fetch every series with a StudyDate from *since* to *until*.
+
+        Problems with the archive never raise: they are in ``errors`` and the log, with the
+        ``--since`` to run it again from.
 
         The range is searched one calendar *chunk* at a time (:func:`backfill_chunks`), oldest
         first, each chunk paged like a poll; every chunk's counts are logged as it ends. Series go
