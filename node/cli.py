@@ -254,13 +254,68 @@ def _run_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+_STUDY_DATE_ARG = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _study_date_arg(text: str) -> datetime.date:
+    """A StudyDate option: ``YYYY-MM-DD``, a real calendar day."""
+    if _STUDY_DATE_ARG.match(text.strip()):
+        try:
+            return datetime.datetime.strptime(text.strip(), "%Y-%m-%d").date()
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD (e.g. 2015-06-30)")
+
+
+# node.poller.BACKFILL_CHUNKS, spelled out so that building the parser does not import the DICOMweb client.
+_BACKFILL_CHUNKS = ("day", "month", "year")
+
+
 def _add_poll_parser(sub: argparse._SubParsersAction) -> None:
-    poll = sub.add_parser("poll", help="pull new series from the configured DICOMweb sources")
+    poll = sub.add_parser(
+        "poll", help="pull new series from the configured DICOMweb sources, or backfill a StudyDate range",
+        description="Poll the [[sources]] once, as serve does on their schedule: series whose StudyDate is in "
+        "the window (the first poll looks lookback_hours back; later polls start at the saved watermark minus "
+        "late_arrival_hours) are fetched into the spool and recorded in the job store, where a running node "
+        "(or the next start) processes them. Studies dated before the window are never found by the "
+        "schedule: --since backfills a StudyDate range once, searched a --chunk at a time, each query paged "
+        "by page_size, through the same skip rules (series the node made; series already handled or spooled), "
+        "leaving the watermark as it was. Exit code 0: complete; 1: some requests or series failed (run it "
+        "again: what was fetched is skipped); 2: usage or config errors.",
+        epilog="example: dicom-node poll --config node.toml --once --source archive --since 2015-01-01 "
+        "--until 2015-12-31",
+    )
     poll.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
     poll.add_argument("--source", help="only this source (default: all)")
     poll.add_argument("--once", action="store_true", required=True,
                       help="one pass, then exit (serve polls on the schedule); for cron and tests")
+    poll.add_argument("--since", type=_study_date_arg, metavar="YYYY-MM-DD",
+                      help="backfill: fetch every series with a StudyDate from this day on (to --until) instead "
+                      "of polling the window; the watermark stays as it was")
+    poll.add_argument("--until", type=_study_date_arg, metavar="YYYY-MM-DD",
+                      help="backfill: the last StudyDate (default: today); only with --since")
+    poll.add_argument("--chunk", choices=_BACKFILL_CHUNKS, metavar="|".join(_BACKFILL_CHUNKS),
+                      help="backfill: one query (paged) per calendar day, month or year of the range, each "
+                      "logged with its counts (default: month); only with --since")
     poll.set_defaults(func=_run_poll)
+
+
+def _backfill_range(args: argparse.Namespace) -> tuple[datetime.date, datetime.date] | None:
+    """The ``--since``/``--until`` range (None: a scheduled poll); UsageError when they do not fit."""
+    if args.since is None:
+        for option, value in (("--until", args.until), ("--chunk", args.chunk)):
+            if value is not None:
+                raise _UsageError(f"{option} is for a backfill: give --since YYYY-MM-DD too")
+        return None
+    until = args.until if args.until is not None else datetime.date.today()
+    if args.since > until:
+        raise _UsageError(f"--since {args.since:%Y-%m-%d} is after --until {until:%Y-%m-%d}"
+                          + ("" if args.until is not None else " (today, its default)"))
+    return args.since, until
+
+
+class _UsageError(Exception):
+    """Options that do not fit together (exit code 2)."""
 
 
 def _run_poll(args: argparse.Namespace) -> int:
@@ -269,6 +324,11 @@ def _run_poll(args: argparse.Namespace) -> int:
     from node.poller import DicomWebPoller
     from node.spool import Spool
 
+    try:
+        backfill = _backfill_range(args)
+    except _UsageError as exc:
+        log.error("%s", exc)
+        return 2
     config = load_config(args.config)
     if args.source and args.source not in config.sources:
         log.error("no source %r in %s; sources: %s", args.source, config.source, ", ".join(config.sources) or "none")
@@ -283,8 +343,13 @@ def _run_poll(args: argparse.Namespace) -> int:
         spool = Spool(config.node.shared / "spool")
         for name in names:
             poller = DicomWebPoller(config.sources[name], spool=spool, jobs=jobs, pipeline_names=config.pipelines)
-            result = poller.poll_once()
-            print(f"{name}: {result.series_found} series found, {result.series_fetched} fetched "
+            if backfill is None:
+                result = poller.poll_once()
+                what = name
+            else:
+                result = poller.backfill(*backfill, chunk=args.chunk or "month")
+                what = f"{name}: StudyDate {backfill[0]:%Y-%m-%d} to {backfill[1]:%Y-%m-%d}"
+            print(f"{what}: {result.series_found} series found, {result.series_fetched} fetched "
                   f"({result.instances_fetched} instances), {result.skipped_known} known, "
                   f"{result.skipped_derived} derived skipped, {len(result.errors)} errors")
             for error in result.errors:

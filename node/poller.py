@@ -13,7 +13,7 @@ One poll of one source (:meth:`DicomWebPoller.poll_once`):
    studies that reach the archive up to that long after their StudyDate are still found, and a node
    that was down for a week catches up on the whole week. A study imported later than that (an
    outside study loaded a week after it was made) is not found: raise ``late_arrival_hours`` where
-   that happens, at the price of larger queries.
+   that happens, at the price of larger queries; for older studies see *Backfill* below.
 2. **Find.** ``level = "series"``: one series query; ``"study"``: a study query, then each study's
    series. Every query is paged with ``limit``/``offset`` (``page_size``) until a short page.
 3. **Skip.** A series is not fetched when it is one of the node's own results (the job store knows
@@ -29,6 +29,15 @@ One poll of one source (:meth:`DicomWebPoller.poll_once`):
    the start of the last complete poll, the window floor, and the series already handled with
    their instance counts (entries older than the window are dropped). A failed or unfinished
    series holds the watermark at its own StudyDate/Time; a failed query does not move it at all.
+
+**Backfill** (:meth:`DicomWebPoller.backfill`, ``dicom-node poll --once --since YYYY-MM-DD``): studies
+dated before the window (an outside study, a phantom, a migrated archive) are never found by the
+schedule. A backfill searches a StudyDate range in calendar chunks (:func:`backfill_chunks`, a month
+by default, so no query asks an archive for a decade at once), each paged like a poll, and fetches
+through the same skip rules (derived; known: handled by the scheduled polls, or every instance
+already in the spool) into the spool and the job store, where a running node (or the next start)
+processes the series. The watermark is neither read for the window nor written: the schedule goes on
+as it was, and a second backfill of the same range fetches nothing.
 
 Failed requests (connection refused, timeouts, HTTP 5xx, 408, 429) are retried within the poll
 after :data:`RETRY_DELAYS`; when they keep failing, the poll of that source ends there with its
@@ -63,12 +72,18 @@ from node.jobstore import JobStore
 from node.spool import InvalidUID, Spool, check_uid
 from node.writers.secondary_capture import MANUFACTURER
 
-__all__ = ["RETRY_DELAYS", "DicomWebPoller", "PollResult", "run_poll", "schedule", "state_key"]
+__all__ = [
+    "BACKFILL_CHUNKS", "RETRY_DELAYS", "DicomWebPoller", "PollResult", "backfill_chunks", "run_poll", "schedule",
+    "state_key",
+]
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
 """Seconds to wait before each retry of a failed request within one poll."""
+
+BACKFILL_CHUNKS: tuple[str, ...] = ("day", "month", "year")
+"""How a backfill may split its StudyDate range: one QIDO-RS query (paged) per calendar chunk."""
 
 _STATE_VERSION = 1
 _ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
@@ -144,7 +159,9 @@ class PollResult:
     source : str
         The source's name.
     since : str
-        The StudyDate the window started at (``YYYYMMDD``).
+        The StudyDate the window (or a backfill) started at (``YYYYMMDD``).
+    until : str
+        A backfill's last StudyDate (``YYYYMMDD``); empty for a scheduled poll (open-ended).
     """
 
     series_found: int = 0
@@ -155,6 +172,16 @@ class PollResult:
     errors: list[str] = field(default_factory=list)
     source: str = ""
     since: str = ""
+    until: str = ""
+
+    def add(self, other: PollResult) -> None:
+        """Add the counts and errors of *other* (one chunk of a backfill) to these."""
+        self.series_found += other.series_found
+        self.series_fetched += other.series_fetched
+        self.instances_fetched += other.instances_fetched
+        self.skipped_known += other.skipped_known
+        self.skipped_derived += other.skipped_derived
+        self.errors.extend(other.errors)
 
     @property
     def ok(self) -> bool:
@@ -334,8 +361,11 @@ class DicomWebPoller:
             return result
 
     def _poll(self, state: dict[str, Any], started: datetime.datetime, result: PollResult) -> None:
+        first = not state.get("floor")
         since = self._window_start(state, started)
         result.since = since
+        if first:
+            self._log_first_window(since)
         if self._stopping.is_set():
             result.errors.append("not polled: the node is stopping")
             return
@@ -346,11 +376,9 @@ class DicomWebPoller:
             log.error("source %s: cannot authenticate: %s", self.source.name, exc)
             return
         with session:
-            client = DICOMwebClient(self.source.url, session=session, headers=headers,
-                                    timeout=self.source.timeout_seconds)
-            client.set_http_retry_params(retry=False)  # retries are ours, logged, within the poll
+            client = self._client(session, headers)
             try:
-                found = self._find(client, since)
+                found = self._find(client, f"{since}-")
             except _SourceFailure as exc:
                 result.errors.append(str(exc))
                 log.error("source %s: %s", self.source.name, exc)
@@ -402,6 +430,108 @@ class DicomWebPoller:
                 result.skipped_known += 1
         return unfetched
 
+    def _log_first_window(self, since: str) -> None:
+        """Say, once per source, which StudyDates the schedule searches and how to fetch earlier ones."""
+        log.info(
+            "source %s: first poll: searching StudyDate %s onwards (lookback_hours %g); later polls start at "
+            "the watermark minus late_arrival_hours (%g). Studies dated earlier are never polled: to fetch "
+            "them once, run: dicom-node poll --once --source %s --since YYYY-MM-DD [--until YYYY-MM-DD]",
+            self.source.name, since, self.source.lookback_hours, self.source.late_arrival_hours, self.source.name,
+        )
+
+    # -- backfill ---------------------------------------------------------------------------------
+
+    def backfill(self, since: datetime.date, until: datetime.date, *, chunk: str = "month") -> PollResult:
+        """Find and fetch every series with a StudyDate from *since* to *until*.
+
+        Problems with the archive never raise: they are in ``errors`` and the log, with the
+        ``--since`` to run it again from.
+
+        The range is searched one calendar *chunk* at a time (:func:`backfill_chunks`), oldest
+        first, each chunk paged like a poll; every chunk's counts are logged as it ends. Series go
+        through the skip rules of a poll (derived; known to the watermark, or every instance already
+        spooled) and are recorded in the job store as polled ones are. The watermark is not saved:
+        the schedule goes on as it was.
+
+        Parameters
+        ----------
+        since, until : datetime.date
+            First and last StudyDate (inclusive); *since* must not be after *until*.
+        chunk : {"day", "month", "year"}
+            How the range is split into queries (:data:`BACKFILL_CHUNKS`).
+
+        Returns
+        -------
+        PollResult
+            The counts and errors of the whole backfill (``since``/``until`` as ``YYYYMMDD``).
+
+        Raises
+        ------
+        ValueError
+            *since* is after *until*, or *chunk* is not one of :data:`BACKFILL_CHUNKS`.
+        """
+        chunks = backfill_chunks(since, until, chunk)
+        with self._lock:
+            result = PollResult(source=self.source.name, since=f"{since:%Y%m%d}", until=f"{until:%Y%m%d}")
+            log.info("source %s: backfill of StudyDate %s-%s in %d chunks (a %s each; page_size %d)",
+                     self.source.name, result.since, result.until, len(chunks), chunk, self.source.page_size)
+            resume: datetime.date | None = None
+            try:
+                resume = self._backfill(chunks, result)
+            except Exception as exc:  # a bug: reported as this backfill's error, like a poll's
+                log.exception("source %s: backfill crashed", self.source.name)
+                result.errors.append(f"backfill crashed: {type(exc).__name__}: {exc}")
+            level = logging.INFO if result.ok else logging.WARNING
+            log.log(
+                level, "source %s: backfill of StudyDate %s-%s: %d series found, %d fetched (%d instances), "
+                "%d skipped as known, %d skipped as derived, %d errors%s", self.source.name, result.since,
+                result.until, result.series_found, result.series_fetched, result.instances_fetched,
+                result.skipped_known, result.skipped_derived, len(result.errors),
+                "" if resume is None else
+                f"; run it again from --since {resume:%Y-%m-%d} (what was fetched is skipped as known)",
+            )
+            return result
+
+    def _backfill(self, chunks: list[tuple[datetime.date, datetime.date]], result: PollResult) -> datetime.date | None:
+        """Fetch chunk by chunk into *result*; returns the first day not surely done (None when all were)."""
+        # The series the scheduled polls handled, so they are skipped as known; a copy, never saved.
+        scratch = {"series": dict(self._load_state()["series"])}
+        try:
+            session, headers = self._session()
+        except ConfigError as exc:
+            result.errors.append(f"cannot authenticate: {exc}")
+            log.error("source %s: cannot authenticate: %s", self.source.name, exc)
+            return chunks[0][0]
+        resume: datetime.date | None = None
+        with session:
+            client = self._client(session, headers)
+            for number, (first, last) in enumerate(chunks, start=1):
+                if self._stopping.is_set():
+                    result.errors.append(f"stopped before StudyDate {first:%Y%m%d}: the node is stopping")
+                    return resume or first
+                part = PollResult(source=self.source.name, since=f"{first:%Y%m%d}", until=f"{last:%Y%m%d}")
+                try:
+                    found = self._find(client, f"{part.since}-{part.until}")
+                except _SourceFailure as exc:
+                    result.errors.append(f"StudyDate {part.since}-{part.until}: {exc}")
+                    log.error("source %s: backfill of StudyDate %s-%s: %s; the backfill ends here",
+                              self.source.name, part.since, part.until, exc)
+                    return resume or first
+                part.series_found = len(found)
+                found.sort(key=lambda s: (s.study_date, s.study_time, s.series_uid))
+                unfetched = self._fetch_all(client, found, scratch, part)
+                result.add(part)
+                if unfetched and resume is None:
+                    resume = first
+                log.log(
+                    logging.INFO if part.ok else logging.WARNING,
+                    "source %s: backfill StudyDate %s-%s (chunk %d of %d): %d series found, %d fetched "
+                    "(%d instances), %d skipped as known, %d skipped as derived, %d errors", self.source.name,
+                    part.since, part.until, number, len(chunks), part.series_found, part.series_fetched,
+                    part.instances_fetched, part.skipped_known, part.skipped_derived, len(part.errors),
+                )
+        return resume
+
     # -- watermark --------------------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, Any]:
@@ -448,8 +578,9 @@ class DicomWebPoller:
 
     # -- finding ----------------------------------------------------------------------------------
 
-    def _find(self, client: DICOMwebClient, since: str) -> list[_Series]:
-        filters = {**self.source.filters(), "StudyDate": f"{since}-"}
+    def _find(self, client: DICOMwebClient, study_dates: str) -> list[_Series]:
+        """Every series matching the source's query with StudyDate in *study_dates* (``A-``, ``A-B``)."""
+        filters = {**self.source.filters(), "StudyDate": study_dates}
         if self.source.level == "series":
             items = self._paged(
                 "QIDO-RS series query", _SERIES_UID,
@@ -612,6 +743,12 @@ class DicomWebPoller:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
+    def _client(self, session: requests.Session, headers: dict[str, str] | None) -> DICOMwebClient:
+        client = DICOMwebClient(self.source.url, session=session, headers=headers,
+                                timeout=self.source.timeout_seconds)
+        client.set_http_retry_params(retry=False)  # retries are ours, logged, within the poll
+        return client
+
     def _session(self) -> tuple[requests.Session, dict[str, str] | None]:
         """A session that ignores proxy variables and netrc, with the source's credentials (read now)."""
         session = _Session()
@@ -679,6 +816,48 @@ def _parse_stamp(text: Any) -> datetime.datetime | None:
         return datetime.datetime.strptime(str(text), "%Y%m%d%H%M%S") if text else None
     except ValueError:
         return None
+
+
+def backfill_chunks(since: datetime.date, until: datetime.date,
+                    chunk: str = "month") -> list[tuple[datetime.date, datetime.date]]:
+    """Split the StudyDate range *since* to *until* (inclusive) into calendar days, months or years.
+
+    Parameters
+    ----------
+    since, until : datetime.date
+        First and last day.
+    chunk : {"day", "month", "year"}
+        The calendar unit; the first and last chunks are cut to the range.
+
+    Returns
+    -------
+    list of (datetime.date, datetime.date)
+        First and last day of each chunk, oldest first, covering the range without gaps or overlap.
+
+    Raises
+    ------
+    ValueError
+        *since* is after *until*, or *chunk* is not one of :data:`BACKFILL_CHUNKS`.
+    """
+    if chunk not in BACKFILL_CHUNKS:
+        raise ValueError(f"chunk {chunk!r}: one of {', '.join(BACKFILL_CHUNKS)}")
+    if since > until:
+        raise ValueError(f"since {since:%Y-%m-%d} is after until {until:%Y-%m-%d}")
+    chunks = []
+    start = since
+    while start <= until:
+        if chunk == "day":
+            end = start
+        elif chunk == "month" and start.month < 12:
+            end = datetime.date(start.year, start.month + 1, 1) - datetime.timedelta(days=1)
+        else:
+            end = datetime.date(start.year, 12, 31)
+        end = min(end, until)
+        chunks.append((start, end))
+        if end == datetime.date.max:
+            break
+        start = end + datetime.timedelta(days=1)
+    return chunks
 
 
 # --------------------------------------------------------------------------- scheduling
