@@ -512,3 +512,31 @@ def test_serve_with_auth_over_https(tmp_path: Path, pki: Pki) -> None:
     assert f"HTTP status on {url}/ (metrics on /metrics; basic auth)" in log
     assert "HTTP '/' from 127.0.0.1: wrong credentials (401)" in log
     assert PASSWORD not in log and "nope" not in log
+
+
+def test_the_documented_http_keys_load_as_documented(tmp_path: Path, pki: Pki, secrets: None) -> None:
+    """config/node.toml's commented [http] examples, switched on one at a time, give the settings they describe."""
+    documented = Path(__file__).resolve().parents[1] / "config" / "node.toml"
+    shipped = documented.read_text()
+    assert load_config(documented).http == HttpSettings("127.0.0.1", 8080)
+    examples = {
+        '#   auth = { kind = "basic", username = "ops", password_env = "DICOM_NODE_HTTP_PASSWORD" }':
+            {"auth": BasicAuth("ops", "DICOM_NODE_HTTP_PASSWORD")},
+        '#   auth = { kind = "bearer", token_env = "DICOM_NODE_HTTP_TOKEN" }    # Authorization: Bearer TOKEN':
+            {"auth": BearerAuth("DICOM_NODE_HTTP_TOKEN")},
+        "# public_metrics = false": {"public_metrics": False},
+        "# allow_anonymous = false": {"allow_anonymous": False},
+    }
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "status.pem").write_bytes(pki.cert("server").read_bytes())
+    (tmp_path / "tls" / "status.key").write_bytes(pki.key("server").read_bytes())
+    both = '# cert_file = "tls/status.pem"\n# key_file = "tls/status.key"'
+    assert both in shipped
+    for line, fields in examples.items():
+        assert shipped.count(line + "\n") == 1, line
+        text = shipped.replace(line + "\n", line.lstrip("# ") + "\n")
+        (tmp_path / "node.toml").write_text(text)
+        assert load_config(tmp_path / "node.toml").http == HttpSettings("127.0.0.1", 8080, **fields), line
+    (tmp_path / "node.toml").write_text(shipped.replace(both, both.replace("# ", "")))
+    assert load_config(tmp_path / "node.toml").http == HttpSettings(
+        "127.0.0.1", 8080, cert_file=tmp_path / "tls" / "status.pem", key_file=tmp_path / "tls" / "status.key")
