@@ -59,6 +59,7 @@ def test_the_status_page_needs_a_login_with_the_password_from_the_environment() 
     for name in ("dicom-node", "worker"):
         assert services[name]["command"][2] == "/etc/dicom-node/node.toml"
         value = services[name]["environment"][variable]
-        assert value.startswith(f"${{{variable}:?") and value.endswith("}"), value  # compose refuses to start without it
+        # ${VAR:?message}: compose refuses to start without it
+        assert value.startswith(f"${{{variable}:?") and value.endswith("}"), value
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert any(line.startswith(f"#   export {variable}=") for line in header), header
