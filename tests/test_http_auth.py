@@ -463,8 +463,10 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
 
 
 def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_line(tmp_path: Path) -> None:
+    """data_dir is a file, refused right after [http] host: should that check go, serve still never listens."""
     http_port = free_port()
-    text = node_config(tmp_path / "data", free_port(), http_port=http_port).replace(
+    (tmp_path / "data.txt").write_text("a file where data_dir should be")
+    text = node_config(tmp_path / "data.txt", free_port(), http_port=http_port).replace(
         'host = "127.0.0.1"\nport = ' + str(http_port), 'host = "0.0.0.0"\nport = ' + str(http_port))
     config = tmp_path / "node.toml"
     config.write_text(text)
@@ -477,9 +479,11 @@ def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_l
         assert re.search(rf" ERROR node\.cli: {re.escape(str(config))}:{line}: http\.host: \"0\.0\.0\.0\" is not a "
                          r"loopback address and \[http\] has no auth", lines[0]), lines[0]
         assert result.stdout == ""
-    # said on purpose: accepted
-    config.write_text(text.replace('host = "0.0.0.0"\n', 'host = "0.0.0.0"\nallow_anonymous = true\n'))
-    assert _cli("config", "check", str(config)).returncode == 0
+    # said on purpose: accepted (config check only: it listens nowhere)
+    config.write_text(text.replace('host = "0.0.0.0"\n', 'host = "0.0.0.0"\nallow_anonymous = true\n')
+                      .replace(str(tmp_path / "data.txt"), str(tmp_path / "data")))
+    accepted = _cli("config", "check", str(config))
+    assert accepted.returncode == 0, accepted.stderr
 
 
 def test_serve_with_auth_over_https(tmp_path: Path, pki: Pki) -> None:
