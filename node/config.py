@@ -204,7 +204,7 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The HTTP (status/API) listener.
+    """The HTTP (status/API) listener and who may read it.
 
     Attributes
     ----------
@@ -212,10 +212,24 @@ class HttpSettings:
         Address to bind to.
     port : int
         Port, 1-65535.
+    auth : BasicAuth or BearerAuth or None
+        The credentials every request needs, except ``/healthz``, ``/readyz`` (and ``/metrics``
+        with *public_metrics*); None: no login (only on a loopback host, or *allow_anonymous*).
+    public_metrics : bool
+        ``/metrics`` is served without credentials (it holds counts, no patient data).
+    allow_anonymous : bool
+        A host that is not a loopback address may be served without *auth*, on purpose.
+    cert_file, key_file : pathlib.Path or None
+        HTTPS (TLS 1.2 or later) with this certificate chain and key; None: plain HTTP.
     """
 
     host: str
     port: int
+    auth: BasicAuth | BearerAuth | None = None
+    public_metrics: bool = False
+    allow_anonymous: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -1414,6 +1428,7 @@ class _Checker:
             if problem is not None:
                 self.fail(listener.host_key, f"{listener.what} cannot listen on {_show(listener.host)} "
                           f"({addresses[listener.host]}): {problem}")
+        self.http_exposure(config, addresses)
         problem = _unwritable(config.node.data_dir)
         if problem is not None:
             self.fail(("node", "data_dir"), problem)
@@ -1429,7 +1444,7 @@ class _Checker:
                     self.fail(path + ("tls",), "without ca_file the peer's certificate is checked against "
                               "the system's CA certificates, and this machine has none (see SSL_CERT_FILE, "
                               "SSL_CERT_DIR): give ca_file, the CA that signed the peer's certificate")
-        for item in (*config.destinations.values(), *config.sources.values()):
+        for item in (config.http, *config.destinations.values(), *config.sources.values()):
             auth = getattr(item, "auth", None)
             if auth is not None:
                 auth.resolve()  # a ConfigError naming the variable and its line, as serve would give
@@ -1555,11 +1570,41 @@ class _Checker:
     def http_settings(self) -> HttpSettings:
         path: _KeyPath = ("http",)
         table = self.table(self.data, (), "http", required=False) or {}
-        self.keys(table, path, ("host", "port"), ())
-        return HttpSettings(
+        self.keys(table, path, ("host", "port", "auth", "public_metrics", "allow_anonymous", "cert_file",
+                                "key_file"), ())
+        settings = HttpSettings(
             host=self.string(table, path, "host", "127.0.0.1"),
             port=self.integer(table, path, "port", 1, 65535, default=8080),
+            auth=self.auth(table, path),
+            public_metrics=self.boolean(table, path, "public_metrics", False),
+            allow_anonymous=self.boolean(table, path, "allow_anonymous", False),
+            cert_file=self.existing_file(table, path, "cert_file") if "cert_file" in table else None,
+            key_file=self.existing_file(table, path, "key_file") if "key_file" in table else None,
         )
+        if settings.allow_anonymous and settings.auth is not None:
+            self.fail(path + ("allow_anonymous",), "contradicts auth (every request needs credentials): "
+                      "remove one of them")
+        if (settings.cert_file is None) != (settings.key_file is None):
+            given, missing = ("cert_file", "key_file") if settings.key_file is None else ("key_file", "cert_file")
+            self.fail(path + (given,), f"HTTPS needs cert_file and key_file together: add {missing}")
+        if settings.cert_file is not None:
+            from node.tls import https_server_context  # here: node.tls imports this module
+
+            self.usable_tls(path, lambda: https_server_context(settings))
+        return settings
+
+    def http_exposure(self, config: Config, addresses: Mapping[str, str]) -> None:
+        """Refuse an HTTP listener reachable from other machines without auth, unless allow_anonymous."""
+        http = config.http
+        address = addresses.get(http.host, http.host)
+        ip = _ip(address)
+        if http.auth is not None or http.allow_anonymous or (ip is not None and ip.is_loopback):
+            return
+        shown = _show(http.host) if address == http.host else f"{_show(http.host)} ({address})"
+        self.fail(("http", "host"), f"{shown} is not a loopback address and [http] has no auth: anyone who "
+                  "reaches it would see the status page and patient images; give [http] auth = { kind = "
+                  '"basic", username = ..., password_env = ... } (or kind = "bearer", token_env = ...), '
+                  "or allow_anonymous = true if that is meant")
 
     def store_settings(self) -> StoreSettings:
         path: _KeyPath = ("store",)

@@ -15,6 +15,10 @@ it read-only: nothing here changes a job.  Endpoints:
     A server-rendered HTML page (no JavaScript): counts by state, recent series each with a
     before/after thumbnail from ``/thumbs/{id}/source.png`` and ``/thumbs/{id}/output.png``.
 
+With ``[http] auth`` every request but ``/healthz`` and ``/readyz`` (and ``/metrics`` with
+``public_metrics``) needs credentials (:mod:`node.httpauth`); with ``cert_file``/``key_file`` the
+listener speaks HTTPS only (TLS 1.2 or later, the handshake in the request's own thread).
+
 No patient name or ID is ever shown: the job store holds none, and thumbnails are pixels only.
 Files are read only from inside the spool and the outputs folder; thumbnails are small PNGs
 (at most 128 px) cached under ``<outputs>/.thumbs``.  A thumbnail that cannot be made is a 404
@@ -28,11 +32,13 @@ import functools
 import hashlib
 import html
 import io
+import ipaddress
 import json
 import logging
 import re
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +53,7 @@ import pydicom
 from PIL import Image, ImageDraw
 
 from node.fsutil import atomic_output
+from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits, ImageFile
 from node.jobstore import JobStore, SeriesState
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -70,6 +77,7 @@ MAX_LIMIT = 1000
 _HEADER_SCAN_LIMIT = 2000  # above this many files, order by name instead of reading every header
 _RENDERS_AT_ONCE = 2  # thumbnails rendered at the same time: the data path keeps the CPU
 _FAILURE_MEMORY_SECONDS = 60.0
+_HANDSHAKE_SECONDS = 10.0  # a TLS client has this long to complete its handshake
 
 _STATES = [state.value for state in SeriesState]
 _ID = re.compile(r"[0-9]{1,18}")
@@ -548,8 +556,9 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], status: StatusServer) -> None:
+    def __init__(self, address: tuple[str, int], status: StatusServer, tls: ssl.SSLContext | None = None) -> None:
         self.status = status
+        self.tls = tls
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -558,6 +567,22 @@ class _Server(ThreadingHTTPServer):
         # HTTPServer.server_bind asks DNS for the host's full name, which can hang: not needed here.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request, client = super().get_request()
+        if self.tls is not None:  # the handshake waits for the request's thread (finish_request)
+            request = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        return request, client
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(_HANDSHAKE_SECONDS)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:  # plain HTTP, an untrusting client, a port scan
+                log.debug("HTTPS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -577,13 +602,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def _not_allowed(self) -> None:
+        if self._refused(head=False):
+            return
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, _json_bytes({"error": "read-only: GET or HEAD"}), _JSON,
                    head=False, extra={"Allow": "GET, HEAD"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
 
+    def _refused(self, *, head: bool) -> bool:
+        """Answer 401 or 429 when ``[http] auth`` turns the request away; True when it did."""
+        guard = self.server.status.guard
+        if guard is None:
+            return False
+        refusal = guard.refusal(urlsplit(self.path).path, self.headers.get("Authorization"), self.client_address[0])
+        if refusal is None:
+            return False
+        body = _json_bytes({"error": refusal.reason})
+        self._send(refusal.status, body, _JSON, head=head, extra=refusal.headers)
+        return True
+
     def _serve(self, *, head: bool) -> None:
         status = self.server.status
+        if self._refused(head=head):
+            return
         try:
             code, body, ctype, extra = status.respond(self.path)
         except _BadRequest as exc:
@@ -658,6 +699,10 @@ class StatusServer:
         exactly the output of the "before" instance.
     decode_limits : DecodeLimits, optional
         The node's decode limits: thumbnails of a file above them are never decoded.
+    guard : HttpGuard, optional
+        ``[http] auth``: who may read what (:meth:`HttpGuard.for_settings`); None: everyone.
+    tls : ssl.SSLContext, optional
+        HTTPS with this server context (:func:`node.tls.https_server_context`); None: plain HTTP.
     """
 
     def __init__(
@@ -673,8 +718,12 @@ class StatusServer:
         is_ready: Callable[[], bool],
         pipelines: Mapping[str, Pipeline] | None = None,
         decode_limits: DecodeLimits | None = None,
+        guard: HttpGuard | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.guard = guard
+        self.tls = tls
         self.port = port
         self.jobs = jobs
         self.metrics = metrics
@@ -688,9 +737,9 @@ class StatusServer:
 
     @property
     def url(self) -> str:
-        """The base URL (``http://host:port``)."""
+        """The base URL (``http://host:port``, ``https://`` with TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
     def start(self) -> None:
         """Listen and serve in a background thread; returns once the socket listens.
@@ -702,12 +751,26 @@ class StatusServer:
         """
         if self._server is not None:
             raise RuntimeError("StatusServer already started")
-        self._server = _Server((self.host, self.port), self)
+        self._server = _Server((self.host, self.port), self, self.tls)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="http", daemon=True)
         self._thread.start()
-        log.info("HTTP status on %s/ (metrics on /metrics)", self.url)
+        who = "no login" if self.guard is None else f"{self.guard.kind} auth"
+        log.info("HTTP status on %s/ (metrics on /metrics; %s)", self.url, who)
+        self._warn_if_exposed(str(self._server.server_address[0]))
+
+    def _warn_if_exposed(self, address: str) -> None:
+        """A WARNING when other machines can reach the listener without a login, or read credentials."""
+        if ipaddress.ip_address(address.split("%", 1)[0]).is_loopback:
+            return
+        if self.guard is None:
+            log.warning("HTTP on %s without a login ([http] allow_anonymous = true): whoever reaches it sees the "
+                        "status page and thumbnails of patient images", self.url)
+        elif self.tls is None:
+            log.warning("HTTP %s auth over plain HTTP on %s: the credentials cross the network readable unless a "
+                        "reverse proxy terminates TLS in front; give [http] cert_file and key_file for HTTPS",
+                        self.guard.kind, self.url)
 
     def stop(self) -> None:
         """Stop serving and close the socket (requests under way finish in their own threads)."""

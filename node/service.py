@@ -38,6 +38,7 @@ from node.database import unavailable
 from node.delivery import DeliveryLanes, DispatchedDeliveries
 from node.fsutil import remove_temporaries
 from node.http import StatusServer
+from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
 from node.jobstore import job_store_for
@@ -48,7 +49,7 @@ from node.poller import DicomWebPoller, schedule
 from node.recording import PendingRecords
 from node.senders import Sender, sender_for
 from node.spool import Spool
-from node.tls import check_certificate_expiry, server_context, start_tls_server
+from node.tls import check_certificate_expiry, https_server_context, server_context, start_tls_server
 from node.workers import PROCESSED, WorkerPool, shared_dir_problem
 
 __all__ = ["NodeService"]
@@ -123,14 +124,15 @@ class NodeService:
             decode_limits=self.decode_limits,
             is_alive=self._alive,
             is_ready=self._is_ready,
+            guard=HttpGuard.for_settings(config.http),  # the secret is read now: a ConfigError before start
+            tls=https_server_context(config.http),
         )
 
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Recover, then start the SCP and the background threads; returns at once."""
-        self.http.start()  # /healthz answers during recovery
-        log.info("HTTP status on http://%s:%d/", self.config.http.host, self.http.port)
+        self.http.start()  # /healthz answers during recovery; it logs where it listens
         self._recover()
         if self.receives:
             self._start_receiving()

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from node.config import ConfigError, TlsSettings
+from node.config import ConfigError, HttpSettings, TlsSettings
 from node.netutil import (
     ConnectionGuard, GuardedAssociationServer, Negotiation, close_connection, serve_in_background,
 )
@@ -48,6 +48,7 @@ __all__ = [
     "client_context",
     "describe_peer_certificate",
     "handshake_failure_reason",
+    "https_server_context",
     "record_tls_errors",
     "server_context",
     "server_hostname",
@@ -144,6 +145,32 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_REQUIRED
     else:
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def https_server_context(http: HttpSettings) -> ssl.SSLContext | None:
+    """The TLS context of the HTTP listener (``[http] cert_file``, ``key_file``), TLS 1.2 or later.
+
+    Parameters
+    ----------
+    http : HttpSettings
+        ``[http]``; no client certificate is asked for (requests carry their credentials).
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        None when ``cert_file`` is not set (plain HTTP).
+
+    Raises
+    ------
+    ConfigError
+        A file cannot be read or used; the message names it.
+    """
+    if http.cert_file is None or http.key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, http.cert_file, http.key_file, "http")
     return context
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from node.config import load_config
+from node.config import BasicAuth, load_config
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 
@@ -45,3 +45,21 @@ def test_compose_scales_workers_over_postgresql_with_the_password_from_the_envir
         password = service["environment"][config.store.password_env]
         assert password.startswith("${DICOM_NODE_DB_PASSWORD:?") and password == database["POSTGRES_PASSWORD"]
     assert "node-data:/data" not in services["worker"]["volumes"]  # each worker its own data_dir
+
+
+def test_the_status_page_needs_a_login_with_the_password_from_the_environment() -> None:
+    """node.toml binds HTTP to 0.0.0.0, so it has [http] auth; compose passes the password to every service
+    that serves that file (the receiver and the workers), as it passes the database password."""
+    config = load_config(DOCKER / "node.toml")
+    assert config.http.host == "0.0.0.0" and config.http.auth == BasicAuth("ops", "DICOM_NODE_HTTP_PASSWORD")
+    assert not config.http.allow_anonymous and not config.http.public_metrics
+    text = (DOCKER / "compose.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    variable = config.http.auth.password_env
+    for name in ("dicom-node", "worker"):
+        assert services[name]["command"][2] == "/etc/dicom-node/node.toml"
+        value = services[name]["environment"][variable]
+        # ${VAR:?message}: compose refuses to start without it
+        assert value.startswith(f"${{{variable}:?") and value.endswith("}"), value
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert any(line.startswith(f"#   export {variable}=") for line in header), header
