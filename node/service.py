@@ -340,6 +340,8 @@ class NodeService:
     def _certificates(self) -> dict[str, Path]:
         """The node's own TLS certificates, by the setting that names them."""
         found = {"tls.cert_file": self.config.tls.cert_file} if self.config.tls is not None else {}
+        if self.config.http.cert_file is not None:
+            found["http.cert_file"] = self.config.http.cert_file
         for name, destination in self.config.destinations.items():
             if getattr(destination, "cert_file", None) is not None:
                 found[f"destinations.{name}.cert_file"] = destination.cert_file
