@@ -279,7 +279,7 @@ class NodeService:
         recorded = self.jobs.reconcile(self.spool) if self.receives else None
         attempts = self.config.node.max_processing_attempts
         counts = {"series_requeued": 0, "series_failed": 0, "deliveries_resumed": 0}
-        if not shared:
+        if not shared and self.works:  # a receiver restarting must not take back a worker's series
             counts = self.jobs.recover(max_attempts=attempts)
         log.info(
             "recovery: %d temporary spool files and %d temporary output files removed, %d spooled instances "
