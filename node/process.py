@@ -23,7 +23,7 @@ from node.imaging.source import ImageFile, UnsupportedImage
 from node.pipeline import Pipeline
 from node.render import FrameRenderer, series_bins
 from node.series import InputSeries
-from node.writers.png import write_png
+from node.writers.png import traceability_text, write_png
 from node.writers.secondary_capture import (
     DerivedSeries,
     SecondaryCaptureSeriesWriter,
@@ -160,7 +160,7 @@ def _process_image(
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
         return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
-    return _write_pngs(image, renderer, folder, sop_uid)
+    return _write_pngs(image, renderer, pipeline, folder, sop_uid)
 
 
 def _write_sc(
@@ -196,13 +196,19 @@ def _write_sc(
     )
 
 
-def _write_pngs(image: ImageFile, renderer: FrameRenderer, folder: Path, sop_uid: str) -> list[Path]:
+def _write_pngs(
+    image: ImageFile, renderer: FrameRenderer, pipeline: Pipeline, folder: Path, sop_uid: str
+) -> list[Path]:
     written: list[Path] = []
     multi = image.number_of_frames > 1
+    derivation = pipeline.describe()
     try:
         for index, frame in enumerate(renderer.render_all(), start=1):
             name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
-            written.append(write_png(folder / name, frame))
+            text = traceability_text(
+                image.header, pipeline=pipeline.name, derivation=derivation, frame=index if multi else None
+            )
+            written.append(write_png(folder / name, frame, text))
     except UnsupportedImage:
         for path in written:  # no half-written multi-frame output
             with contextlib.suppress(FileNotFoundError):
