@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.pipeline import Pipeline
+from node.pipeline import Pipeline, series_description
 from node.render import FrameRenderer, series_bins
 from node.series import InputSeries
 from node.writers.png import traceability_text, write_png
@@ -35,7 +35,6 @@ __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
 log = logging.getLogger(__name__)
 
-_LO_MAX = 64
 _PROGRESS_SECONDS = 5.0
 # Images whose frames decode to more than this are processed one at a time within a series (the
 # others still in parallel): decoding and rendering hold 2.2-3.1 frames, so four 256 MB frames at
@@ -68,11 +67,10 @@ def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
         number = int(first.get("SeriesNumber") or 0) + 1000
     except (TypeError, ValueError):
         number = 1000
-    description = f"{first.get('SeriesDescription') or 'series'} [{pipeline.name}]"
     return DerivedSeries(
         series_instance_uid=derived_series_uid(series.series_uid, pipeline),
         series_number=number,
-        series_description=description[-_LO_MAX:],
+        series_description=series_description(pipeline, str(first.get("SeriesDescription") or "")),
         derivation_description=pipeline.describe(),
     )
 

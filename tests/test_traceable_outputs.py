@@ -11,11 +11,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from node.pipeline import parse_steps
+from node.pipeline import parse_steps, series_description
 from node.process import SeriesResult, process_series
 from node.series import group_series, open_images
 from node.writers.png import traceability_text, write_png
-from tests.conftest import bundled
+from tests.conftest import bundled, dciodvfy_errors
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -97,3 +97,80 @@ def test_write_png_rejects_keywords_png_does_not_allow(tmp_path: Path, keyword: 
     with pytest.raises(ValueError, match="PNG text keyword"):
         write_png(tmp_path / "b.png", np.zeros((2, 2), np.uint8), {keyword: "x"})
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+# --- Series Description: what was done, one test per kind of step ---------------------------
+
+
+def _description(steps: list[dict], output: str = "sc", source: str = "", name: str = "p") -> str:
+    return series_description(parse_steps(name, steps, output), source)
+
+
+def test_description_window_preset_says_its_name_width_and_level() -> None:
+    assert _description([{"op": "rescale"}, {"op": "window", "preset": "lungs"}]) == "lungs W1500 L-600 [p]"
+
+
+def test_description_window_centre_width_and_function() -> None:
+    assert _description([{"op": "window", "center": 40, "width": 80}]) == "W80 L40 [p]"
+    sigmoid = [{"op": "window", "center": 40.5, "width": 80, "function": "sigmoid"}]
+    assert _description(sigmoid) == "W80 L40.5 SIGMOID [p]"
+
+
+def test_description_file_window() -> None:
+    assert _description([{"op": "window", "from": "file"}]) == "file window [p]"
+    assert _description([{"op": "window", "from": "file", "index": 1}]) == "file window 2 [p]"
+
+
+def test_description_equalise_per_image_and_per_series() -> None:
+    assert _description([{"op": "equalise"}]) == "equalised 100 bins [p]"
+    assert _description([{"op": "equalise", "bins": 50, "per": "series"}]) == "equalised 50 bins per series [p]"
+
+
+def test_description_channels() -> None:
+    steps = [{"op": "channels", "windows": ["brain", "40,80"], "equalise": {"bins": 20}}]
+    assert _description(steps) == "RGB brain/W80 L40/equalised 20 bins [p]"
+
+
+def test_description_clip() -> None:
+    assert _description([{"op": "clip", "min": -1000, "max": 3000.5}]) == "clip -1000..3000.5, default window [p]"
+    assert _description([{"op": "clip", "max": 100}]) == "clip -inf..100, default window [p]"
+    assert _description([{"op": "clip", "min": 0}]) == "clip 0..inf, default window [p]"
+
+
+def test_description_grey_rescale_and_16_bit() -> None:
+    assert _description([{"op": "grey"}, {"op": "equalise"}], "png") == "grey, equalised 100 bins [p]"
+    # the modality rescale changes units, not what is shown: not named (DerivationDescription has it)
+    assert _description([{"op": "rescale"}], "sc16") == "default window, 16-bit [p]"
+    assert _description([], "png16") == "default window, 16-bit [p]"
+
+
+def test_description_source_first_when_it_fits_and_never_over_64() -> None:
+    steps = [{"op": "window", "preset": "lungs"}]
+    assert _description(steps, source="Thorax 1.0 B70f", name="ct-lung") == (
+        "Thorax 1.0 B70f: lungs W1500 L-600 [ct-lung]"
+    )
+    long_source = "S" * 50
+    assert _description(steps, source=long_source, name="ct-lung") == "lungs W1500 L-600 [ct-lung]"
+    # what was done is cut short; the [name] the poller recognises is kept
+    long_name = "n" * 50
+    text = _description(steps, name=long_name)
+    assert len(text) <= 64 and text.endswith(f" [{long_name}]") and text.startswith("lungs W")
+    assert len(_description(steps, name="x" * 80)) == 64
+
+
+def test_description_is_one_line_without_backslash() -> None:
+    text = _description([{"op": "equalise"}], source="A\\B\nC", name="a\\b")
+    assert text == "A/B C: equalised 100 bins [a/b]"
+
+
+def test_derived_sc_says_what_was_done_and_passes_dciodvfy(tmp_path: Path) -> None:
+    src = bundled("CT_small.dcm")
+    result = _process([src], [{"op": "rescale"}, {"op": "window", "preset": "lungs"}], "sc", tmp_path)
+    (path,) = result.outputs
+    sc = pydicom.dcmread(path)
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    assert "SeriesDescription" not in source  # CT_small has none: no prefix
+    assert sc.SeriesDescription == "lungs W1500 L-600 [trace]"
+    assert sc.BurnedInAnnotation == "YES"  # CT_small does not say
+    errors, report = dciodvfy_errors(path)
+    assert not errors, report
