@@ -217,7 +217,8 @@ def series_description(pipeline: Pipeline, source_description: str = "") -> str:
     ``grey``; a clip as ``clip -1000..3000``; the display as ``lungs W1500 L-600`` (a preset),
     ``W80 L40`` (centre and width; the VOI function if not LINEAR), ``file window`` (``file
     window 2``), ``equalised 100 bins`` (``... per series``), ``RGB brain/subdural/W80 L40``
-    (channels: a preset by its name alone) or ``default window`` (no display step); ``16-bit`` for 16-bit output.
+    (channels: a preset by its name alone) or ``default window`` (no display step); then
+    ``16-bit`` for 16-bit output.
     The modality rescale is not named: it changes units, not what is shown (the full account is
     in Derivation Description, :meth:`Pipeline.describe`).
 

@@ -123,7 +123,8 @@ def test_description_file_window() -> None:
 
 def test_description_equalise_per_image_and_per_series() -> None:
     assert _description([{"op": "equalise"}]) == "equalised 100 bins [p]"
-    assert _description([{"op": "equalise", "bins": 50, "per": "series"}]) == "equalised 50 bins per series [p]"
+    per_series = [{"op": "equalise", "bins": 50, "per": "series"}]
+    assert _description(per_series) == "equalised 50 bins per series [p]"
 
 
 def test_description_channels() -> None:
@@ -132,7 +133,8 @@ def test_description_channels() -> None:
 
 
 def test_description_clip() -> None:
-    assert _description([{"op": "clip", "min": -1000, "max": 3000.5}]) == "clip -1000..3000.5, default window [p]"
+    both = [{"op": "clip", "min": -1000, "max": 3000.5}]
+    assert _description(both) == "clip -1000..3000.5, default window [p]"
     assert _description([{"op": "clip", "max": 100}]) == "clip -inf..100, default window [p]"
     assert _description([{"op": "clip", "min": 0}]) == "clip 0..inf, default window [p]"
 
