@@ -29,6 +29,7 @@ __all__ = [
     "WindowSpec",
     "parse_steps",
     "parse_window",
+    "series_description",
 ]
 
 
@@ -168,6 +169,95 @@ class Pipeline:
 
 def _fmt(value: float | None) -> str:
     return "-inf" if value is None else f"{value:g}"
+
+
+# Series Description (0008,103E) is LO: at most 64 characters, no backslash, one line.
+_LO_MAX = 64
+
+
+def _short_window(spec: WindowSpec) -> str:
+    """``lungs W1500 L-600``, ``W80 L40``, ``W80 L40 SIGMOID``, ``file window 2``."""
+    if spec.from_file:
+        return f"file window {spec.index + 1}" if spec.index else "file window"
+    assert spec.window is not None
+    text = f"W{spec.window.width:g} L{spec.window.center:g}"
+    if spec.window.function is not VOIFunction.LINEAR:
+        text += f" {spec.window.function.value}"
+    return f"{spec.name} {text}" if spec.name else text
+
+
+def _short_equalise(equalise: Equalise) -> str:
+    per = " per series" if equalise.per == "series" else ""
+    return f"equalised {equalise.bins} bins{per}"
+
+
+def _short_display(display: Display | None) -> str:
+    if isinstance(display, WindowSpec):
+        return _short_window(display)
+    if isinstance(display, Equalise):
+        return _short_equalise(display)
+    if isinstance(display, Channels):
+        # a preset by its name alone: three windows must fit one line
+        parts = [spec.name if spec.name else _short_window(spec) for spec in display.windows]
+        if display.equalise is not None:
+            parts.append(_short_equalise(display.equalise))
+        return "RGB " + "/".join(parts)
+    return "default window"  # the file's own window, else the image's value range
+
+
+def _lo_safe(text: str) -> str:
+    """``text`` on one line without backslashes (LO's delimiter)."""
+    return " ".join(text.replace("\\", "/").split())
+
+
+def series_description(pipeline: Pipeline, source_description: str = "") -> str:
+    """Series Description of the series ``pipeline`` derives: what was done, then ``[name]``.
+
+    What was done is said by each step that changes what the image shows, in pipeline order:
+    ``grey``; a clip as ``clip -1000..3000``; the display as ``lungs W1500 L-600`` (a preset),
+    ``W80 L40`` (centre and width; the VOI function if not LINEAR), ``file window`` (``file
+    window 2``), ``equalised 100 bins`` (``... per series``), ``RGB brain/subdural/W80 L40``
+    (channels: a preset by its name alone) or ``default window`` (no display step); then
+    ``16-bit`` for 16-bit output.
+    The modality rescale is not named: it changes units, not what is shown (the full account is
+    in Derivation Description, :meth:`Pipeline.describe`).
+
+    The source's description comes first (``Thorax 1.0 B70f: lungs W1500 L-600 [ct-lung]``)
+    when the whole fits in 64 characters (LO), and is left out when not. The `` [name]`` suffix
+    is always kept, as the poller recognises the node's own series by it: when it does not fit
+    with what was done, what was done is cut short.
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+        The pipeline that derives the series.
+    source_description : str, optional
+        The source series' Series Description ("" if it has none).
+
+    Returns
+    -------
+    str
+        At most 64 characters, one line, no backslash.
+    """
+    parts = []
+    if pipeline.grey:
+        parts.append("grey")
+    if pipeline.clip is not None:
+        high = "inf" if pipeline.clip.max is None else f"{pipeline.clip.max:g}"
+        parts.append(f"clip {_fmt(pipeline.clip.min)}..{high}")
+    parts.append(_short_display(pipeline.display))
+    if pipeline.output.bits == 16:
+        parts.append("16-bit")
+    done = _lo_safe(", ".join(parts))
+    suffix = f" [{_lo_safe(pipeline.name)}]"
+    source = _lo_safe(source_description)
+    whole = f"{source}: {done}{suffix}"
+    if source and len(whole) <= _LO_MAX:
+        return whole
+    room = _LO_MAX - len(suffix)
+    if room <= 0:
+        return suffix[-_LO_MAX:].strip()
+    return f"{done[:room].rstrip(' ,/|')}{suffix}"
 
 
 def parse_window(text: str) -> WindowSpec:

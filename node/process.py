@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.pipeline import Pipeline
+from node.pipeline import Pipeline, series_description
 from node.render import FrameRenderer, series_bins
 from node.series import InputSeries
-from node.writers.png import write_png
+from node.writers.png import traceability_text, write_png
 from node.writers.secondary_capture import (
     DerivedSeries,
     SecondaryCaptureSeriesWriter,
@@ -35,7 +35,6 @@ __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
 log = logging.getLogger(__name__)
 
-_LO_MAX = 64
 _PROGRESS_SECONDS = 5.0
 # Images whose frames decode to more than this are processed one at a time within a series (the
 # others still in parallel): decoding and rendering hold 2.2-3.1 frames, so four 256 MB frames at
@@ -68,11 +67,10 @@ def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
         number = int(first.get("SeriesNumber") or 0) + 1000
     except (TypeError, ValueError):
         number = 1000
-    description = f"{first.get('SeriesDescription') or 'series'} [{pipeline.name}]"
     return DerivedSeries(
         series_instance_uid=derived_series_uid(series.series_uid, pipeline),
         series_number=number,
-        series_description=description[-_LO_MAX:],
+        series_description=series_description(pipeline, str(first.get("SeriesDescription") or "")),
         derivation_description=pipeline.describe(),
     )
 
@@ -160,7 +158,7 @@ def _process_image(
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
         return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
-    return _write_pngs(image, renderer, folder, sop_uid)
+    return _write_pngs(image, renderer, pipeline, folder, sop_uid)
 
 
 def _write_sc(
@@ -196,13 +194,19 @@ def _write_sc(
     )
 
 
-def _write_pngs(image: ImageFile, renderer: FrameRenderer, folder: Path, sop_uid: str) -> list[Path]:
+def _write_pngs(
+    image: ImageFile, renderer: FrameRenderer, pipeline: Pipeline, folder: Path, sop_uid: str
+) -> list[Path]:
     written: list[Path] = []
     multi = image.number_of_frames > 1
+    derivation = pipeline.describe()
     try:
         for index, frame in enumerate(renderer.render_all(), start=1):
             name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
-            written.append(write_png(folder / name, frame))
+            text = traceability_text(
+                image.header, pipeline=pipeline.name, derivation=derivation, frame=index if multi else None
+            )
+            written.append(write_png(folder / name, frame, text))
     except UnsupportedImage:
         for path in written:  # no half-written multi-frame output
             with contextlib.suppress(FileNotFoundError):

@@ -166,7 +166,7 @@ def test_instance_differing_in_a_copied_attribute_gets_its_own_header(case: Seri
     lossy.LossyImageCompression = "01"
     lossy.LossyImageCompressionRatio = "10"
     burned_in = _copy_of(source, 4)
-    burned_in.BurnedInAnnotation = "YES"
+    burned_in.BurnedInAnnotation = "NO"  # the others say nothing: YES
     right = _copy_of(source, 5)
     right.Laterality = "R"
     for instance in (_copy_of(source, 1), renamed, lossy, _copy_of(source, 6), burned_in, right):
@@ -175,6 +175,8 @@ def test_instance_differing_in_a_copied_attribute_gets_its_own_header(case: Seri
     assert case.counts() == (5, 1)
     assert pydicom.dcmread(case.folder / "fast-2.dcm").PatientName == "Other^Patient"
     assert pydicom.dcmread(case.folder / "fast-3.dcm").LossyImageCompression == "01"
+    assert pydicom.dcmread(case.folder / "fast-1.dcm").BurnedInAnnotation == "YES"
+    assert pydicom.dcmread(case.folder / "fast-5.dcm").BurnedInAnnotation == "NO"
 
 
 @pytest.mark.parametrize(

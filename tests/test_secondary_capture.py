@@ -33,6 +33,7 @@ from node.writers.secondary_capture import (
     SECONDARY_CAPTURE_IMAGE_STORAGE,
     DerivedSeries,
     SourceImage,
+    derived_burned_in_annotation,
     secondary_capture_header,
     write_secondary_capture,
 )
@@ -178,6 +179,17 @@ def _lossy_ct(out_dir: pathlib.Path, name: str) -> Built:
     )
 
 
+def _ultrasound(out_dir: pathlib.Path, name: str) -> Built:
+    # A real ultrasound (RGB) with no Burned In Annotation: its SC must say YES, not NO.
+    path = require_test_data() / "color" / "US1_UNCR.dcm"
+    source = _header(path)
+    frames = pydicom.dcmread(path).pixel_array[None]  # (1, 480, 640, 3) uint8
+    return _write(
+        out_dir, name, source, [_source_image(source)], frames,
+        SECONDARY_CAPTURE_IMAGE_STORAGE,
+    )
+
+
 def _emri(out_dir: pathlib.Path, name: str, kind: str) -> Built:
     path = require_test_data() / "multiframe" / "emri_small.dcm"
     source = _header(path)
@@ -228,6 +240,8 @@ CASES = [
     Case("ct_small_multiframe_one", lambda d: _ct_small(d, "ct_small_mf1", "mf1"),
          frozenset({LATERALITY_UNKNOWN_WARNING})),
     Case("lossy_ct_693_J2KI", lambda d: _lossy_ct(d, "lossy_ct"),
+         frozenset({LATERALITY_UNKNOWN_WARNING})),
+    Case("ultrasound_rgb", lambda d: _ultrasound(d, "ultrasound_rgb"),
          frozenset({LATERALITY_UNKNOWN_WARNING})),
     Case("emri_byte", lambda d: _emri(d, "emri_byte", "byte")),
     Case("emri_word", lambda d: _emri(d, "emri_word", "word")),
@@ -482,6 +496,26 @@ def test_header_lossy_source_stays_lossy() -> None:
 
     # A lossless source gets no Lossy Image Compression at all.
     assert "LossyImageCompression" not in _ct_small_header()
+
+
+def test_header_burned_in_annotation_is_copied_or_yes() -> None:
+    # The ultrasound states nothing: a guessed NO would be trusted by de-identification tools.
+    ultrasound = _header(require_test_data() / "color" / "US1_UNCR.dcm")
+    assert "BurnedInAnnotation" not in ultrasound
+    assert derived_burned_in_annotation(ultrasound) == "YES"
+    assert "BurnedInAnnotation" not in _header(bundled("CT_small.dcm"))
+    assert _ct_small_header().BurnedInAnnotation == "YES"
+    for stated, expected in (("NO", "NO"), ("YES", "YES"), ("", "YES"), ("UNKNOWN", "YES")):
+        source = _header(bundled("CT_small.dcm"))
+        source.BurnedInAnnotation = stated
+        assert derived_burned_in_annotation(source) == expected, stated
+        header = secondary_capture_header(
+            source, rows=2, columns=2, number_of_frames=1, samples_per_pixel=1,
+            bits_allocated=8, series=_series(source, "burned"),
+            sop_instance_uid=derived_uid("burned", stated), instance_number=1,
+            source_images=[_source_image(source)], content_datetime=CONTENT_DATETIME,
+        )
+        assert header.BurnedInAnnotation == expected, stated
 
 
 def test_header_multiframe_attributes() -> None:

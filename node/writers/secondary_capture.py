@@ -78,6 +78,7 @@ __all__ = [
     "MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE",
     "SourceImage",
     "DerivedSeries",
+    "derived_burned_in_annotation",
     "SecondaryCaptureSeriesWriter",
     "secondary_capture_header",
     "write_secondary_capture",
@@ -387,6 +388,34 @@ def _check_text(
         raise ValueError(f"{name} must not contain a backslash: {value!r}")
     if any(ch in value for ch in "\r\n\f"):
         raise ValueError(f"{name} must be a single line: {value!r}")
+
+
+# --- what a derived image says of its pixels ---------------------------------
+
+
+def derived_burned_in_annotation(source: Dataset) -> str:
+    """Burned In Annotation (0028,0301) of an image derived from ``source``'s pixels.
+
+    The source's own ``YES`` or ``NO`` is copied (a derived image shows what its source
+    showed). Where the source does not say, or says something else, the answer is ``YES``:
+    de-identification tools trust a ``NO`` and pass the pixels on unmasked, so a ``NO`` is
+    written only when the source states it (an ultrasound or a screen capture with the
+    patient's name in its pixels often carries no value at all).
+
+    Parameters
+    ----------
+    source : pydicom.dataset.Dataset
+        The source image's data set (its pixels need not be loaded).
+
+    Returns
+    -------
+    str
+        ``"YES"`` or ``"NO"``.
+    """
+    stated = _source_value(source, "BurnedInAnnotation")
+    if isinstance(stated, str) and stated.strip().upper() == "NO":
+        return "NO"
+    return "YES"
 
 
 # --- formatting helpers -----------------------------------------------------
@@ -786,8 +815,7 @@ def secondary_capture_header(
     ds.PatientOrientation = ""
     ds.ContentDate = _da(when)
     ds.ContentTime = _tm(when)
-    burned_in = _source_value(source, "BurnedInAnnotation")
-    ds.BurnedInAnnotation = burned_in if burned_in in ("YES", "NO") else "NO"
+    ds.BurnedInAnnotation = derived_burned_in_annotation(source)
     recognizable = _source_value(source, "RecognizableVisualFeatures")
     if recognizable in ("YES", "NO"):
         ds.RecognizableVisualFeatures = recognizable
