@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from node.jobstore import JobStore, SeriesState
+import node
+from node.jobstore import JobStore, SeriesJob, SeriesState
 from tests.conftest import bundled, run_cli
 from tests.peers import free_port, running_orthanc
 from tests.test_config import NO_SUCH_HOST, marked_line
@@ -43,24 +47,96 @@ def test_json_log_format(tmp_path: Path) -> None:
     assert any(e["message"].startswith("done: 1 outputs") for e in entries)
 
 
-def test_status_and_retry_from_the_job_store(tmp_path: Path) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
-    jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: 1000.0)
-    src = bundled("CT_small.dcm")
-    jobs.record_instance(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5", sop_class_uid="1.2",
-                         path=src, size=1, modality="CT", calling_ae="SCU")
+def _cli_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``dicom-node ARGS`` run in *cwd* with *env* added to the environment (no $DICOM_NODE_CONFIG unless given)."""
+    full = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
+    full.update(env or {}, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=full, cwd=cwd)
+
+
+def _series(jobs: JobStore, uid: str, path: Path, modality: str) -> SeriesJob:
+    """One series of one instance (*path*), settled and claimed for processing."""
+    jobs.record_instance(study_uid="1.2.3", series_uid=uid, sop_uid=f"{uid}.1", sop_class_uid="1.2", path=path,
+                         size=1, modality=modality, calling_ae="SCU")
     jobs.settle(0)
     job = jobs.claim_next()
-    jobs.set_outcome(job, SeriesState.FAILED, "no output: <simulated>")
+    assert job is not None and job.series_uid == uid
+    return job
+
+
+def test_status_and_retry_say_what_they_did_per_job(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f"""[node]\ndata_dir = "{tmp_path / 'var'}"\nmax_processing_attempts = 2
+[delivery]\nmax_attempts = 3
+[[pipelines]]\nname = "plain"\nsteps = []
+[[destinations]]\nname = "pacs"\nkind = "folder"\npath = "{tmp_path / 'out'}"
+[[routes]]\nmatch = {{ Modality = "MR" }}\npipeline = "plain"\ndestinations = ["pacs"]
+""")
+    ct, mr = bundled("CT_small.dcm"), bundled("MR_small.dcm")
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: 1000.0)
+    jobs.set_outcome(_series(jobs, "1.1", ct, "CT"), SeriesState.FAILED, "no output: <simulated>")  # job 1
+    delivering = _series(jobs, "1.2", mr, "MR")  # job 2: its delivery fails for good
+    jobs.processed(delivering, route="r", pipeline="plain", output_dir=tmp_path / "o", derived_series_uid="2.25.1",
+                   outputs=1, destinations=["pacs"], seconds=0.1)
+    for _attempt in range(3):
+        (delivery,) = jobs.claim_due_deliveries()
+        jobs.delivery_failed(delivery, "refused", permanent=False, max_attempts=3, retry_in=-1)
+    jobs.set_outcome(_series(jobs, "1.3", ct, "CT"), SeriesState.UNROUTED, "no route matches (Modality CT)")  # 3
+    jobs.set_outcome(_series(jobs, "1.4", mr, "MR"), SeriesState.UNROUTED, "no route matches (Modality MR)")  # 4
     jobs.close()
-    status = run_cli("status", "--config", str(config))
-    assert status.returncode == 0 and "failed 1" in status.stdout and "<simulated>" in status.stdout
-    assert "MB free in" in status.stdout and "MB headroom" in status.stdout
-    retried = run_cli("retry", "--all-failed", "--config", str(config))
-    assert retried.returncode == 0 and "1 series queued again" in retried.stdout
-    assert "queued 1" in run_cli("status", "--config", str(config)).stdout
-    assert run_cli("retry", "999", "--config", str(config)).returncode == 1
+
+    status = _cli_in(tmp_path, "status", "--config", str(config))
+    assert status.returncode == 0 and "failed 2, unrouted 2" in status.stdout, status.stdout + status.stderr
+    assert "<simulated>" in status.stdout and "MB free in" in status.stdout and "MB headroom" in status.stdout
+
+    def retry(*args: str) -> tuple[int, list[str]]:
+        result = _cli_in(tmp_path, "retry", *args, env={"DICOM_NODE_CONFIG": str(config)})
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    assert retry("1") == (0, ["job 1: failed (no output: <simulated>): queued for processing again, attempt 1 of 2",
+                              "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("2") == (0, ["job 2: failed: delivery queued again, attempt 1 of 3, to pacs (failed after 3 "
+                              "attempts)", "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("2") == (1, ["job 2: delivering, delivery to pacs: pending after attempt 0 of 3: not failed, "
+                              "nothing to retry"])
+    code, lines = retry("3")
+    assert code == 1 and lines == [f"job 3: unrouted (no route matches (Modality CT)): not queued again: no route of "
+                                   f"{config} matches it now either; add a route, restart the node with it, "
+                                   "then retry"]
+    assert retry("4") == (0, ["job 4: unrouted (no route matches (Modality MR)): queued for processing again, "
+                              "attempt 1 of 2", "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("99") == (1, ["job 99: no such job (dicom-node status lists them)"])
+    assert retry("--all-failed") == (0, ["no failed series: nothing to retry"])
+    after = _cli_in(tmp_path, "status", "--config", str(config)).stdout
+    assert "delivering 1, queued 2, unrouted 1" in after, after
+
+
+def test_operator_commands_refuse_a_missing_job_store(tmp_path: Path) -> None:
+    for command in (["status"], ["retry", "7"], ["retry", "--all-failed"]):
+        result = _cli_in(tmp_path, *command)  # --config forgotten: the embedded default's data_dir "var"
+        assert result.returncode == 3 and result.stdout == "", result.stdout + result.stderr
+        (line,) = result.stderr.splitlines()
+        assert f"{tmp_path / 'var' / 'jobs.sqlite'}: no job store here ({command[0]} reads the store" in line, line
+        assert "config: <embedded default>" in line and "--config FILE or $DICOM_NODE_CONFIG" in line, line
+        assert not (tmp_path / "var").exists()  # nothing created
+
+
+def test_config_from_the_environment_options_after_the_subcommand_and_version(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nae_title = "FROMENV"\n')
+    check = _cli_in(tmp_path, "config", "check", env={"DICOM_NODE_CONFIG": str(config)})
+    assert check.returncode == 0 and check.stderr == f"{config}: OK\n", check.stderr
+    assert json.loads(check.stdout)["node"]["ae_title"] == "FROMENV"
+    status = _cli_in(tmp_path, "status", "--log-level", "ERROR", "--log-format", "json",
+                     env={"DICOM_NODE_CONFIG": str(tmp_path / "missing.toml")})
+    assert status.returncode == 2, status.stderr  # $DICOM_NODE_CONFIG read; json although given after "status"
+    assert json.loads(status.stderr)["message"].startswith(f"{tmp_path / 'missing.toml'}: ")
+    before = _cli_in(tmp_path, "--log-format", "json", "status", "--config", str(tmp_path / "missing.toml"))
+    assert json.loads(before.stderr)["level"] == "ERROR"
+    version = _cli_in(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"dicom-node {node.__version__}"
 
 
 def _node_toml(tmp_path: Path, node_lines: str = "", tables: str = "") -> str:
