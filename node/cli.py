@@ -380,11 +380,15 @@ def _run_poll(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.service import NodeService
+    from node.service import ListenerError, NodeService
 
     config = load_config(args.config, check_machine=True)
     log.info("config: %s (role %s)", config.source, args.role)
-    NodeService(config, log_settings=args.log_settings, role=args.role).run_forever()
+    try:
+        NodeService(config, log_settings=args.log_settings, role=args.role).run_forever()
+    except ListenerError as exc:  # a port in use: one line naming the listener and port, never a traceback
+        log.error("%s", exc)
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ import node
 from node.jobstore import JobStore, SeriesJob, SeriesState
 from tests.conftest import bundled, run_cli
 from tests.peers import free_port, running_orthanc
+from tests.node_process import NodeProcess, node_config
 from tests.test_config import NO_SUCH_HOST, marked_line
 
 
@@ -211,3 +212,22 @@ def test_config_check_and_serve_refuse_a_config_that_cannot_work(
     assert serve.returncode == 2, serve.stderr
     assert "Traceback" not in serve.stderr and f"{at}{key}: " in serve.stderr, serve.stderr
     assert not (tmp_path / "var").is_dir() and not (tmp_path / "out").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("shared", ["node.port", "http.port"])
+def test_a_port_in_use_ends_serve_with_one_line_naming_the_listener(tmp_path: Path, shared: str) -> None:
+    port, http_port = free_port(), free_port()
+    (tmp_path / "first").mkdir()
+    with NodeProcess(node_config(tmp_path / "first" / "var", port, http_port=http_port), tmp_path / "first",
+                     port=port):
+        second = tmp_path / "second.toml"  # its own data_dir; one port of the first node
+        second.write_text(node_config(tmp_path / "second", port if shared == "node.port" else free_port(),
+                                      http_port=http_port if shared == "http.port" else free_port()))
+        result = run_cli("serve", "--config", str(second), timeout=60)
+    listener, used = ("the DICOM listener", port) if shared == "node.port" else ("the HTTP listener", http_port)
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].endswith(
+        f"ERROR node.cli: {second}: {shared}: {listener} cannot listen on 127.0.0.1:{used}: the port is in use "
+        f"(another dicom-node, or another program: `ss -ltnp 'sport = :{used}'` names it); stop it or choose "
+        "another port"), result.stderr
