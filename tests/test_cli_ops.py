@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import node
 from node.jobstore import JobStore, SeriesJob, SeriesState
 from tests.conftest import bundled, run_cli
 from tests.peers import free_port, running_orthanc
-from tests.node_process import NodeProcess, node_config
+from tests.node_process import NodeProcess, folder_route, node_config
 from tests.test_config import NO_SUCH_HOST, marked_line
 
 
@@ -231,3 +232,35 @@ def test_a_port_in_use_ends_serve_with_one_line_naming_the_listener(tmp_path: Pa
         f"ERROR node.cli: {second}: {shared}: {listener} cannot listen on 127.0.0.1:{used}: the port is in use "
         f"(another dicom-node, or another program: `ss -ltnp 'sport = :{used}'` names it); stop it or choose "
         "another port"), result.stderr
+
+
+@pytest.mark.peers
+def test_the_readme_push_sends_every_dicom_file_of_a_mixed_folder(tmp_path: Path, data_dir: Path) -> None:
+    """The README's dcmsend command, run as written on the shared data folder (JPEG 2000, JPEG-LS, RLE,
+    JPEG lossless, uncompressed; README and LICENSE files; a cut-short file)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"`(dcmsend [^`]*11112 FOLDER)`", readme.replace("\n", " "))
+    assert command, "the README's dcmsend example"
+    port = free_port()
+    args = command.group(1).replace("11112", str(port)).replace("FOLDER", str(data_dir)).split()
+    dicom = [p for p in data_dir.rglob("*") if p.is_file() and _has_file_meta(p)]
+    cut_short = data_dir / "broken" / "emri_small_jpeg_2k_lossless_too_short.dcm"
+    with NodeProcess(node_config(tmp_path / "var", port, extra=folder_route(tmp_path / "out")), tmp_path, port=port):
+        sent = subprocess.run(["/usr/bin/dcmsend", "-v", *args[1:]], capture_output=True, text=True, timeout=300)
+    summary = sent.stdout + sent.stderr
+    assert sent.returncode == 0, summary[-3000:]
+    assert f"Number of SOP instances  : {len(dicom)}\n" in summary, summary[-3000:]
+    assert f"* with status SUCCESS  : {len(dicom) - 1}\n" in summary and "NOT sent to the peer   : 1\n" in summary
+    assert f"cannot send SOP instance from file: {cut_short}" in summary
+    assert f"bad DICOM file: {data_dir / 'README.md'}: File meta information header missing, ignoring" in summary
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite")
+    try:
+        assert sum(row["instances"] for row in jobs.list_series(limit=1000)) == len(dicom) - 1
+    finally:
+        jobs.close()
+
+
+def _has_file_meta(path: Path) -> bool:
+    """Whether *path* starts as a DICOM Part 10 file (preamble and "DICM")."""
+    with path.open("rb") as file:
+        return file.read(132)[128:] == b"DICM"
