@@ -529,8 +529,13 @@ def _run_store_rebuild(args: argparse.Namespace) -> int:
     from node.jobstore import JobStore
     from node.spool import Spool
 
-    data_dir = load_config(args.config).node.data_dir
+    config = load_config(args.config)
+    data_dir = config.node.data_dir
     path = data_dir / "jobs.sqlite"
+    if not path.exists() and not (data_dir / "spool").is_dir():  # nothing to rebuild from: not created here
+        raise JobStoreError(path, f"no job store and no spool {data_dir / 'spool'} here (config: {config.source}, "
+                                  f"[node] data_dir {data_dir}): give the node's config with --config FILE or "
+                                  f"${CONFIG_VARIABLE}")
     spool = Spool(data_dir / "spool")
     rebuilt = JobStore.rebuild(path, spool, only_if_damaged=not args.force)
     if rebuilt.recorded is None:

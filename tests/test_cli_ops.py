@@ -116,11 +116,17 @@ def test_status_and_retry_say_what_they_did_per_job(tmp_path: Path) -> None:
 
 
 def test_operator_commands_refuse_a_missing_job_store(tmp_path: Path) -> None:
-    for command in (["status"], ["retry", "7"], ["retry", "--all-failed"]):
+    store = tmp_path / "var" / "jobs.sqlite"
+    for command, says in (
+        (["status"], "no job store here (status reads the store"),
+        (["retry", "7"], "no job store here (retry reads the store"),
+        (["retry", "--all-failed"], "no job store here (retry reads the store"),
+        (["store", "rebuild"], f"no job store and no spool {tmp_path / 'var' / 'spool'} here ("),
+    ):
         result = _cli_in(tmp_path, *command)  # --config forgotten: the embedded default's data_dir "var"
         assert result.returncode == 3 and result.stdout == "", result.stdout + result.stderr
         (line,) = result.stderr.splitlines()
-        assert f"{tmp_path / 'var' / 'jobs.sqlite'}: no job store here ({command[0]} reads the store" in line, line
+        assert f"{store}: {says}" in line, line
         assert "config: <embedded default>" in line and "--config FILE or $DICOM_NODE_CONFIG" in line, line
         assert not (tmp_path / "var").exists()  # nothing created
 
