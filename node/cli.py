@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.config import ConfigError
+from node.config import Config, ConfigError
 from node.database import DatabaseError
-from node.jobstore import JobStoreError
+from node.jobstore import JobStore, JobStoreError, SeriesState
 from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
 from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
@@ -178,19 +179,35 @@ def _run_process(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+#: The environment variable whose value is the default of ``--config``.
+CONFIG_VARIABLE = "DICOM_NODE_CONFIG"
+
+
+def _config_from_environment() -> Path | None:
+    """``$DICOM_NODE_CONFIG`` as a path (None when unset or empty)."""
+    value = os.environ.get(CONFIG_VARIABLE, "").strip()
+    return Path(value) if value else None
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``, defaulting to ``$DICOM_NODE_CONFIG``, else the embedded default."""
+    parser.add_argument("--config", type=Path, default=_config_from_environment(),
+                        help=f"TOML config file (default: ${CONFIG_VARIABLE} when set, else the embedded default)")
+
+
 def _add_service_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the node: receive, process, deliver")
-    serve.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    _add_config_option(serve)
     serve.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
                        help="all (default): receive and process; receiver: SCP, DICOMweb poller, assembly; "
                        "worker: processing and delivery (several of each share [store] and shared_dir)")
     serve.set_defaults(func=_run_serve)
     status = sub.add_parser("status", help="series and deliveries from the job store")
-    status.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    _add_config_option(status)
     status.add_argument("--limit", type=int, default=20, help="how many recent series to list")
     status.set_defaults(func=_run_status)
     retry = sub.add_parser("retry", help="retry failed series (deliveries, or processing)")
-    retry.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    _add_config_option(retry)
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("job", nargs="?", type=int, help="series job id (see dicom-node status)")
     which.add_argument("--all-failed", action="store_true", help="every failed series")
@@ -208,7 +225,8 @@ def _add_operator_parsers(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     check = config_sub.add_parser("check", help="validate a config file and print the effective config")
-    check.add_argument("file", type=Path, nargs="?", help="TOML file (default: the embedded default)")
+    check.add_argument("file", type=Path, nargs="?", default=_config_from_environment(),
+                       help=f"TOML file (default: ${CONFIG_VARIABLE} when set, else the embedded default)")
     check.set_defaults(func=_run_config_check)
 
 
@@ -285,7 +303,7 @@ def _add_poll_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: dicom-node poll --config node.toml --once --source archive --since 2015-01-01 "
         "--until 2015-12-31",
     )
-    poll.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    _add_config_option(poll)
     poll.add_argument("--source", help="only this source (default: all)")
     poll.add_argument("--once", action="store_true", required=True,
                       help="one pass, then exit (serve polls on the schedule); for cron and tests")
@@ -362,19 +380,30 @@ def _run_poll(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.service import NodeService
+    from node.service import ListenerError, NodeService
 
     config = load_config(args.config, check_machine=True)
     log.info("config: %s (role %s)", config.source, args.role)
-    NodeService(config, log_settings=args.log_settings, role=args.role).run_forever()
+    try:
+        NodeService(config, log_settings=args.log_settings, role=args.role).run_forever()
+    except ListenerError as exc:  # a port in use: one line naming the listener and port, never a traceback
+        log.error("%s", exc)
+        return 2
     return 0
 
 
-def _open_jobs(args: argparse.Namespace):
+def _open_jobs(args: argparse.Namespace, config: Config | None = None) -> JobStore:
+    """The job store of the node whose config *args* name; a SQLite store that does not exist is not
+    created (JobStoreError naming the file, the config and how to name another)."""
     from node.config import load_config
     from node.jobstore import job_store_for
 
-    config = load_config(args.config)
+    config = config if config is not None else load_config(args.config)
+    path = config.node.data_dir / "jobs.sqlite"
+    if config.store.url is None and not path.is_file():
+        raise JobStoreError(path, f"no job store here ({args.command} reads the store of a node that has run; "
+                                  f"config: {config.source}, [node] data_dir {config.node.data_dir}): give the "
+                                  f"node's config with --config FILE or ${CONFIG_VARIABLE}")
     return job_store_for(config)
 
 
@@ -383,12 +412,14 @@ def _run_status(args: argparse.Namespace) -> int:
 
     from node.config import load_config
 
-    node = load_config(args.config).node
-    free_mb = shutil.disk_usage(node.data_dir).free // 2**20 if node.data_dir.exists() else 0
-    print(f"disk: {free_mb} MB free in {node.data_dir}; C-STORE refused below {node.min_free_disk_mb} MB"
-          + (" (REFUSING NOW)" if free_mb < node.min_free_disk_mb else f" ({free_mb - node.min_free_disk_mb} MB headroom)"))
-    jobs = _open_jobs(args)
+    config = load_config(args.config)
+    node = config.node
+    jobs = _open_jobs(args, config)
     try:
+        free_mb = shutil.disk_usage(node.data_dir).free // 2**20
+        print(f"disk: {free_mb} MB free in {node.data_dir}; C-STORE refused below {node.min_free_disk_mb} MB"
+              + (" (REFUSING NOW)" if free_mb < node.min_free_disk_mb
+                 else f" ({free_mb - node.min_free_disk_mb} MB headroom)"))
         counts = jobs.counts()
         print("series by state: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
         for row in jobs.list_series(limit=args.limit):
@@ -403,13 +434,79 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_retry(args: argparse.Namespace) -> int:
-    jobs = _open_jobs(args)
+    from node.config import load_config
+
+    config = load_config(args.config)
+    jobs = _open_jobs(args, config)
     try:
-        count = jobs.retry(None if args.all_failed else [args.job])
+        if args.all_failed:
+            ids = [row["id"] for row in jobs.list_series(limit=2**31 - 1, state=SeriesState.FAILED.value)]
+            if not ids:
+                print("no failed series: nothing to retry")
+        else:
+            ids = [args.job]
+        done = [_retry_one(jobs, config, series_id) for series_id in ids]
     finally:
         jobs.close()
-    print(f"{count} series queued again (a running node picks them up)")
-    return 0 if count or args.all_failed else 1
+    if any(done):
+        print(f"{sum(done)} of {len(done)} series queued again (a running node picks them up)")
+    return 0 if all(done) else 1
+
+
+def _retry_one(jobs: JobStore, config: Config, series_id: int) -> bool:
+    """Retry one series if it can be, printing one line of what was done and why; True when queued again."""
+    series = jobs.series(series_id)
+    if series is None:
+        print(f"job {series_id}: no such job (dicom-node status lists them)")
+        return False
+    state = series["state"]
+    if state == SeriesState.UNROUTED.value:
+        problem = _still_unrouted(jobs, config, series_id)
+        if problem is not None:
+            print(f"job {series_id}: unrouted ({series['error']}): not queued again: {problem}")
+            return False
+    elif state != SeriesState.FAILED.value:
+        print(f"job {series_id}: {state}{_delivery_attempts(series, config)}: not failed, nothing to retry")
+        return False
+    failed = [d for d in series["deliveries"] if d["state"] == "failed"]
+    if not jobs.retry([series_id]):  # its state changed since it was read
+        now = jobs.series(series_id)
+        print(f"job {series_id}: now {now['state'] if now else 'gone'}: nothing done")
+        return False
+    if failed:
+        sent = ", ".join(f"{d['destination']} (failed after {d['attempts']} attempts)" for d in failed)
+        print(f"job {series_id}: {state}: delivery queued again, attempt 1 of {config.delivery.max_attempts}, "
+              f"to {sent}")
+    else:
+        print(f"job {series_id}: {state} ({series['error']}): queued for processing again, attempt 1 of "
+              f"{config.node.max_processing_attempts}")
+    return True
+
+
+def _delivery_attempts(series: dict, config: Config) -> str:
+    """``, delivery to pacs: attempt 3 of 8`` for each delivery not yet delivered."""
+    waiting = [d for d in series["deliveries"] if d["state"] not in ("delivered", "failed")]
+    return "".join(f", delivery to {d['destination']}: {d['state']} after attempt {d['attempts']} of "
+                   f"{config.delivery.max_attempts}" for d in waiting)
+
+
+def _still_unrouted(jobs: JobStore, config: Config, series_id: int) -> str | None:
+    """Why an unrouted series would be unrouted again under *config*; None when a route matches it now."""
+    import pydicom
+
+    if jobs.is_derived(jobs.series(series_id)["series_uid"]):
+        return "this node derived it: it is never processed again"
+    for _sop_uid, path in jobs.instances(series_id):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file: try the next
+            log.warning("job %d: %s cannot be read: %s", series_id, path, exc)
+            continue
+        if config.route_for(header) is None:
+            return (f"no route of {config.source} matches it now either; add a route, restart the node with "
+                    "it, then retry")
+        return None
+    return "none of its spooled instances can be read"
 
 
 def _add_store_parser(sub: argparse._SubParsersAction) -> None:
@@ -422,7 +519,7 @@ def _add_store_parser(sub: argparse._SubParsersAction) -> None:
         "is then processed and delivered again when the node starts (derived UIDs are deterministic: "
         "receivers get replacements, not duplicates). A readable store is left alone unless --force.",
     )
-    rebuild.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    _add_config_option(rebuild)
     rebuild.add_argument("--force", action="store_true", help="rebuild even a store that passes the integrity check")
     rebuild.set_defaults(func=_run_store_rebuild)
 
@@ -432,8 +529,13 @@ def _run_store_rebuild(args: argparse.Namespace) -> int:
     from node.jobstore import JobStore
     from node.spool import Spool
 
-    data_dir = load_config(args.config).node.data_dir
+    config = load_config(args.config)
+    data_dir = config.node.data_dir
     path = data_dir / "jobs.sqlite"
+    if not path.exists() and not (data_dir / "spool").is_dir():  # nothing to rebuild from: not created here
+        raise JobStoreError(path, f"no job store and no spool {data_dir / 'spool'} here (config: {config.source}, "
+                                  f"[node] data_dir {data_dir}): give the node's config with --config FILE or "
+                                  f"${CONFIG_VARIABLE}")
     spool = Spool(data_dir / "spool")
     rebuilt = JobStore.rebuild(path, spool, only_if_damaged=not args.force)
     if rebuilt.recorded is None:
@@ -451,17 +553,40 @@ def _run_store_rebuild(args: argparse.Namespace) -> int:
     return 1 if recorded.unreadable else 0
 
 
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--log-level`` and ``--log-format``: with their defaults on the top parser; on each subcommand
+    without (``argparse.SUPPRESS``), so that one given after the subcommand is taken and one given
+    before it is not overwritten."""
+    parser.add_argument("--log-level", default="INFO" if defaults else argparse.SUPPRESS,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
+    parser.add_argument("--log-format", default="text" if defaults else argparse.SUPPRESS, choices=("text", "json"),
+                        help="text for people, json (one object a line) for log collectors (default text)")
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser under *parser*, nested ones (``config check``) included."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk of its subparsers
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subcommand_parsers(child)]
+    return found
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    from node import __version__
+
     parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM processing node.")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    parser.add_argument("--log-format", default="text", choices=("text", "json"),
-                        help="text for people, json (one object a line) for log collectors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_process_parser(sub)
     _add_service_parsers(sub)
     _add_operator_parsers(sub)
     _add_poll_parser(sub)
     _add_store_parser(sub)
+    for child in _subcommand_parsers(parser):
+        _add_global_options(child, defaults=False)
     return parser
 
 

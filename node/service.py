@@ -24,10 +24,13 @@ SIGKILL at any moment loses nothing that was acknowledged.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -52,9 +55,25 @@ from node.spool import Spool
 from node.tls import check_certificate_expiry, https_server_context, server_context, start_tls_server
 from node.workers import PROCESSED, WorkerPool, shared_dir_problem
 
-__all__ = ["NodeService"]
+__all__ = ["ListenerError", "NodeService"]
 
 log = logging.getLogger(__name__)
+
+class ListenerError(Exception):
+    """A listener cannot bind its address; the message is one line naming the config, the setting, the
+    listener, host and port, and why."""
+
+
+@contextlib.contextmanager
+def _binding(config: Config, listener: str, setting: str, host: str, port: int) -> Iterator[None]:
+    """Turn the OSError of binding *listener* to *host*:*port* into a :class:`ListenerError`."""
+    try:
+        yield
+    except OSError as exc:
+        why = (f"the port is in use (another dicom-node, or another program: `ss -ltnp 'sport = :{port}'` names "
+               "it); stop it or choose another port" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        raise ListenerError(f"{config.source}: {setting}: {listener} cannot listen on {host}:{port}: {why}") from None
+
 
 #: What ``dicom-node serve --role`` can run.
 ROLES = ("all", "receiver", "worker")
@@ -132,7 +151,8 @@ class NodeService:
 
     def start(self) -> None:
         """Recover, then start the SCP and the background threads; returns at once."""
-        self.http.start()  # /healthz answers during recovery; it logs where it listens
+        with _binding(self.config, "the HTTP listener", "http.port", self.config.http.host, self.config.http.port):
+            self.http.start()  # /healthz answers during recovery; it logs where it listens
         self._recover()
         if self.receives:
             self._start_receiving()
@@ -171,11 +191,13 @@ class NodeService:
             self._pending = handler.pending
             self._spawn("recorder", self._record_loop)
             if node.port:
-                self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard)
+                with _binding(self.config, "the DICOM listener", "node.port", node.host, node.port):
+                    self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard)
                 log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
             if tls is not None:
-                self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(), context=self._tls_context,
-                                                    guard=guard)
+                with _binding(self.config, "the DICOM TLS listener", "tls.port", node.host, tls.port):
+                    self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(),
+                                                        context=self._tls_context, guard=guard)
         self._spawn("assembler", self._assemble_loop)
         if self._scheduler is not None:
             schedule(self.pollers, self._scheduler)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from node.jobstore import JobStore, SeriesState
+import node
+from node.jobstore import JobStore, SeriesJob, SeriesState
 from tests.conftest import bundled, run_cli
 from tests.peers import free_port, running_orthanc
+from tests.node_process import NodeProcess, folder_route, node_config
 from tests.test_config import NO_SUCH_HOST, marked_line
 
 
@@ -43,24 +49,102 @@ def test_json_log_format(tmp_path: Path) -> None:
     assert any(e["message"].startswith("done: 1 outputs") for e in entries)
 
 
-def test_status_and_retry_from_the_job_store(tmp_path: Path) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
-    jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: 1000.0)
-    src = bundled("CT_small.dcm")
-    jobs.record_instance(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5", sop_class_uid="1.2",
-                         path=src, size=1, modality="CT", calling_ae="SCU")
+def _cli_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``dicom-node ARGS`` run in *cwd* with *env* added to the environment (no $DICOM_NODE_CONFIG unless given)."""
+    full = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
+    full.update(env or {}, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=full, cwd=cwd)
+
+
+def _series(jobs: JobStore, uid: str, path: Path, modality: str) -> SeriesJob:
+    """One series of one instance (*path*), settled and claimed for processing."""
+    jobs.record_instance(study_uid="1.2.3", series_uid=uid, sop_uid=f"{uid}.1", sop_class_uid="1.2", path=path,
+                         size=1, modality=modality, calling_ae="SCU")
     jobs.settle(0)
     job = jobs.claim_next()
-    jobs.set_outcome(job, SeriesState.FAILED, "no output: <simulated>")
+    assert job is not None and job.series_uid == uid
+    return job
+
+
+def test_status_and_retry_say_what_they_did_per_job(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f"""[node]\ndata_dir = "{tmp_path / 'var'}"\nmax_processing_attempts = 2
+[delivery]\nmax_attempts = 3
+[[pipelines]]\nname = "plain"\nsteps = []
+[[destinations]]\nname = "pacs"\nkind = "folder"\npath = "{tmp_path / 'out'}"
+[[routes]]\nmatch = {{ Modality = "MR" }}\npipeline = "plain"\ndestinations = ["pacs"]
+""")
+    ct, mr = bundled("CT_small.dcm"), bundled("MR_small.dcm")
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: 1000.0)
+    jobs.set_outcome(_series(jobs, "1.1", ct, "CT"), SeriesState.FAILED, "no output: <simulated>")  # job 1
+    delivering = _series(jobs, "1.2", mr, "MR")  # job 2: its delivery fails for good
+    jobs.processed(delivering, route="r", pipeline="plain", output_dir=tmp_path / "o", derived_series_uid="2.25.1",
+                   outputs=1, destinations=["pacs"], seconds=0.1)
+    for _attempt in range(3):
+        (delivery,) = jobs.claim_due_deliveries()
+        jobs.delivery_failed(delivery, "refused", permanent=False, max_attempts=3, retry_in=-1)
+    jobs.set_outcome(_series(jobs, "1.3", ct, "CT"), SeriesState.UNROUTED, "no route matches (Modality CT)")  # 3
+    jobs.set_outcome(_series(jobs, "1.4", mr, "MR"), SeriesState.UNROUTED, "no route matches (Modality MR)")  # 4
     jobs.close()
-    status = run_cli("status", "--config", str(config))
-    assert status.returncode == 0 and "failed 1" in status.stdout and "<simulated>" in status.stdout
-    assert "MB free in" in status.stdout and "MB headroom" in status.stdout
-    retried = run_cli("retry", "--all-failed", "--config", str(config))
-    assert retried.returncode == 0 and "1 series queued again" in retried.stdout
-    assert "queued 1" in run_cli("status", "--config", str(config)).stdout
-    assert run_cli("retry", "999", "--config", str(config)).returncode == 1
+
+    status = _cli_in(tmp_path, "status", "--config", str(config))
+    assert status.returncode == 0 and "failed 2, unrouted 2" in status.stdout, status.stdout + status.stderr
+    assert "<simulated>" in status.stdout and "MB free in" in status.stdout and "MB headroom" in status.stdout
+
+    def retry(*args: str) -> tuple[int, list[str]]:
+        result = _cli_in(tmp_path, "retry", *args, env={"DICOM_NODE_CONFIG": str(config)})
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    assert retry("1") == (0, ["job 1: failed (no output: <simulated>): queued for processing again, attempt 1 of 2",
+                              "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("2") == (0, ["job 2: failed: delivery queued again, attempt 1 of 3, to pacs (failed after 3 "
+                              "attempts)", "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("2") == (1, ["job 2: delivering, delivery to pacs: pending after attempt 0 of 3: not failed, "
+                              "nothing to retry"])
+    code, lines = retry("3")
+    assert code == 1 and lines == [f"job 3: unrouted (no route matches (Modality CT)): not queued again: no route of "
+                                   f"{config} matches it now either; add a route, restart the node with it, "
+                                   "then retry"]
+    assert retry("4") == (0, ["job 4: unrouted (no route matches (Modality MR)): queued for processing again, "
+                              "attempt 1 of 2", "1 of 1 series queued again (a running node picks them up)"])
+    assert retry("99") == (1, ["job 99: no such job (dicom-node status lists them)"])
+    assert retry("--all-failed") == (0, ["no failed series: nothing to retry"])
+    after = _cli_in(tmp_path, "status", "--config", str(config)).stdout
+    assert "delivering 1, queued 2, unrouted 1" in after, after
+
+
+def test_operator_commands_refuse_a_missing_job_store(tmp_path: Path) -> None:
+    store = tmp_path / "var" / "jobs.sqlite"
+    for command, says in (
+        (["status"], "no job store here (status reads the store"),
+        (["retry", "7"], "no job store here (retry reads the store"),
+        (["retry", "--all-failed"], "no job store here (retry reads the store"),
+        (["store", "rebuild"], f"no job store and no spool {tmp_path / 'var' / 'spool'} here ("),
+    ):
+        result = _cli_in(tmp_path, *command)  # --config forgotten: the embedded default's data_dir "var"
+        assert result.returncode == 3 and result.stdout == "", result.stdout + result.stderr
+        (line,) = result.stderr.splitlines()
+        assert f"{store}: {says}" in line, line
+        assert "config: <embedded default>" in line and "--config FILE or $DICOM_NODE_CONFIG" in line, line
+        assert not (tmp_path / "var").exists()  # nothing created
+
+
+def test_config_from_the_environment_options_after_the_subcommand_and_version(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nae_title = "FROMENV"\n')
+    check = _cli_in(tmp_path, "config", "check", env={"DICOM_NODE_CONFIG": str(config)})
+    assert check.returncode == 0 and check.stderr == f"{config}: OK\n", check.stderr
+    assert json.loads(check.stdout)["node"]["ae_title"] == "FROMENV"
+    status = _cli_in(tmp_path, "status", "--log-level", "ERROR", "--log-format", "json",
+                     env={"DICOM_NODE_CONFIG": str(tmp_path / "missing.toml")})
+    assert status.returncode == 2, status.stderr  # $DICOM_NODE_CONFIG read; json although given after "status"
+    assert json.loads(status.stderr)["message"].startswith(f"{tmp_path / 'missing.toml'}: ")
+    before = _cli_in(tmp_path, "--log-format", "json", "status", "--config", str(tmp_path / "missing.toml"))
+    assert json.loads(before.stderr)["level"] == "ERROR"
+    version = _cli_in(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"dicom-node {node.__version__}"
 
 
 def _node_toml(tmp_path: Path, node_lines: str = "", tables: str = "") -> str:
@@ -135,3 +219,54 @@ def test_config_check_and_serve_refuse_a_config_that_cannot_work(
     assert serve.returncode == 2, serve.stderr
     assert "Traceback" not in serve.stderr and f"{at}{key}: " in serve.stderr, serve.stderr
     assert not (tmp_path / "var").is_dir() and not (tmp_path / "out").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("shared", ["node.port", "http.port"])
+def test_a_port_in_use_ends_serve_with_one_line_naming_the_listener(tmp_path: Path, shared: str) -> None:
+    port, http_port = free_port(), free_port()
+    (tmp_path / "first").mkdir()
+    with NodeProcess(node_config(tmp_path / "first" / "var", port, http_port=http_port), tmp_path / "first",
+                     port=port):
+        second = tmp_path / "second.toml"  # its own data_dir; one port of the first node
+        second.write_text(node_config(tmp_path / "second", port if shared == "node.port" else free_port(),
+                                      http_port=http_port if shared == "http.port" else free_port()))
+        result = run_cli("serve", "--config", str(second), timeout=60)
+    listener, used = ("the DICOM listener", port) if shared == "node.port" else ("the HTTP listener", http_port)
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].endswith(
+        f"ERROR node.cli: {second}: {shared}: {listener} cannot listen on 127.0.0.1:{used}: the port is in use "
+        f"(another dicom-node, or another program: `ss -ltnp 'sport = :{used}'` names it); stop it or choose "
+        "another port"), result.stderr
+
+
+@pytest.mark.peers
+def test_the_readme_push_sends_every_dicom_file_of_a_mixed_folder(tmp_path: Path, data_dir: Path) -> None:
+    """The README's dcmsend command, run as written on the shared data folder (JPEG 2000, JPEG-LS, RLE,
+    JPEG lossless, uncompressed; README and LICENSE files; a cut-short file)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"`(dcmsend [^`]*11112 FOLDER)`", readme.replace("\n", " "))
+    assert command, "the README's dcmsend example"
+    port = free_port()
+    args = command.group(1).replace("11112", str(port)).replace("FOLDER", str(data_dir)).split()
+    dicom = [p for p in data_dir.rglob("*") if p.is_file() and _has_file_meta(p)]
+    cut_short = data_dir / "broken" / "emri_small_jpeg_2k_lossless_too_short.dcm"
+    with NodeProcess(node_config(tmp_path / "var", port, extra=folder_route(tmp_path / "out")), tmp_path, port=port):
+        sent = subprocess.run(["/usr/bin/dcmsend", "-v", *args[1:]], capture_output=True, text=True, timeout=300)
+    summary = sent.stdout + sent.stderr
+    assert sent.returncode == 0, summary[-3000:]
+    assert f"Number of SOP instances  : {len(dicom)}\n" in summary, summary[-3000:]
+    assert f"* with status SUCCESS  : {len(dicom) - 1}\n" in summary and "NOT sent to the peer   : 1\n" in summary
+    assert f"cannot send SOP instance from file: {cut_short}" in summary
+    assert f"bad DICOM file: {data_dir / 'README.md'}: File meta information header missing, ignoring" in summary
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite")
+    try:
+        assert sum(row["instances"] for row in jobs.list_series(limit=1000)) == len(dicom) - 1
+    finally:
+        jobs.close()
+
+
+def _has_file_meta(path: Path) -> bool:
+    """Whether *path* starts as a DICOM Part 10 file (preamble and "DICM")."""
+    with path.open("rb") as file:
+        return file.read(132)[128:] == b"DICM"
