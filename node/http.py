@@ -446,7 +446,7 @@ figcaption { font-size: 11px; color: #667085; }
          color: #fff; background: #6b7280; }
 .st-receiving { background: #2563eb; } .st-queued { background: #6b7280; } .st-processing { background: #b45309; }
 .st-delivering { background: #7c3aed; } .st-delivered { background: #15803d; } .st-failed { background: #b91c1c; }
-.st-unrouted { background: #c2410c; }
+.st-unrouted { background: #c2410c; } .st-discarded { background: #9ca3af; }
 .uid { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 11px; color: #667085;
        word-break: break-all; }
 .error { color: #9f1239; max-width: 36em; white-space: pre-wrap; word-break: break-word; }
