@@ -523,14 +523,15 @@ def _series_row(row: Mapping[str, Any], now: float) -> str:
     if error:
         text = str(error)
         shown = text if len(text) <= 400 else text[:400] + "…"
-        error_cell = f'<div class="error" title="{_esc(text)}">{_esc(shown)}</div>'
+        kind = "muted" if state == SeriesState.DISCARDED.value else "error"  # why it was dropped: no fault
+        error_cell = f'<div class="{kind}" title="{_esc(text)}">{_esc(shown)}</div>'
     else:
         error_cell = '<span class="muted">—</span>'
     outputs = row.get("outputs")
     pipeline = row.get("pipeline")
     cells = [
         '<div class="thumbs">'
-        + _thumb(row, "source", "before", bool(row.get("instances")))
+        + _thumb(row, "source", "before", bool(row.get("instances")) and state != SeriesState.DISCARDED.value)
         + _thumb(row, "output", "after", bool(row.get("output_dir")) and bool(outputs))
         + "</div>",
         f'<a href="/api/jobs/{series_id}">#{series_id}</a><div class="uid" title="Series Instance UID">'

@@ -107,6 +107,8 @@ def test_mixed_feed_with_discard_routes_keeps_only_what_is_routed(tmp_path: Path
         assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6  # the CT outputs, delivered
         page = requests.get(f"http://127.0.0.1:{http}/?state=discarded", timeout=10).text
         assert page.count('class="state st-discarded"') == 6
+        assert "source.png" not in page  # its spool files are gone: no thumbnail asked for
+        assert page.count('<div class="muted" title="a discard route matches') == 4  # the reason, not an error
 
 
 def test_unrouted_keep_is_the_default_beside_a_discard_route(tmp_path: Path) -> None:
@@ -129,3 +131,30 @@ def test_unrouted_keep_is_the_default_beside_a_discard_route(tmp_path: Path) -> 
         assert f"WARNING node.workers: series {series['cr'][0]} kept unrouted: no route matches" in node.log()
         assert _metric(http, "series_discarded_total") == 1
         assert _metric(http, 'queue_depth{state="unrouted"}') == 1
+
+
+def test_retention_removes_unrouted_discarded_and_failed_series_too(tmp_path: Path) -> None:
+    port, http = free_port(), free_port()
+    config = node_config(tmp_path / "var", port, settle=0.5, http_port=http,
+                         node_extra="retention_hours = 0.0005\nfailed_retention_hours = 0.001",  # 1.8 s, 3.6 s
+                         extra=ROUTES.format(out=tmp_path / "out"))
+    feed = {
+        "ct": copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "ct"),
+        "mr": copy_as_series([bundled("MR_small.dcm")] * 2, tmp_path / "mr"),
+        "cr": copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "cr",
+                             tweak=lambda ds, _: setattr(ds, "Modality", "CR")),
+        "plan": [_plan(tmp_path / "plan")],  # no route: fails (no pixel data), as before
+    }
+    spool = tmp_path / "var" / "spool"
+    with NodeProcess(config, tmp_path, port=port) as node:
+        assert storescu("127.0.0.1", port, [p for paths in feed.values() for p in paths],
+                        called_aet="DICOMNODE").returncode == 0
+        wait_for(lambda: len(_jobs(http)) == 4, 30, "the 4 series recorded", node.log)
+        wait_for(lambda: not _jobs(http), 60, "retention to remove every series", node.log)
+        assert not list(spool.rglob("*.dcm"))
+        assert not list((tmp_path / "var" / "outputs").rglob("*.dcm"))
+        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 2  # what was delivered stays delivered
+        log = node.log()
+        for state in ("delivered", "discarded", "unrouted", "failed"):
+            assert f"1 {state} series" in log, state
+        assert "(retention_hours 0.0005, failed_retention_hours 0.001)" in log
