@@ -126,6 +126,9 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing worker processes (:mod:`node.workers`).
+    retention_hours : float
+        Delivered, unrouted and discarded series (spool files, outputs, records) are removed this
+        long after their last change; 0: kept for ever.
     max_processing_attempts : int
         A series whose processing did not finish this many times (its worker was killed, e.g. out
         of memory, or timed out) is failed instead of being queued again.
