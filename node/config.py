@@ -126,6 +126,9 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing worker processes (:mod:`node.workers`).
+    retention_hours : float
+        Delivered, unrouted and discarded series (spool files, outputs, records) are removed this
+        long after their last change; 0: kept for ever.
     max_processing_attempts : int
         A series whose processing did not finish this many times (its worker was killed, e.g. out
         of memory, or timed out) is failed instead of being queued again.
@@ -146,6 +149,13 @@ class NodeSettings:
         Decode limits (MB): an image whose pixels would decode to more, in all or in one frame,
         is refused at C-STORE (0xC000) and fails processing, before anything is decoded
         (:class:`node.imaging.source.DecodeLimits`).
+    unrouted : str
+        What becomes of a series no route matches: ``keep`` (state ``unrouted``, a WARNING, kept
+        until ``retention_hours``) or ``discard`` (state ``discarded``: its spool files removed at
+        once, one INFO line, its record kept until ``retention_hours``).
+    failed_retention_hours : float
+        Failed series (their spool files, outputs and records) are removed this long after they
+        failed; 0: kept for ever (``dicom-node retry`` can still run them).
     """
 
     ae_title: str
@@ -168,6 +178,8 @@ class NodeSettings:
     max_connections_per_address: int = 0
     max_decoded_mb: int = 2048
     max_frame_mb: int = 256
+    unrouted: str = "keep"
+    failed_retention_hours: float = 0.0
 
     @property
     def shared(self) -> Path:
@@ -554,12 +566,22 @@ class Route:
     trigger : str
         ``series``: process each series once it settles; ``study``: once the whole study has
         settled (``study_settle_seconds``), every series of it.
+    action : str
+        ``process`` (through *pipeline* to *destinations*) or ``discard``: a matched series is
+        dropped once it settles (its spool files removed, state ``discarded``); a discard route
+        has no pipeline (``""``) and no destinations.
     """
 
     match: tuple[tuple[str, tuple[str, ...]], ...]
     pipeline: str
     destinations: tuple[str, ...]
     trigger: str = "series"
+    action: str = "process"
+
+    @property
+    def discards(self) -> bool:
+        """Whether the series this route matches are dropped instead of processed."""
+        return self.action == "discard"
 
     def matches(self, ds: Dataset) -> bool:
         """Whether *ds* (any instance of the series) is taken by this route.
@@ -880,8 +902,10 @@ _NODE_KEYS = (
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
     "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds", "shared_dir",
     "association_timeout_seconds", "max_negotiating_connections", "max_connections_per_address",
-    "max_decoded_mb", "max_frame_mb",
+    "max_decoded_mb", "max_frame_mb", "unrouted", "failed_retention_hours",
 )
+_UNROUTED_CHOICES = ("keep", "discard")
+_ROUTE_ACTIONS = ("process", "discard")
 _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
               "key_file", "associations", "concurrency"),
@@ -931,6 +955,9 @@ _TIME_SPANS = {
         1, 604800, "seconds", "under 1 s series are processed in pieces while they arrive; over a week "
         "(604800) a series that never goes quiet waits that long"),
     "retention_hours": _TimeSpan(
+        1 / 3600, 87600, "hours", "the clean-up runs at most once a second; over 10 years (87600): use 0",
+        zero="keep for ever", low_text="0.000278 (1 s)"),
+    "failed_retention_hours": _TimeSpan(
         1 / 3600, 87600, "hours", "the clean-up runs at most once a second; over 10 years (87600): use 0",
         zero="keep for ever", low_text="0.000278 (1 s)"),
     "backoff_seconds": _TimeSpan(
@@ -1488,7 +1515,16 @@ class _Checker:
                                                      note=" (0: no limit)"),
             max_decoded_mb=self.integer(table, path, "max_decoded_mb", 1, default=2048),
             max_frame_mb=self.integer(table, path, "max_frame_mb", 1, default=256),
+            unrouted=self.choice(table, path, "unrouted", _UNROUTED_CHOICES, "keep"),
+            failed_retention_hours=self.duration(table, path, "failed_retention_hours", 0.0),
         )
+
+    def choice(self, table: Mapping[str, Any], path: _KeyPath, key: str, choices: Sequence[str], default: str) -> str:
+        """The value of *key*, one of *choices* (*default* when absent)."""
+        value = self.value(table, path, key, default)
+        if value not in choices:
+            self.fail(path + (key,), f"must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
+        return value
 
     def tls_settings(self) -> TlsSettings | None:
         path: _KeyPath = ("tls",)
@@ -1817,8 +1853,12 @@ class _Checker:
         routes = []
         for index, table in enumerate(self.tables_array("routes")):
             path: _KeyPath = ("routes", index)
-            self.keys(table, path, ("match", "pipeline", "destinations", "trigger"), ("match", "pipeline", "destinations"))
+            self.keys(table, path, ("match", "pipeline", "destinations", "trigger", "action"), ("match",))
             match = self.match(table, path)
+            action = self.choice(table, path, "action", _ROUTE_ACTIONS, "process")
+            if action == "discard":
+                routes.append(self.discard_route(table, path, match))
+                continue
             trigger = self.value(table, path, "trigger", "series")
             if trigger not in ("series", "study"):
                 self.fail(path + ("trigger",), f"must be \"series\" or \"study\", got {_show(trigger)}")
@@ -1838,6 +1878,15 @@ class _Checker:
                 self.output_fits(path + ("destinations", n), pipelines[pipeline], destinations[name])
             routes.append(Route(match=match, pipeline=pipeline, destinations=tuple(names), trigger=trigger))
         return tuple(routes)
+
+    def discard_route(self, table: Mapping[str, Any], path: _KeyPath,
+                      match: tuple[tuple[str, tuple[str, ...]], ...]) -> Route:
+        """A route with ``action = "discard"``: it names no pipeline, destinations or trigger."""
+        for key in ("pipeline", "destinations", "trigger"):
+            if key in table:
+                self.fail(path + (key,), f"a route with action = \"discard\" drops the series it matches: "
+                          f"it takes no {key} (remove it, or make the action \"process\")")
+        return Route(match=match, pipeline="", destinations=(), action="discard")
 
     def output_fits(self, path: _KeyPath, pipeline: Pipeline, destination: Destination) -> None:
         """Refuse a route that sends *pipeline*'s output where every delivery would fail for good."""

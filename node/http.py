@@ -446,7 +446,7 @@ figcaption { font-size: 11px; color: #667085; }
          color: #fff; background: #6b7280; }
 .st-receiving { background: #2563eb; } .st-queued { background: #6b7280; } .st-processing { background: #b45309; }
 .st-delivering { background: #7c3aed; } .st-delivered { background: #15803d; } .st-failed { background: #b91c1c; }
-.st-unrouted { background: #c2410c; }
+.st-unrouted { background: #c2410c; } .st-discarded { background: #9ca3af; }
 .uid { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 11px; color: #667085;
        word-break: break-all; }
 .error { color: #9f1239; max-width: 36em; white-space: pre-wrap; word-break: break-word; }
@@ -523,14 +523,15 @@ def _series_row(row: Mapping[str, Any], now: float) -> str:
     if error:
         text = str(error)
         shown = text if len(text) <= 400 else text[:400] + "…"
-        error_cell = f'<div class="error" title="{_esc(text)}">{_esc(shown)}</div>'
+        kind = "muted" if state == SeriesState.DISCARDED.value else "error"  # why it was dropped: no fault
+        error_cell = f'<div class="{kind}" title="{_esc(text)}">{_esc(shown)}</div>'
     else:
         error_cell = '<span class="muted">—</span>'
     outputs = row.get("outputs")
     pipeline = row.get("pipeline")
     cells = [
         '<div class="thumbs">'
-        + _thumb(row, "source", "before", bool(row.get("instances")))
+        + _thumb(row, "source", "before", bool(row.get("instances")) and state != SeriesState.DISCARDED.value)
         + _thumb(row, "output", "after", bool(row.get("output_dir")) and bool(outputs))
         + "</div>",
         f'<a href="/api/jobs/{series_id}">#{series_id}</a><div class="uid" title="Series Instance UID">'

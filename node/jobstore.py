@@ -80,6 +80,7 @@ class SeriesState(str, Enum):
     DELIVERED = "delivered"
     FAILED = "failed"
     UNROUTED = "unrouted"
+    DISCARDED = "discarded"
 
 
 class DeliveryState(str, Enum):
@@ -742,7 +743,7 @@ class JobStore:
         return True
 
     def set_outcome(self, job: SeriesJob, state: SeriesState, reason: str) -> bool:
-        """End processing as ``unrouted`` or ``failed`` with *reason* (unless newer instances came)."""
+        """End processing as ``unrouted``, ``discarded`` or ``failed`` with *reason* (unless newer instances came)."""
         now = self._clock()
         with self._transaction() as db:
             if not self._still_current(db, job):
@@ -1047,12 +1048,50 @@ class JobStore:
             store.close()
         return Rebuilt(damage, set_aside, recorded)
 
-    def expired(self, retention_seconds: float) -> list[dict[str, Any]]:
-        """Delivered series last changed more than *retention_seconds* ago (with their paths)."""
+    def forget_discarded_instances(self, job: SeriesJob) -> int:
+        """Drop the instance records of a series discarded as *job* (after its spool files were removed).
+
+        Nothing is dropped when the series is no longer that discarded generation (an instance came
+        since: it is assembled and routed again).  A series re-opened later then holds only the
+        instances received after it was discarded.
+
+        Returns
+        -------
+        int
+            How many instance records were dropped.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT generation, state FROM series WHERE id = ?", (job.id,)).fetchone()
+            if row is None or row["generation"] != job.generation or row["state"] != SeriesState.DISCARDED.value:
+                return 0
+            return db.execute("DELETE FROM instances WHERE series_id = ?", (job.id,)).rowcount
+
+    def expired(self, retention_seconds: float, failed_retention_seconds: float = 0.0) -> list[dict[str, Any]]:
+        """Series whose retention is over (with their paths), to remove.
+
+        Parameters
+        ----------
+        retention_seconds : float
+            Delivered, unrouted and discarded series last changed longer ago than this; 0: none.
+        failed_retention_seconds : float
+            Failed series last changed longer ago than this; 0: none (the default: kept for ever).
+        """
+        now = self._clock()
+        clauses: list[str] = []
+        args: list[Any] = []
+        if retention_seconds > 0:
+            clauses.append("(state IN (?, ?, ?) AND updated_at <= ?)")
+            args += [SeriesState.DELIVERED.value, SeriesState.UNROUTED.value, SeriesState.DISCARDED.value,
+                     now - retention_seconds]
+        if failed_retention_seconds > 0:
+            clauses.append("(state = ? AND updated_at <= ?)")
+            args += [SeriesState.FAILED.value, now - failed_retention_seconds]
+        if not clauses:
+            return []
         with self._lock:
             rows = [dict(r) for r in self._db.execute(
-                "SELECT id, series_uid, output_dir FROM series WHERE state = ? AND updated_at <= ?",
-                (SeriesState.DELIVERED.value, self._clock() - retention_seconds))]
+                "SELECT id, series_uid, state, output_dir FROM series WHERE " + " OR ".join(clauses)  # noqa: S608
+                + " ORDER BY id", args)]
             for row in rows:
                 row["paths"] = [Path(r[0]) for r in self._db.execute(
                     "SELECT path FROM instances WHERE series_id = ?", (row["id"],))]

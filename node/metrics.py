@@ -45,7 +45,7 @@ REFUSAL_REASONS = (
 CONNECTION_REFUSAL_REASONS = ("timeout", "invalid_pdu", "over_limit", "tls_handshake")
 
 #: Series states always present in ``dicomnode_queue_depth`` (0 when none), as in the job store.
-QUEUE_STATES = ("receiving", "queued", "processing", "delivering", "delivered", "failed", "unrouted")
+QUEUE_STATES = ("receiving", "queued", "processing", "delivering", "delivered", "failed", "unrouted", "discarded")
 
 _PREFIX = "dicomnode_"
 
@@ -88,6 +88,7 @@ class Metrics:
         self._connections_refused = dict.fromkeys(CONNECTION_REFUSAL_REASONS, 0)
         self._series_processed = 0
         self._series_failed = 0
+        self._series_discarded = 0
         self._certificates: dict[str, float] = {}
         self._deliveries: dict[tuple[str, str], int] = {}
         self._bucket_counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf (above every bound)
@@ -146,6 +147,14 @@ class Metrics:
         except Exception:
             log.debug("metrics: series_failed() ignored", exc_info=True)
 
+    def series_discarded(self) -> None:
+        """A series was discarded (a discard route, or ``unrouted = "discard"``): its spool files removed."""
+        try:
+            with self._lock:
+                self._series_discarded += 1
+        except Exception:
+            log.debug("metrics: series_discarded() ignored", exc_info=True)
+
     def delivery(self, destination: str, outcome: str) -> None:
         """One delivery attempt to *destination* ended: ``delivered``, ``retry`` or ``failed``."""
         try:
@@ -176,6 +185,7 @@ class Metrics:
                 "connections_refused": dict(self._connections_refused),
                 "series_processed": self._series_processed,
                 "series_failed": self._series_failed,
+                "series_discarded": self._series_discarded,
                 "deliveries": dict(self._deliveries),
                 "certificates": dict(self._certificates),
                 "processing_seconds": {
@@ -200,6 +210,7 @@ class Metrics:
             connections_refused = sorted(self._connections_refused.items())
             processed = self._series_processed
             failed = self._series_failed
+            discarded = self._series_discarded
             deliveries = sorted(self._deliveries.items())
             certificates = sorted(self._certificates.items())
             buckets = list(self._bucket_counts)
@@ -227,6 +238,9 @@ class Metrics:
         lines.append(f"{name} {processed}")
         name = family("series_failed_total", "counter", "Series whose processing failed.")
         lines.append(f"{name} {failed}")
+        name = family("series_discarded_total", "counter",
+                      "Series discarded unprocessed (a discard route, or unrouted = \"discard\").")
+        lines.append(f"{name} {discarded}")
 
         name = family("deliveries_total", "counter",
                       "Delivery attempts by destination and outcome (delivered, retry, failed).")

@@ -53,7 +53,7 @@ from node.recording import PendingRecords
 from node.senders import Sender, sender_for
 from node.spool import Spool
 from node.tls import check_certificate_expiry, https_server_context, server_context, start_tls_server
-from node.workers import PROCESSED, WorkerPool, shared_dir_problem
+from node.workers import DISCARDED, PROCESSED, WorkerPool, shared_dir_problem
 
 __all__ = ["ListenerError", "NodeService"]
 
@@ -158,7 +158,7 @@ class NodeService:
             self._start_receiving()
         if self.works:
             self._start_working()
-        if self.config.node.retention_hours > 0 and self.receives:
+        if (self.config.node.retention_hours > 0 or self.config.node.failed_retention_hours > 0) and self.receives:
             self._spawn("retention", self._retention_loop)
         if self._certificates():
             self._spawn("certificates", self._certificate_loop)
@@ -277,10 +277,12 @@ class NodeService:
         return True
 
     def _worker_report(self, kind: str, seconds: float) -> None:
-        """A worker processed (or failed) a series: count it; deliver what is due at once."""
+        """A worker processed, discarded or failed a series: count it; deliver what is due at once."""
         if kind == PROCESSED:
             self.metrics.series_processed(seconds)
             self.deliveries.wake()
+        elif kind == DISCARDED:
+            self.metrics.series_discarded()
         else:
             self.metrics.series_failed()
 
@@ -383,7 +385,7 @@ class NodeService:
     # -- retention ------------------------------------------------------------------------------
 
     def _retention_loop(self) -> None:
-        hours = self.config.node.retention_hours
+        hours = min(h for h in (self.config.node.retention_hours, self.config.node.failed_retention_hours) if h > 0)
         interval = min(600.0, max(1.0, hours * 3600 / 10))
         while not self._stop.wait(interval):
             try:
@@ -392,9 +394,14 @@ class NodeService:
                 log.exception("retention clean-up failed; trying again later")
 
     def clean_expired(self) -> int:
-        """Remove spool files, outputs and records of series delivered longer ago than retention."""
-        removed = 0
-        for row in self.jobs.expired(self.config.node.retention_hours * 3600):
+        """Remove spool files, outputs and records of series whose retention is over.
+
+        Delivered, unrouted and discarded series after ``retention_hours``; failed ones after
+        ``failed_retention_hours`` (0: never).
+        """
+        node = self.config.node
+        removed: dict[str, int] = {}
+        for row in self.jobs.expired(node.retention_hours * 3600, node.failed_retention_hours * 3600):
             for path in row["paths"]:
                 path.unlink(missing_ok=True)
                 _remove_empty_parents(path.parent, self.spool.root)
@@ -403,11 +410,12 @@ class NodeService:
                 _remove_empty_parents(Path(row["output_dir"]).parent, self.outputs)
             shutil.rmtree(self.outputs / ".thumbs" / str(row["id"]), ignore_errors=True)
             self.jobs.forget(row["id"])  # files first: a crash in between leaves records, never orphans
-            removed += 1
+            removed[row["state"]] = removed.get(row["state"], 0) + 1
         if removed:
-            log.info("retention: %d delivered series older than %g h removed", removed,
-                     self.config.node.retention_hours)
-        return removed
+            log.info("retention: %s removed (retention_hours %g, failed_retention_hours %g)",
+                     ", ".join(f"{count} {state} series" for state, count in sorted(removed.items())),
+                     node.retention_hours, node.failed_retention_hours)
+        return sum(removed.values())
 
 
 def _remove_empty_parents(folder: Path, root: Path) -> None:

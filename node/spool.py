@@ -25,7 +25,7 @@ from node.fsutil import atomic_output, fsync_dir, remove_temporaries, untouched_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INCOMING", "InvalidUID", "Spool", "SpooledInstance", "check_uid"]
+__all__ = ["INCOMING", "InvalidUID", "Spool", "SpooledInstance", "check_uid", "remove_spooled"]
 
 #: The spool's sub-folder for data sets still arriving (hidden from :meth:`Spool.walk`).
 INCOMING = ".incoming"
@@ -49,6 +49,43 @@ def check_uid(value: object, keyword: str) -> str:
     if len(text) > 64 or not _UID.match(text):
         raise InvalidUID(f"{keyword} {text[:80]!r} is not a valid UID")
     return text
+
+
+def remove_spooled(paths: Iterable[Path], root: Path) -> int:
+    """Remove spool files, then their folders under *root* that are left empty.
+
+    Never creates the spool (a worker may call it on a shared one).
+
+    Parameters
+    ----------
+    paths : iterable of Path
+        The spool files (one already gone counts as removed).
+    root : Path
+        The spool folder; it and anything outside it are never removed.
+
+    Returns
+    -------
+    int
+        How many files are gone.
+    """
+    removed = 0
+    folders = set()
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("spool file %s could not be removed: %s", path, exc.strerror or exc)
+            continue
+        removed += 1
+        folders.add(path.parent)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        while folder != root and root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+    return removed
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
 from node.config import Config
 from node.imaging.source import DecodeLimits
 from node.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.logsetup import LogSettings, setup_logging
 from node.process import process_series
 from node.series import InputSeries, instance_order, open_images
+from node.spool import remove_spooled
 
 __all__ = ["WORKER_NICENESS", "SeriesProcessor", "WorkerPool", "worker_main"]
 
@@ -61,7 +66,7 @@ STOP_GRACE_SECONDS = 30.0
 RESTART_DELAY_SECONDS = 2.0
 
 #: What a worker reports (message kinds on its pipe).
-BUSY, IDLE, PROCESSED, FAILED = "busy", "idle", "processed", "failed"
+BUSY, IDLE, PROCESSED, FAILED, DISCARDED = "busy", "idle", "processed", "failed", "discarded"
 #: What the receiver tells a worker: finish the current series, then exit.
 STOP = "stop"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -114,6 +119,10 @@ class SeriesProcessor:
             log.warning("series %s: %s", job.series_uid, reason)
             self.jobs.set_outcome(job, SeriesState.UNROUTED, reason)
             return
+        discard = self._discard_reason(job)
+        if discard is not None:
+            self._discard(job, discard)
+            return
         images, failures = open_images(job.instance_paths, self.decode_limits)
         for failure in failures:
             log.error("series %s: %s", job.series_uid, failure)
@@ -151,10 +160,46 @@ class SeriesProcessor:
             len(result.outputs), result.seconds, "" if scheduled else " (new instances came: will run again)",
         )
 
+    def _discard_reason(self, job: SeriesJob) -> str | None:
+        """Why *job* is dropped unprocessed (a discard route, or ``unrouted = "discard"``), or None.
+
+        The route is decided on the first readable header (no pixel data is read), so a series
+        whose pixels could not be decoded is discarded all the same.
+        """
+        header = _first_header(job.instance_paths)
+        if header is None:
+            return None  # nothing readable: processing reports why
+        route = self.config.route_for(header)
+        what = f"Modality {header.get('Modality')}, SOP Class {header.get('SOPClassUID')}"
+        if route is not None and route.discards:
+            return f"a discard route matches ({what})"
+        if route is None and self.config.node.unrouted == "discard":
+            return f"no route matches and unrouted = \"discard\" ({what})"
+        return None
+
+    def _discard(self, job: SeriesJob, reason: str) -> None:
+        """Mark *job* discarded, then remove its spool files and forget its instances."""
+        if not self.jobs.set_outcome(job, SeriesState.DISCARDED, reason):
+            return  # new instances came: it settles and is routed again
+        removed = remove_spooled(job.instance_paths, self.config.node.shared / "spool")
+        self.jobs.forget_discarded_instances(job)
+        self._report(DISCARDED, 0.0)
+        log.info("series %s discarded: %s; %d spool files removed", job.series_uid, reason, removed)
+
     def _fail(self, job: SeriesJob, reason: str) -> None:
         log.error("series %s failed: %s", job.series_uid, reason)
         self._report(FAILED, 0.0)
         self.jobs.set_outcome(job, SeriesState.FAILED, reason)
+
+
+def _first_header(paths: tuple[Path, ...]) -> Dataset | None:
+    """The header (no pixel data) of the first of *paths* that can be read, or None."""
+    for path in paths:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError, ValueError, EOFError):
+            continue
+    return None
 
 
 class SharedDirUnavailable(OSError):

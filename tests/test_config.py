@@ -1409,3 +1409,55 @@ def test_decode_limit_errors_name_file_line_and_key(tmp_path: Path, line: str, k
     prefix = f"{tmp_path / 'node.toml'}:{marked_line(text)}: {key}: "
     assert error.startswith(prefix), f"\n{error}\ndoes not start with\n{prefix}"
     assert message in error
+
+
+# --------------------------------------------------------------------------- discard routes, unrouted, retention
+
+DISCARD_ROUTE = '[[routes]]\nmatch = { Modality = ["US", "CR"] }\naction = "discard"\n\n'
+
+
+def test_discard_route_needs_only_match(tmp_path: Path) -> None:
+    config = load_text(tmp_path, HEAD + TAIL.replace("[[routes]]", DISCARD_ROUTE + "[[routes]]", 1))
+    discard, process = config.routes
+    assert (discard.action, discard.discards, discard.pipeline, discard.destinations) == ("discard", True, "", ())
+    assert discard.match == (("Modality", ("US", "CR")),)
+    assert (process.action, process.discards, process.pipeline) == ("process", False, "default")
+
+
+@pytest.mark.parametrize("line", ['pipeline = "default" # <-', 'destinations = ["folder"] # <-',
+                                  'destinations = [] # <-', 'trigger = "series" # <-'])
+def test_discard_route_naming_a_pipeline_or_destinations_is_refused_at_its_line(tmp_path: Path, line: str) -> None:
+    key = line.split(" ")[0]
+    text = HEAD + TAIL + DISCARD_ROUTE.replace('action = "discard"\n', f'action = "discard"\n{line}\n')
+    assert_refused_at_mark(tmp_path, text, f"routes[2].{key}", 'a route with action = "discard" drops the series '
+                           f"it matches: it takes no {key}")
+
+
+def test_route_action_misspelt_is_refused_at_its_line(tmp_path: Path) -> None:
+    text = HEAD + TAIL.replace('destinations = ["folder"]\n', 'destinations = ["folder"]\naction = "drop" # <-\n')
+    assert_refused_at_mark(tmp_path, text, "routes[1].action", "must be one of 'process', 'discard', got \"drop\"")
+
+
+def test_process_route_still_needs_its_pipeline(tmp_path: Path) -> None:
+    text = HEAD + TAIL.replace('pipeline = "default"\n', 'action = "process"\n')
+    assert "routes[1].pipeline: missing (required)" in error_of(tmp_path, text)
+
+
+def test_unrouted_and_failed_retention_defaults_and_set(tmp_path: Path) -> None:
+    for config in (load_config(None), load_config(ROOT / "config" / "node.toml"), load_text(tmp_path, HEAD + TAIL)):
+        assert (config.node.unrouted, config.node.failed_retention_hours) == ("keep", 0.0)
+    text = HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nunrouted = "discard"\n'
+                        "failed_retention_hours = 240") + TAIL
+    config = load_text(tmp_path, text)
+    assert (config.node.unrouted, config.node.failed_retention_hours) == ("discard", 240.0)
+
+
+@pytest.mark.parametrize(("line", "key", "message"), [
+    ('unrouted = "drop" # <-', "node.unrouted", "must be one of 'keep', 'discard', got \"drop\""),
+    ("unrouted = true # <-", "node.unrouted", "must be one of 'keep', 'discard', got true"),
+    ("failed_retention_hours = -1 # <-", "node.failed_retention_hours", "must be 0 (keep for ever) or a number"),
+    ('failed_retention_hours = "1d" # <-', "node.failed_retention_hours", "must be 0 (keep for ever) or a number"),
+])
+def test_unrouted_and_failed_retention_refused_at_their_line(tmp_path: Path, line: str, key: str, message: str) -> None:
+    text = HEAD.replace("settle_seconds = 10.0", f"settle_seconds = 10.0\n{line}") + TAIL
+    assert_refused_at_mark(tmp_path, text, key, message)

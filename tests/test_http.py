@@ -249,6 +249,7 @@ def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> N
     assert samples[("dicomnode_tls_certificate_expiry_timestamp_seconds", (("certificate", "tls.cert_file"),))] == 1.8e9
     assert samples[("dicomnode_series_processed_total", ())] == 2
     assert samples[("dicomnode_series_failed_total", ())] == 1
+    assert samples[("dicomnode_series_discarded_total", ())] == 0
     for outcome, value in (("delivered", 1), ("retry", 1), ("failed", 1)):
         assert samples[("dicomnode_deliveries_total", (("destination", "archive"), ("outcome", outcome)))] == value
 
@@ -256,6 +257,7 @@ def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> N
     depth = {dict(k[1])["state"]: v for k, v in samples.items() if k[0] == "dicomnode_queue_depth"}
     assert depth == {
         "receiving": 1, "queued": 0, "processing": 0, "delivering": 0, "delivered": 1, "failed": 2, "unrouted": 0,
+        "discarded": 0,
     }
     assert depth == {**dict.fromkeys(depth, 0), **node.jobs.counts()}
 

@@ -451,3 +451,57 @@ def test_an_unreachable_postgresql_is_named_without_the_password(tmp_path: Path)
     message = str(refused.value)
     assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/dicomnode" in message
     assert "s3cret-word" not in message and "\n" not in message
+
+
+def end_as(jobs: JobStore, clock: Clock, sop: str, series: str, state: SeriesState):
+    """A series of one instance, claimed and ended as *state* (set_outcome)."""
+    receive(jobs, sop, series)
+    job = claim_settled(jobs, clock)
+    assert job is not None and job.series_uid == series
+    assert jobs.set_outcome(job, state, "test")
+    return job
+
+
+def test_expired_takes_unrouted_and_discarded_with_delivered_and_failed_only_when_asked(store) -> None:
+    jobs, clock = store
+    unrouted = end_as(jobs, clock, "1.1", "1.2.3.1", SeriesState.UNROUTED)
+    discarded = end_as(jobs, clock, "1.2", "1.2.3.2", SeriesState.DISCARDED)
+    failed = end_as(jobs, clock, "1.3", "1.2.3.3", SeriesState.FAILED)
+    receive(jobs, "1.4", "1.2.3.4")  # still receiving: never expires
+    assert jobs.expired(3600, 7200) == []
+    clock.now += 3600
+    assert [(r["id"], r["state"]) for r in jobs.expired(3600, 7200)] == [
+        (unrouted.id, "unrouted"), (discarded.id, "discarded")]
+    assert [r["id"] for r in jobs.expired(3600)] == [unrouted.id, discarded.id]  # failed: kept for ever by default
+    assert jobs.expired(0, 0) == []  # 0: never
+    clock.now += 3600
+    assert [r["id"] for r in jobs.expired(3600, 7200)] == [unrouted.id, discarded.id, failed.id]
+    assert [r["id"] for r in jobs.expired(0, 7200)] == [failed.id]
+    assert jobs.expired(3600, 7200)[2]["paths"] == [Path("/spool/1.3.dcm")]
+
+
+def test_discarded_series_instances_are_forgotten_and_a_reopened_series_holds_only_new_ones(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1")
+    receive(jobs, "1.2")
+    job = claim_settled(jobs, clock)
+    assert jobs.set_outcome(job, SeriesState.DISCARDED, "discard route")
+    assert jobs.counts() == {"discarded": 1}
+    assert jobs.forget_discarded_instances(job) == 2
+    assert jobs.instances(job.id) == [] and jobs.series(job.id)["state"] == "discarded"
+    assert receive(jobs, "1.2")  # sent again after it was discarded: new, and the series re-opens
+    assert jobs.series(job.id)["state"] == "receiving"
+    again = claim_settled(jobs, clock)
+    assert again.instance_paths == (Path("/spool/1.2.dcm"),)
+    assert jobs.forget_discarded_instances(job) == 0  # an older generation: nothing dropped
+    assert jobs.instances(job.id) == [("1.2", Path("/spool/1.2.dcm"))]
+
+
+def test_a_discard_overtaken_by_a_new_instance_keeps_every_record(store) -> None:
+    jobs, clock = store
+    receive(jobs, "1.1")
+    job = claim_settled(jobs, clock)
+    receive(jobs, "1.2")  # arrives while the worker decides
+    assert not jobs.set_outcome(job, SeriesState.DISCARDED, "discard route")
+    assert jobs.series(job.id)["state"] == "receiving"
+    assert jobs.forget_discarded_instances(job) == 0 and len(jobs.instances(job.id)) == 2
