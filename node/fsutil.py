@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_temporaries", "start_writeback", "untouched_for"]
+__all__ = [
+    "TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_empty_parents", "remove_temporaries", "start_writeback",
+    "untouched_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +137,13 @@ def untouched_for(path: Path, seconds: float) -> bool:
         return path.stat().st_mtime <= time.time() - seconds
     except OSError:
         return False
+
+
+def remove_empty_parents(folder: Path, root: Path) -> None:
+    """Remove *folder* and its parents up to (not including) *root* while they are empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

@@ -39,7 +39,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.config import Config, FolderDestination
 from node.database import unavailable
 from node.delivery import DeliveryLanes, DispatchedDeliveries
-from node.fsutil import remove_temporaries
+from node.fsutil import remove_empty_parents, remove_temporaries
 from node.http import StatusServer
 from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits
@@ -404,10 +404,10 @@ class NodeService:
         for row in self.jobs.expired(node.retention_hours * 3600, node.failed_retention_hours * 3600):
             for path in row["paths"]:
                 path.unlink(missing_ok=True)
-                _remove_empty_parents(path.parent, self.spool.root)
+                remove_empty_parents(path.parent, self.spool.root)
             if row["output_dir"]:
                 shutil.rmtree(row["output_dir"], ignore_errors=True)
-                _remove_empty_parents(Path(row["output_dir"]).parent, self.outputs)
+                remove_empty_parents(Path(row["output_dir"]).parent, self.outputs)
             shutil.rmtree(self.outputs / ".thumbs" / str(row["id"]), ignore_errors=True)
             self.jobs.forget(row["id"])  # files first: a crash in between leaves records, never orphans
             removed[row["state"]] = removed.get(row["state"], 0) + 1
@@ -417,12 +417,3 @@ class NodeService:
                      node.retention_hours, node.failed_retention_hours)
         return sum(removed.values())
 
-
-def _remove_empty_parents(folder: Path, root: Path) -> None:
-    """Remove *folder* and its parents up to (not including) *root* while they are empty."""
-    while folder != root and root in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent

@@ -21,7 +21,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import atomic_output, fsync_dir, remove_temporaries, untouched_for
+from node.fsutil import (
+    atomic_output, fsync_dir, remove_empty_parents, remove_temporaries, untouched_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,7 @@ def remove_spooled(paths: Iterable[Path], root: Path) -> int:
         removed += 1
         folders.add(path.parent)
     for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
-        while folder != root and root in folder.parents:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-            folder = folder.parent
+        remove_empty_parents(folder, root)
     return removed
 
 
