@@ -110,7 +110,7 @@ def _shown_value(keyword: str, ds: Dataset) -> str:
     except KeyError:
         vr = ""
     if vr not in _CODED_VRS:
-        return "value not shown"
+        return "(value not shown)"
     value = ds[keyword].value
     text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else str(value)
     return repr(text)
