@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError
 from node.database import DatabaseError
@@ -17,6 +18,9 @@ from node.jobstore import JobStore, JobStoreError, SeriesState
 from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
 from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
+
+if TYPE_CHECKING:
+    from node.series import InputSeries
 
 __all__ = ["main"]
 
@@ -176,7 +180,7 @@ def _configured_run(args: argparse.Namespace) -> Config | None:
     return config
 
 
-def _configured_pipeline(config: Config, args: argparse.Namespace, series) -> Pipeline | None:
+def _configured_pipeline(config: Config, args: argparse.Namespace, series: "InputSeries") -> Pipeline | None:
     """The pipeline *series* goes through (``--pipeline``, else its route's), or None: logged why."""
     if args.pipeline is not None:
         return config.pipelines[args.pipeline]
@@ -203,8 +207,8 @@ def _run_process(args: argparse.Namespace) -> int:
         limits = DecodeLimits.from_mb(args.max_decoded_mb, args.max_frame_mb,
                                       decoded_setting="--max-decoded-mb", frame_setting="--max-frame-mb")
     else:
-        log.info("config: %s (%s)", config.source,
-                 f"pipeline {args.pipeline} for every series" if args.pipeline else "the pipeline of each series' route")
+        which = f"pipeline {args.pipeline} for every series" if args.pipeline else "the pipeline of each series' route"
+        log.info("config: %s (%s)", config.source, which)
         limits = DecodeLimits.from_mb(config.node.max_decoded_mb, config.node.max_frame_mb)
     try:
         paths = list(find_files(args.inputs))
