@@ -79,7 +79,7 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--config", type=Path, default=None,
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="run the configured pipelines instead of the options below: each series takes the "
                    "pipeline of the route that matches it, as serve does (default: "
                    f"${CONFIG_VARIABLE} when set and no pipeline option is given); outputs are written "
