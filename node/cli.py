@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError
 from node.database import DatabaseError
@@ -17,6 +18,9 @@ from node.jobstore import JobStore, JobStoreError, SeriesState
 from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
 from node.logsetup import LogSettings, setup_logging
 from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
+
+if TYPE_CHECKING:
+    from node.series import InputSeries
 
 __all__ = ["main"]
 
@@ -75,6 +79,13 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="run the configured pipelines instead of the options below: each series takes the "
+                   "pipeline of the route that matches it, as serve does (default: "
+                   f"${CONFIG_VARIABLE} when set and no pipeline option is given); outputs are written "
+                   "under --out, never delivered")
+    p.add_argument("--pipeline", metavar="NAME",
+                   help="with --config: run this configured pipeline on every series, whatever the routes say")
     p.add_argument(
         "--window", action="append", type=_window_arg, default=[], metavar="PRESET|C,W|file",
         help="window: a preset (brain, subdural, stroke, brain_bone, brain_soft, lungs, mediastinum, "
@@ -101,7 +112,7 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
         help="refuse a file one of whose frames decodes to more than this many MB "
         f"(as [node] max_frame_mb; default {DEFAULT_MAX_FRAME_MB})",
     )
-    p.set_defaults(func=_run_process)
+    p.set_defaults(func=_run_process, parser=p)
 
 
 def _megabytes(text: str) -> int:
@@ -134,21 +145,77 @@ def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
     )
 
 
+#: ``process`` options that make a pipeline (or set its decode limits): a configured run takes
+#: both from the config, so these are refused beside ``--config``/``--pipeline``.
+_PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "no_rescale", "grey", "format",
+                     "max_decoded_mb", "max_frame_mb")
+
+
+def _pipeline_options_given(args: argparse.Namespace) -> list[str]:
+    """The pipeline options of *args* that differ from their defaults, as ``--option``."""
+    return ["--" + dest.replace("_", "-") for dest in _PIPELINE_OPTIONS
+            if getattr(args, dest) != args.parser.get_default(dest)]
+
+
+def _configured_run(args: argparse.Namespace) -> Config | None:
+    """The config a ``process`` run takes its pipelines from, or None for a pipeline of the options.
+
+    ``--config``/``--pipeline`` beside pipeline options is a usage error (exit 2); ``$DICOM_NODE_CONFIG``
+    is used only when no pipeline option is given.
+    """
+    from node.config import load_config
+
+    given = _pipeline_options_given(args)
+    if args.config is None and args.pipeline is None and (given or _config_from_environment() is None):
+        return None
+    if args.config is None:
+        args.config = _config_from_environment()  # None with --pipeline alone: the embedded default
+    if given:
+        args.parser.error(f"{' '.join(given)} cannot be combined with --config/--pipeline: a configured run "
+                          "takes its pipelines and decode limits from the config")
+    config = load_config(args.config)
+    if args.pipeline is not None and args.pipeline not in config.pipelines:
+        known = ", ".join(config.pipelines) or "none"
+        args.parser.error(f"--pipeline {args.pipeline!r}: no such pipeline in {config.source}; defined: {known}")
+    return config
+
+
+def _configured_pipeline(config: Config, args: argparse.Namespace, series: "InputSeries") -> Pipeline | None:
+    """The pipeline *series* goes through (``--pipeline``, else its route's), or None: logged why."""
+    if args.pipeline is not None:
+        return config.pipelines[args.pipeline]
+    from node.dryrun import explain_route
+
+    header = series.images[0].header
+    route = config.route_for(header)
+    if route is None or route.discards:
+        log.warning("series %s: nothing written %s", series.series_uid, explain_route(config, header))
+        return None
+    log.info("series %s %s", series.series_uid, explain_route(config, header))
+    return config.pipelines[route.pipeline]
+
+
 def _run_process(args: argparse.Namespace) -> int:
     from node.imaging.source import DecodeLimits, NotDicom
     from node.process import process_series
     from node.series import find_files, group_series, open_images
 
-    pipeline = _pipeline_from_args(args)
-    log.info("pipeline: %s", pipeline.describe())
+    config = _configured_run(args)
+    if config is None:
+        pipeline = _pipeline_from_args(args)
+        log.info("pipeline: %s", pipeline.describe())
+        limits = DecodeLimits.from_mb(args.max_decoded_mb, args.max_frame_mb,
+                                      decoded_setting="--max-decoded-mb", frame_setting="--max-frame-mb")
+    else:
+        which = f"pipeline {args.pipeline} for every series" if args.pipeline else "the pipeline of each series' route"
+        log.info("config: %s (%s)", config.source, which)
+        limits = DecodeLimits.from_mb(config.node.max_decoded_mb, config.node.max_frame_mb)
     try:
         paths = list(find_files(args.inputs))
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 2
     log.info("%d files found", len(paths))
-    limits = DecodeLimits.from_mb(args.max_decoded_mb, args.max_frame_mb,
-                                  decoded_setting="--max-decoded-mb", frame_setting="--max-frame-mb")
     images, failures = open_images(paths, limits)
     named = {Path(item) for item in args.inputs}
     not_dicom = [f for f in failures if isinstance(f, NotDicom) and f.path not in named]
@@ -158,13 +225,18 @@ def _run_process(args: argparse.Namespace) -> int:
     for failure in failures:
         log.error("failed %s", failure)
     now = datetime.datetime.now().astimezone()
-    written = 0
+    written = not_written = 0
     all_series = group_series(images)
     for number, series in enumerate(all_series, start=1):
         log.info(
             "series %d/%d %s: %d instances, %d frames",
             number, len(all_series), series.series_uid, len(series.images), series.frames,
         )
+        if config is not None:
+            pipeline = _configured_pipeline(config, args, series)
+            if pipeline is None:
+                not_written += 1
+                continue
         result = process_series(series, pipeline, args.out, now=now)
         written += len(result.outputs)
         failures.extend(result.failures)
@@ -173,10 +245,44 @@ def _run_process(args: argparse.Namespace) -> int:
             series.series_uid, result.derived_series_uid, len(result.outputs), len(result.failures), result.seconds,
         )
     log.info(
-        "done: %d outputs in %s; %d files failed, %d not DICOM skipped, of %d",
+        "done: %d outputs in %s; %d files failed, %d not DICOM skipped, of %d%s",
         written, args.out, len(failures), len(not_dicom), len(paths),
+        f"; {not_written} series not processed (no route, or discarded)" if not_written else "",
     )
     return 1 if failures else 0
+
+
+def _add_route_parser(sub: argparse._SubParsersAction) -> None:
+    route = sub.add_parser(
+        "route", help="which route, pipeline and destinations each series of some files would take",
+        description="Read the headers of DICOM files (folders recursively), group them into series and print, "
+        "per series, what the configured node would do with it: the route that matches, its pipeline and "
+        "destinations; the discard route; or that no route matches, and why. Nothing is processed or sent.",
+    )
+    _add_config_option(route)
+    route.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
+    route.set_defaults(func=_run_route)
+
+
+def _run_route(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.dryrun import group_headers, read_headers, series_line
+    from node.series import find_files
+
+    config = load_config(args.config)
+    try:
+        paths = list(find_files(args.inputs))
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    headers, skipped = read_headers(paths)
+    for message in skipped:
+        log.warning("skipped %s", message)
+    all_series = group_headers(headers)
+    for series in all_series:
+        print(series_line(config, series))
+    log.info("config %s: %d series in %d files (%d skipped)", config.source, len(all_series), len(paths), len(skipped))
+    return 0
 
 
 #: The environment variable whose value is the default of ``--config``.
@@ -581,6 +687,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_process_parser(sub)
+    _add_route_parser(sub)
     _add_service_parsers(sub)
     _add_operator_parsers(sub)
     _add_poll_parser(sub)

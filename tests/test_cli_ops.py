@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 import node
@@ -270,3 +271,49 @@ def _has_file_meta(path: Path) -> bool:
     """Whether *path* starts as a DICOM Part 10 file (preamble and "DICM")."""
     with path.open("rb") as file:
         return file.read(132)[128:] == b"DICM"
+
+
+def test_route_prints_per_series_what_the_node_would_do(tmp_path: Path, ct_series_dir: Path) -> None:
+    from tests.test_cli_process import dry_run_config
+
+    ct_small, mr, rgb = bundled("CT_small.dcm"), bundled("MR_small.dcm"), bundled("SC_rgb_small_odd.dcm")
+    uid = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in (ct_small, mr, rgb)}
+    head = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")), stop_before_pixels=True)
+    config = dry_run_config(tmp_path)
+    result = _cli_in(tmp_path, "route", "--config", str(config), str(ct_small), str(mr), str(rgb), str(ct_series_dir))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"{uid[ct_small].SeriesInstanceUID} CT 1 instance -> route 3 (match Modality = 'CT', PatientName = '*'): "
+        "pipeline plainpng -> destinations archive",
+        f"{uid[mr].SeriesInstanceUID} MR 1 instance -> discarded by route 1 (match Modality = 'MR')",
+        f"{uid[rgb].SeriesInstanceUID} OT 1 instance -> no route: kept unrouted; route 1: Modality 'OT' is not 'MR'; "
+        "route 2: Modality 'OT' is not 'CT'; route 3: Modality 'OT' is not 'CT'",
+        f"{head.SeriesInstanceUID} CT 28 instances -> route 2 (match Modality = 'CT', BodyPartExamined = 'HEAD'): "
+        "pipeline brain -> destinations pacs, archive",
+    ]
+    assert "LICENSE: not DICOM" in result.stderr  # the licence file beside the CT series: skipped, named
+    assert not (tmp_path / "data").exists()  # nothing spooled, processed or sent
+    # [node] unrouted = "discard" from $DICOM_NODE_CONFIG; a failing match on a patient attribute shows no value
+    anonymous = tmp_path / "anon.dcm"
+    ds = pydicom.dcmread(ct_small)
+    del ds.PatientName
+    ds.save_as(anonymous)
+    (tmp_path / "d").mkdir()
+    discarding = dry_run_config(tmp_path / "d", unrouted="discard")
+    result = _cli_in(tmp_path, "route", str(rgb), str(anonymous), env={"DICOM_NODE_CONFIG": str(discarding)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{uid[rgb].SeriesInstanceUID} OT 1 instance -> no route: discarded ([node] unrouted = \"discard\"); "
+        "route 1: Modality 'OT' is not 'MR'; route 2: Modality 'OT' is not 'CT'; route 3: Modality 'OT' is not 'CT'",
+        f"{uid[ct_small].SeriesInstanceUID} CT 1 instance -> no route: discarded ([node] unrouted = \"discard\"); "
+        "route 1: Modality 'CT' is not 'MR'; route 2: BodyPartExamined absent is not 'HEAD'; "
+        "route 3: PatientName absent is not '*'",
+    ]
+    by_name = tmp_path / "by_name.toml"
+    by_name.write_text('[node]\ndata_dir = "{}"\n[[routes]]\nmatch = {{ PatientName = ["NOBODY"] }}\n'
+                       'action = "discard"\n'.format(tmp_path / "data"))
+    shown = _cli_in(tmp_path, "route", "--config", str(by_name), str(ct_small))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.endswith("-> no route: kept unrouted; route 1: PatientName (value not shown) is not 'NOBODY'\n")
+    assert str(uid[ct_small].PatientName) not in shown.stdout + shown.stderr

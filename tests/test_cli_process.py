@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,117 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     result = run_cli("process", str(bundled("CT_small.dcm")), "--out", str(tmp_path), "--window", "brain",
                      "--window", "lungs", "--format", "png16")
     assert result.returncode == 2 and "8-bit only" in result.stderr
+
+
+# --- configured pipelines: process --config / --pipeline (the routes and pipelines of serve, offline) ---
+
+DRY_RUN_CONFIG = """
+[node]
+data_dir = "{data}"
+unrouted = "{unrouted}"
+[[pipelines]]
+name = "brain"
+steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
+output = "sc"
+[[pipelines]]
+name = "plainpng"
+steps = [{{ op = "rescale" }}]
+output = "png"
+[[destinations]]
+name = "pacs"
+kind = "folder"
+path = "{data}/pacs"
+[[destinations]]
+name = "archive"
+kind = "folder"
+path = "{data}/archive"
+[[routes]]
+match = {{ Modality = ["MR"] }}
+action = "discard"
+[[routes]]
+match = {{ Modality = ["CT"], BodyPartExamined = ["HEAD"] }}
+pipeline = "brain"
+destinations = ["pacs", "archive"]
+[[routes]]
+match = {{ Modality = ["CT"], PatientName = ["*"] }}
+pipeline = "plainpng"
+destinations = ["archive"]
+"""
+
+
+def dry_run_config(tmp_path: Path, unrouted: str = "keep") -> Path:
+    """A config: MR discarded, head CT through a brain window (SC), other CT to PNG, the rest no route."""
+    path = tmp_path / "node.toml"
+    path.write_text(DRY_RUN_CONFIG.format(data=tmp_path / "data", unrouted=unrouted))
+    return path
+
+
+def run_cli_env(*args: str, config_variable: str | None = None) -> subprocess.CompletedProcess:
+    """``dicom-node`` with ``$DICOM_NODE_CONFIG`` set to *config_variable*, or unset."""
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if config_variable is not None:
+        env["DICOM_NODE_CONFIG"] = config_variable
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def test_process_with_config_takes_each_series_route_as_serve_does(ct_series_dir: Path, tmp_path: Path) -> None:
+    config = dry_run_config(tmp_path)
+    ct_small, mr, rgb = bundled("CT_small.dcm"), bundled("MR_small.dcm"), bundled("SC_rgb_small_odd.dcm")
+    out = tmp_path / "out"
+    result = run_cli_env("process", "--config", str(config), "--out", str(out),
+                         str(ct_small), str(mr), str(rgb), str(ct_series_dir))
+    assert result.returncode == 0, result.stderr
+    # the head CT through "brain": 28 SCs, pixels identical to the same window given on the command line
+    head = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")), stop_before_pixels=True)
+    brain = tmp_path / "brain"
+    assert run_cli_env("process", "--out", str(brain), "--window", "brain", str(ct_series_dir)).returncode == 0
+    configured = {pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID: p for p in
+                  outputs(out / head.StudyInstanceUID, ".dcm")}
+    by_options = {pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID: p for p in outputs(brain, ".dcm")}
+    assert len(configured) == 28 and configured.keys() == by_options.keys()
+    for sop in sorted(configured)[::9]:
+        sc = pydicom.dcmread(configured[sop])
+        assert sc.DerivationDescription == pydicom.dcmread(by_options[sop]).DerivationDescription
+        assert np.array_equal(sc.pixel_array, pydicom.dcmread(by_options[sop]).pixel_array)
+    # CT_small (no BodyPartExamined) through "plainpng": one PNG; MR discarded, the RGB SC unrouted: nothing
+    small = pydicom.dcmread(ct_small, stop_before_pixels=True)
+    assert len(outputs(out / small.StudyInstanceUID, ".png")) == 1
+    assert not (out / pydicom.dcmread(mr, stop_before_pixels=True).StudyInstanceUID).exists()
+    assert not (out / pydicom.dcmread(rgb, stop_before_pixels=True).StudyInstanceUID).exists()
+    assert len([p for p in outputs(out, "") if p.is_file()]) == 29
+    mr_uid = pydicom.dcmread(mr, stop_before_pixels=True).SeriesInstanceUID
+    assert f"{mr_uid}: nothing written -> discarded by route 1" in result.stderr
+    assert "nothing written -> no route: kept unrouted; route 1: Modality 'OT' is not 'MR'" in result.stderr
+    assert "2 series not processed" in result.stderr
+    assert not (tmp_path / "data").exists()  # no spool, no job store, no delivery
+    assert str(small.PatientName) not in result.stderr
+
+
+def test_process_with_a_named_pipeline_and_usage_errors(tmp_path: Path) -> None:
+    config = dry_run_config(tmp_path)
+    mr = bundled("MR_small.dcm")
+    # --pipeline, the config from $DICOM_NODE_CONFIG: the discard route does not apply
+    out = tmp_path / "named"
+    named = run_cli_env("process", "--pipeline", "plainpng", "--out", str(out), str(mr), config_variable=str(config))
+    assert named.returncode == 0, named.stderr
+    assert len(outputs(out, ".png")) == 1 and len([p for p in outputs(out, "") if p.is_file()]) == 1
+    # $DICOM_NODE_CONFIG and no pipeline option: the routes (MR discarded)
+    routed = run_cli_env("process", "--out", str(tmp_path / "routed"), str(mr), config_variable=str(config))
+    assert routed.returncode == 0 and "discarded by route 1" in routed.stderr
+    assert not (tmp_path / "routed").exists()
+    # $DICOM_NODE_CONFIG and pipeline options: the options win (the variable is a default only)
+    options = run_cli_env("process", "--out", str(tmp_path / "opt"), "--window", "brain", str(mr),
+                          config_variable=str(config))
+    assert options.returncode == 0 and len(outputs(tmp_path / "opt", ".dcm")) == 1
+    unknown = run_cli_env("process", "--config", str(config), "--pipeline", "lungs", "--out", str(tmp_path / "u"),
+                          str(mr))
+    assert unknown.returncode == 2
+    assert f"--pipeline 'lungs': no such pipeline in {config}; defined: brain, plainpng" in unknown.stderr
+    for mixed in (["--config", str(config), "--window", "brain"], ["--pipeline", "brain", "--equalise"],
+                  ["--config", str(config), "--format", "png"], ["--config", str(config), "--max-frame-mb", "8"]):
+        refused = run_cli_env("process", *mixed, "--out", str(tmp_path / "m"), str(mr))
+        assert refused.returncode == 2, (mixed, refused.stderr)
+        assert "cannot be combined with --config/--pipeline" in refused.stderr
+        assert not (tmp_path / "m").exists()
