@@ -543,7 +543,7 @@ class DicomWebSource:
         return f"every {self.every_seconds:g} s" if self.every_seconds is not None else f"cron {self.cron!r}"
 
 
-def _element_text(value: Any) -> str:
+def element_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (MultiValue, list, tuple)):
@@ -605,7 +605,7 @@ class Route:
                 if "" not in patterns:
                     return False
                 continue
-            text = _element_text(ds[keyword].value)
+            text = element_text(ds[keyword].value)
             if not any(fnmatchcase(text, pattern) for pattern in patterns):
                 return False
         return True

@@ -18,7 +18,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.config import Config, Route, _element_text
+from node.config import Config, Route, element_text
 
 __all__ = ["HeaderSeries", "explain_route", "group_headers", "read_headers", "route_label", "series_line"]
 
@@ -111,7 +111,7 @@ def _shown_value(keyword: str, ds: Dataset) -> str:
         vr = ""
     if vr not in _CODED_VRS:
         return "(value not shown)"
-    return repr(_element_text(ds[keyword].value))  # the text the route's patterns are matched against
+    return repr(element_text(ds[keyword].value))  # the text the route's patterns are matched against
 
 
 def _first_mismatch(route: Route, ds: Dataset) -> str:
