@@ -544,6 +544,8 @@ class DicomWebSource:
 
 
 def element_text(value: Any) -> str:
+    """The text a route's ``match`` patterns are compared with: a data element's value as a string
+    (multiple values joined with backslashes, as DICOM writes them; None as empty)."""
     if value is None:
         return ""
     if isinstance(value, (MultiValue, list, tuple)):
