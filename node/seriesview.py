@@ -97,8 +97,7 @@ def series_view(row: Mapping[str, Any], max_attempts: int | None) -> SeriesView:
         ("Closed by", _text(row.get("trigger"))),
         ("Route", _text(row.get("route"))),
         ("Pipeline", _text(row.get("pipeline"))),
-        ("Processing", "-" if not isinstance(seconds, (int, float)) else
-         f"{seconds:.2f} s, attempt {int(row.get('processing_attempts') or 0)}"),
+        ("Processing", f"{seconds:.2f} s" if isinstance(seconds, (int, float)) else "-"),
         ("Outputs", _text(row.get("outputs"))),
         ("Derived Series UID", _text(row.get("derived_series_uid"))),
         ("Updated", utc_time(row.get("updated_at"))),
