@@ -37,8 +37,9 @@ from node.process import process_series
 from node.series import InputSeries, instance_order, open_images
 from node.spool import Spool
 from node.writers.uids import derived_uid
-from tests.conftest import bundled, tool
-from tests.node_process import ROOT, copy_as_series
+from tests.conftest import bundled, run_cli, tool
+from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
+from tests.peers import free_port, storescu
 
 CT = bundled("CT_small.dcm")
 _HEADER = pydicom.dcmread(CT, stop_before_pixels=True)
@@ -650,3 +651,26 @@ def _assert_drawn(screen: np.ndarray, row: np.ndarray, what: str) -> None:
     error = np.abs(windows - row).mean(axis=2)
     assert row.std() > 10, f"the {what} thumbnail is flat"
     assert error.min() < 4, f"the {what} thumbnail is not on the screenshot (closest: {error.min():.1f})"
+
+
+def test_a_running_node_serves_the_series_page_with_its_delivery_attempts(tmp_path: Path) -> None:
+    """The service hands ``[delivery] max_attempts`` (20 in node_config) to the page; ``status JOB`` agrees."""
+    port, http_port = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(tmp_path / "var", port, settle=0.5, http_port=http_port,
+                                  extra=folder_route(tmp_path / "out")))
+    base = f"http://127.0.0.1:{http_port}"
+    with NodeProcess(config.read_text(), tmp_path, port=port) as running:
+        sent = storescu("127.0.0.1", port, copy_as_series([CT] * 2, tmp_path / "src"), called_aet="DICOMNODE",
+                        calling_aet="MODALITY1")
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        wait_for(lambda: [j["state"] for j in requests.get(f"{base}/api/jobs", timeout=10).json()] == ["delivered"],
+                 60, "the series delivered", running.log)
+        (job,) = requests.get(f"{base}/api/jobs", timeout=10).json()
+        page = requests.get(f"{base}/series/{job['id']}", timeout=10).text
+        status = run_cli("status", str(job["id"]), "--config", str(config), timeout=60)
+    assert _fact(page, "Calling AE") == "MODALITY1" and _fact(page, "Pipeline") == "plain"
+    assert '<td>out</td><td><span class="state st-delivered">delivered</span></td><td class="num">1/20</td>' in page
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"job {job['id']}: delivered" in status.stdout and "  Calling AE:          MODALITY1" in status.stdout
+    assert "  out: delivered, attempts 1/20, delivered 20" in status.stdout
