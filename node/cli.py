@@ -310,6 +310,8 @@ def _add_service_parsers(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_run_serve)
     status = sub.add_parser("status", help="series and deliveries from the job store")
     _add_config_option(status)
+    status.add_argument("job", nargs="?", type=int,
+                        help="one series job id: its times, calling AE, route, pipeline, deliveries and events")
     status.add_argument("--limit", type=int, default=20, help="how many recent series to list")
     status.set_defaults(func=_run_status)
     retry = sub.add_parser("retry", help="retry failed series (deliveries, or processing)")
@@ -521,6 +523,11 @@ def _run_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     node = config.node
     jobs = _open_jobs(args, config)
+    if args.job is not None:
+        try:
+            return _print_one_series(jobs, args.job, config.delivery.max_attempts)
+        finally:
+            jobs.close()
     try:
         free_mb = shutil.disk_usage(node.data_dir).free // 2**20
         print(f"disk: {free_mb} MB free in {node.data_dir}; C-STORE refused below {node.min_free_disk_mb} MB"
@@ -536,6 +543,18 @@ def _run_status(args: argparse.Namespace) -> int:
             print(line)
     finally:
         jobs.close()
+    return 0
+
+
+def _print_one_series(jobs: JobStore, series_id: int, max_attempts: int) -> int:
+    """Print one series as the page ``/series/{id}`` shows it; 1 with one line when there is no such job."""
+    from node.seriesview import series_text, series_view
+
+    row = jobs.series(series_id)
+    if row is None:
+        print(f"job {series_id}: no such job (dicom-node status lists them)")
+        return 1
+    print("\n".join(series_text(series_view(row, max_attempts))))
     return 0
 
 

@@ -13,7 +13,12 @@ it read-only: nothing here changes a job.  Endpoints:
     Recent series as JSON (``?limit=``, ``?state=``); one series with deliveries and events.
 ``/``
     A server-rendered HTML page (no JavaScript): counts by state, recent series each with a
-    before/after thumbnail from ``/thumbs/{id}/source.png`` and ``/thumbs/{id}/output.png``.
+    before/after thumbnail from ``/thumbs/{id}/source.png`` and ``/thumbs/{id}/output.png``,
+    each linked to its own page.
+``/series/{id}``
+    One series as HTML (:mod:`node.seriesview`, the facts ``dicom-node status JOB`` prints):
+    UTC times, calling AE, route, pipeline, each delivery with attempts ``n/m`` and the peer's
+    last reason, the outputs with their thumbnails, and the series' events.
 
 With ``[http] auth`` every request but ``/healthz`` and ``/readyz`` (and ``/metrics`` with
 ``public_metrics``) needs credentials (:mod:`node.httpauth`); with ``cert_file``/``key_file`` the
@@ -60,9 +65,10 @@ from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.metrics import Metrics
 from node.pipeline import Clip, OutputFormat, Pipeline
 from node.render import FrameRenderer
+from node.seriesview import SeriesView, series_view, utc_time
 from node.writers.uids import derived_uid
 
-__all__ = ["StatusServer", "THUMBNAIL_SIZE", "Thumbnails", "render_page"]
+__all__ = ["StatusServer", "THUMBNAIL_SIZE", "Thumbnails", "render_page", "render_series_page"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ _HANDSHAKE_SECONDS = 10.0  # a TLS client has this long to complete its handshak
 _STATES = [state.value for state in SeriesState]
 _ID = re.compile(r"[0-9]{1,18}")
 _THUMB = re.compile(r"/thumbs/([^/]*)/(source|output)\.png")
+_SERIES_PAGE = re.compile(r"/series/([^/]*)")
 
 # The source as a viewer would show it by default: rescale, then the file's window or the range.
 _SOURCE_VIEW = Pipeline(name="thumbnail", output=OutputFormat.PNG)
@@ -534,8 +541,8 @@ def _series_row(row: Mapping[str, Any], now: float) -> str:
         + _thumb(row, "source", "before", bool(row.get("instances")) and state != SeriesState.DISCARDED.value)
         + _thumb(row, "output", "after", bool(row.get("output_dir")) and bool(outputs))
         + "</div>",
-        f'<a href="/api/jobs/{series_id}">#{series_id}</a><div class="uid" title="Series Instance UID">'
-        f'{_esc(row.get("series_uid"))}</div>',
+        f'<a href="/series/{series_id}">#{series_id}</a> <a class="muted" href="/api/jobs/{series_id}">json</a>'
+        f'<div class="uid" title="Series Instance UID">{_esc(row.get("series_uid"))}</div>',
         f'<span class="state st-{_esc(state)}">{_esc(state)}</span>',
         _esc(row.get("modality") or "—"),
         f'{int(row.get("instances") or 0)}',
@@ -547,6 +554,86 @@ def _series_row(row: Mapping[str, Any], now: float) -> str:
     classes = ["", "", "", "", "num", "num", "", "", ""]
     tds = "".join(f'<td class="{c}">{cell}</td>' if c else f"<td>{cell}</td>" for c, cell in zip(classes, cells))
     return f"<tr>{tds}</tr>"
+
+
+_SERIES_STYLE = """
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 0 0 16px;
+           background: #fff; border: 1px solid #d5d9e0; padding: 12px 16px; }
+dl.facts dt { color: #556070; } dl.facts dd { margin: 0; word-break: break-all; }
+h2 { font-size: 16px; margin: 20px 0 8px; }
+.big .box { width: 128px; height: 128px; } .big .box img { max-width: 128px; max-height: 128px; }
+"""
+
+
+def _series_thumbs(row: Mapping[str, Any]) -> str:
+    state = str(row.get("state") or "")
+    outputs = row.get("outputs")
+    return ('<div class="thumbs big">'
+            + _thumb(row, "source", "before", bool(row.get("instances")) and state != SeriesState.DISCARDED.value)
+            + _thumb(row, "output", "after", bool(row.get("output_dir")) and bool(outputs))
+            + "</div>")
+
+
+def _deliveries_table(view: SeriesView) -> str:
+    if not view.deliveries:
+        return '<div class="empty">No deliveries.</div>'
+    out = ["<table><thead><tr><th>Destination</th><th>State</th><th>Attempts</th><th>Delivered</th>"
+           "<th>Next attempt</th><th>Peer's last reason</th></tr></thead><tbody>"]
+    for d in view.deliveries:
+        reason = f'<div class="error">{_esc(d.last_error)}</div>' if d.last_error else '<span class="muted">—</span>'
+        out.append(f'<tr><td>{_esc(d.destination)}</td><td><span class="state st-{_esc(d.state)}">{_esc(d.state)}'
+                   f'</span></td><td class="num">{_esc(d.attempts)}</td><td>{_esc(d.delivered_at)}</td>'
+                   f"<td>{_esc(d.next_attempt_at)}</td><td>{reason}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _events_table(view: SeriesView) -> str:
+    if not view.events:
+        return '<div class="empty">No events.</div>'
+    rows = "".join(f"<tr><td>{_esc(e.at)}</td><td>{_esc(e.state)}</td><td>{_esc(e.detail)}</td></tr>"
+                   for e in view.events)
+    return f"<table><thead><tr><th>At</th><th>State</th><th>What happened</th></tr></thead><tbody>{rows}</tbody></table>"
+
+
+def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now: float) -> str:
+    """The page of one series: its facts, before/after thumbnails, deliveries and events.
+
+    Parameters
+    ----------
+    row : mapping
+        :meth:`~node.jobstore.JobStore.series` of the series.
+    max_attempts : int or None
+        ``[delivery] max_attempts``, the *m* of each delivery's ``n/m``.
+    now : float
+        The time the page is made (seconds since the epoch).
+    """
+    view = series_view(row, max_attempts)
+    generated = utc_time(now)
+    facts = "".join(f"<dt>{_esc(label)}</dt><dd>{_esc(value)}</dd>" for label, value in view.facts)
+    if view.error:
+        kind = "muted" if view.state == SeriesState.DISCARDED.value else "error"
+        facts += f'<dt>Error</dt><dd><div class="{kind}">{_esc(view.error)}</div></dd>'
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>dicom-node series #{view.id}</title>",
+        f"<style>{_STYLE}{_SERIES_STYLE}</style></head><body>",
+        f'<header><h1>Series #{view.id}</h1><span class="state st-{_esc(view.state)}">{_esc(view.state)}</span>',
+        f'<span class="meta">page made {_esc(generated)}</span>',
+        f'<span class="meta"><a href="/">status</a> · <a href="/api/jobs/{view.id}">JSON</a></span></header>',
+        "<main>",
+        f'<dl class="facts">{facts}</dl>',
+        "<h2>Outputs: before / after</h2>",
+        _series_thumbs(row),
+        "<h2>Deliveries</h2>",
+        _deliveries_table(view),
+        "<h2>Events (UTC)</h2>",
+        _events_table(view),
+        "</main></body></html>",
+    ]
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- the server
@@ -704,6 +791,9 @@ class StatusServer:
         ``[http] auth``: who may read what (:meth:`HttpGuard.for_settings`); None: everyone.
     tls : ssl.SSLContext, optional
         HTTPS with this server context (:func:`node.tls.https_server_context`); None: plain HTTP.
+    max_delivery_attempts : int, optional
+        ``[delivery] max_attempts``: the *m* of a delivery's attempts ``n/m`` on ``/series/{id}``;
+        None shows *n* alone.
     """
 
     def __init__(
@@ -721,8 +811,10 @@ class StatusServer:
         decode_limits: DecodeLimits | None = None,
         guard: HttpGuard | None = None,
         tls: ssl.SSLContext | None = None,
+        max_delivery_attempts: int | None = None,
     ) -> None:
         self.host = host
+        self.max_delivery_attempts = max_delivery_attempts
         self.guard = guard
         self.tls = tls
         self.port = port
@@ -815,6 +907,9 @@ class StatusServer:
         found = _THUMB.fullmatch(path)
         if found:
             return self._thumbnail(self._series_id(found.group(1)), found.group(2))
+        found = _SERIES_PAGE.fullmatch(path)
+        if found:
+            return self._series_page(found.group(1))
         return HTTPStatus.NOT_FOUND, _json_bytes({"error": "not found"}), _JSON, {}
 
     @staticmethod
@@ -843,6 +938,17 @@ class StatusServer:
         if data is None:
             return HTTPStatus.NOT_FOUND, _placeholder_png(), _PNG, {"Cache-Control": "private, max-age=10"}
         return HTTPStatus.OK, data, _PNG, {"Cache-Control": "private, max-age=3600"}
+
+    def _series_page(self, text: str) -> _Response:
+        headers = {"Content-Security-Policy": _PAGE_POLICY}
+        row = self.jobs.series(int(text)) if _ID.fullmatch(text) else None
+        if row is None:
+            what = f"no series {_esc(text)}" if _ID.fullmatch(text) else "a series id is a whole number"
+            body = f"<!DOCTYPE html><title>not found</title><p>{what}</p><p><a href=\"/\">status</a></p>"
+            code = HTTPStatus.NOT_FOUND if _ID.fullmatch(text) else HTTPStatus.BAD_REQUEST
+            return code, body.encode(), _HTML, headers
+        page = render_series_page(row, max_attempts=self.max_delivery_attempts, now=time.time())
+        return HTTPStatus.OK, page.encode("utf-8"), _HTML, headers
 
     def _page(self, query: Mapping[str, list[str]]) -> _Response:
         try:

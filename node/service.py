@@ -145,6 +145,7 @@ class NodeService:
             is_ready=self._is_ready,
             guard=HttpGuard.for_settings(config.http),  # the secret is read now: a ConfigError before start
             tls=https_server_context(config.http),
+            max_delivery_attempts=config.delivery.max_attempts,
         )
 
     # -- life cycle -------------------------------------------------------------------------------

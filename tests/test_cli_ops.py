@@ -116,6 +116,46 @@ def test_status_and_retry_say_what_they_did_per_job(tmp_path: Path) -> None:
     assert "delivering 1, queued 2, unrouted 1" in after, after
 
 
+def test_status_of_one_job_prints_its_facts_deliveries_and_events(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f"""[node]\ndata_dir = "{tmp_path / 'var'}"\n[delivery]\nmax_attempts = 4\n""")
+    clock = [1_700_000_000.0]  # 2023-11-14 22:13:20 UTC
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: clock[0])
+    job = _series(jobs, "1.9", bundled("MR_small.dcm"), "MR")
+    jobs.processed(job, route="mr-route", pipeline="plain", output_dir=tmp_path / "o", derived_series_uid="2.25.7",
+                   outputs=3, destinations=["pacs", "share"], seconds=0.25)
+    clock[0] += 60
+    pacs, share = sorted(jobs.claim_due_deliveries(), key=lambda d: d.destination)
+    jobs.delivered(share)
+    jobs.delivery_failed(pacs, "association rejected", permanent=False, max_attempts=4, retry_in=30)
+    clock[0] += 60
+    (pacs,) = jobs.claim_due_deliveries()
+    jobs.delivery_failed(pacs, "association rejected\n\x1b[31mby PACS", permanent=False, max_attempts=4,
+                         retry_in=30)
+    jobs.close()
+
+    result = _cli_in(tmp_path, "status", "7", "--config", str(config))
+    assert result.returncode == 1 and result.stdout == "job 7: no such job (dicom-node status lists them)\n", (
+        result.stdout + result.stderr)
+    result = _cli_in(tmp_path, "status", "1", "--config", str(config))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "job 1: delivering"
+    facts = {k.strip(): v.strip() for k, _, v in (line.partition(": ") for line in lines[1:] if line.startswith("  "))
+             if k.strip() and not k.strip()[0].isdigit()}
+    assert facts["Series Instance UID"] == "1.9" and facts["Calling AE"] == "SCU" and facts["Modality"] == "MR"
+    assert facts["Route"] == "mr-route" and facts["Pipeline"] == "plain" and facts["Outputs"] == "3"
+    assert facts["First received"] == "2023-11-14 22:13:20 UTC"
+    assert "  pacs: pending, attempts 2/4, next attempt 2023-11-14 22:15:50 UTC, last error: association " \
+           "rejected??[31mby PACS" in lines
+    assert "  share: delivered, attempts 1/4, delivered 2023-11-14 22:14:20 UTC" in lines
+    events = lines[lines.index("events:") + 1:]
+    assert events[0] == "  2023-11-14 22:13:20 UTC  receiving  first instance from SCU"
+    assert "  2023-11-14 22:15:20 UTC  delivery-retry  pacs: attempt 2 failed, retry in 30 s: association " \
+           "rejected??[31mby PACS" in events
+    assert "\x1b" not in result.stdout
+
+
 def test_operator_commands_refuse_a_missing_job_store(tmp_path: Path) -> None:
     store = tmp_path / "var" / "jobs.sqlite"
     for command, says in (

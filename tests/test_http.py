@@ -2,13 +2,16 @@
 
 Rows are made the way the service makes them: instances spooled and recorded, settled, claimed,
 processed with :func:`node.process.process_series`, delivered or failed.  The status page is also
-rendered by headless Chromium; its screenshot is kept as ``test-artifacts/status-page.png``.
+rendered by headless Chromium; its screenshot is kept as ``test-artifacts/status-page.png``, and
+the page of one series as ``test-artifacts/series-page.png``.
 """
 
 from __future__ import annotations
 
 import datetime
+import html
 import http.client
+import re
 import io
 import json
 import math
@@ -34,8 +37,9 @@ from node.process import process_series
 from node.series import InputSeries, instance_order, open_images
 from node.spool import Spool
 from node.writers.uids import derived_uid
-from tests.conftest import bundled, tool
-from tests.node_process import ROOT, copy_as_series
+from tests.conftest import bundled, run_cli, tool
+from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
+from tests.peers import free_port, storescu
 
 CT = bundled("CT_small.dcm")
 _HEADER = pydicom.dcmread(CT, stop_before_pixels=True)
@@ -162,6 +166,7 @@ def server(node: Node) -> Iterator[StatusServer]:
     status = StatusServer(
         host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
         spool_dir=node.spool.root, is_alive=lambda: node.alive, is_ready=lambda: node.ready, pipelines=PIPELINES,
+        max_delivery_attempts=3,  # as the rows were made: delivery_failed(..., max_attempts=3)
     )
     status.start()
     yield status
@@ -519,3 +524,153 @@ def test_status_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Pa
     assert len(np.unique(grey)) > 32
     # the thumbnails were drawn: the dark thumbnail boxes hold bright pixels (the CT body)
     assert (grey > 200).mean() > 0.2 and (grey < 40).mean() > 0.005
+
+
+# --------------------------------------------------------------------------- the page of one series
+
+_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} UTC")
+
+
+def _fact(page: str, label: str) -> str:
+    """The value shown for *label* in a series page's facts, unescaped."""
+    found = re.search(rf"<dt>{re.escape(label)}</dt><dd>(.*?)</dd>", page)
+    assert found, label
+    return html.unescape(found.group(1))
+
+
+def test_series_page_of_a_delivered_series(node: Node, server: StatusServer) -> None:
+    series_id = node.ids["delivered"]
+    response = get(server, f"/series/{series_id}")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src" not in response.headers["Content-Security-Policy"]
+    page = response.text
+    row = node.jobs.series(series_id)
+    assert row is not None
+    assert _fact(page, "Series Instance UID") == node.series_uids["delivered"]
+    assert _fact(page, "Calling AE") == "TESTSCU"
+    assert _fact(page, "Route") == "ct-brain" and _fact(page, "Pipeline") == "ct-brain"
+    assert _fact(page, "Instances") == "5" and _fact(page, "Outputs") == str(row["outputs"]) != "0"
+    assert _fact(page, "Derived Series UID") == row["derived_series_uid"]
+    first = datetime.datetime.fromtimestamp(row["first_received"], tz=datetime.timezone.utc)
+    assert _fact(page, "First received") == first.strftime("%Y-%m-%d %H:%M:%S UTC")
+    # the delivery: destination, state, attempts n/m with m = [delivery] max_attempts, when
+    (delivery,) = row["deliveries"]
+    delivered = datetime.datetime.fromtimestamp(delivery["delivered_at"], tz=datetime.timezone.utc)
+    assert (f'<tr><td>archive</td><td><span class="state st-delivered">delivered</span></td><td class="num">1/3</td>'
+            f'<td>{delivered:%Y-%m-%d %H:%M:%S} UTC</td>') in page
+    # every event with its time
+    events = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", page)
+    assert [state for _, state, _ in events] == [e["state"] for e in row["events"]]
+    assert all(_UTC.fullmatch(at) for at, _, _ in events) and len(events) >= 4
+    assert ("delivered-to", "archive") in [(state, detail) for _, state, detail in events]
+    # before/after thumbnails, served as PNG
+    for kind in ("source", "output"):
+        src = re.search(rf'src="(/thumbs/{series_id}/{kind}\.png\?v=[0-9a-f]+)"', page)
+        assert src, kind
+        assert png(get(server, src.group(1))).size[0] <= THUMBNAIL_SIZE
+    assert '<a href="/">status</a>' in page and f'href="/api/jobs/{series_id}"' in page
+    assert "<script" not in page.lower()
+    assert PATIENT_NAME not in page and PATIENT_NAME.split("^")[0] not in page and PATIENT_ID not in page
+
+
+def test_series_page_shows_the_peers_reason_escaped(node: Node, server: StatusServer) -> None:
+    page = get(server, f"/series/{node.ids['png']}").text
+    escaped = "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;"
+    assert "<script" not in page.lower() and HOSTILE not in page
+    assert (f'<td><span class="state st-failed">failed</span></td><td class="num">2/3</td><td>-</td><td>-</td>'
+            f'<td><div class="error">{escaped}</div></td>') in page
+    assert "connection refused" in page  # the first attempt's reason, in the events
+    assert _fact(page, "Route") == "ct-wide"
+    failed = get(server, f"/series/{node.ids['outside']}").text
+    assert "<script" not in failed.lower()
+    assert f'<dt>Error</dt><dd><div class="error">no processable instance: {escaped}</div></dd>' in failed
+    assert "No deliveries." in failed
+    receiving = get(server, f"/series/{node.ids['receiving']}").text
+    assert _fact(receiving, "Route") == "-" and f"/thumbs/{node.ids['receiving']}/output.png" not in receiving
+
+
+def test_status_page_links_each_series_page(node: Node, server: StatusServer) -> None:
+    page = get(server, "/").text
+    for name, series_id in node.ids.items():
+        assert f'<a href="/series/{series_id}">#{series_id}</a>' in page, name
+        assert get(server, f"/series/{series_id}").status_code == 200
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/series/999999", 404),
+    ("/series/abc", 400),
+    ("/series/-1", 400),
+    ("/series/1/../../etc/passwd", 404),
+    ("/series/%3Cscript%3E", 400),
+    ("/series/99999999999999999999999", 400),
+])
+def test_series_page_of_no_series(server: StatusServer, path: str, status: int) -> None:
+    code, headers, body = raw_get(server, path)
+    assert code == status, path
+    assert b"<script" not in body.lower()
+    if status == 400:
+        assert headers["Content-Type"] == "text/html; charset=utf-8" and b"whole number" in body
+    elif path == "/series/999999":
+        assert b"no series 999999" in body
+
+
+def test_series_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Path) -> None:
+    """Headless Chromium renders one series' page with its thumbnails; the screenshot is kept."""
+    chromium = tool("chromium")
+    shot = tmp_path / "series-page.png"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,1000",
+         f"{server.url}/series/{node.ids['png']}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    assert shot.stat().st_size > 20_000
+    picture = Image.open(shot)
+    picture.load()
+    assert picture.format == "PNG" and picture.size == (1100, 1000)
+    grey = np.asarray(picture.convert("L"))
+    assert grey.std() > 10 and len(np.unique(grey)) > 32, "the screenshot is blank"
+    assert (grey < 40).mean() > 0.005  # the dark header and thumbnail boxes
+    for kind in ("source", "output"):  # each thumbnail drawn pixel for pixel (the middle row of it found)
+        thumb = np.asarray(png(get(server, f"/thumbs/{node.ids['png']}/{kind}.png")).convert("L")).astype(int)
+        _assert_drawn(grey.astype(int), thumb[thumb.shape[0] // 2], kind)
+    rgb = np.asarray(picture.convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    assert red.sum() > 50, "the failed state badge is drawn"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "series-page.png")
+
+
+def _assert_drawn(screen: np.ndarray, row: np.ndarray, what: str) -> None:
+    """*row* (a line of a thumbnail's pixels) appears in *screen*, each pixel within a few grey levels."""
+    windows = np.lib.stride_tricks.sliding_window_view(screen, row.size, axis=1)
+    error = np.abs(windows - row).mean(axis=2)
+    assert row.std() > 10, f"the {what} thumbnail is flat"
+    assert error.min() < 4, f"the {what} thumbnail is not on the screenshot (closest: {error.min():.1f})"
+
+
+def test_a_running_node_serves_the_series_page_with_its_delivery_attempts(tmp_path: Path) -> None:
+    """The service hands ``[delivery] max_attempts`` (20 in node_config) to the page; ``status JOB`` agrees."""
+    port, http_port = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(tmp_path / "var", port, settle=0.5, http_port=http_port,
+                                  extra=folder_route(tmp_path / "out")))
+    base = f"http://127.0.0.1:{http_port}"
+    with NodeProcess(config.read_text(), tmp_path, port=port) as running:
+        sent = storescu("127.0.0.1", port, copy_as_series([CT] * 2, tmp_path / "src"), called_aet="DICOMNODE",
+                        calling_aet="MODALITY1")
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        wait_for(lambda: [j["state"] for j in requests.get(f"{base}/api/jobs", timeout=10).json()] == ["delivered"],
+                 60, "the series delivered", running.log)
+        (job,) = requests.get(f"{base}/api/jobs", timeout=10).json()
+        page = requests.get(f"{base}/series/{job['id']}", timeout=10).text
+        status = run_cli("status", str(job["id"]), "--config", str(config), timeout=60)
+    assert _fact(page, "Calling AE") == "MODALITY1" and _fact(page, "Pipeline") == "plain"
+    assert '<td>out</td><td><span class="state st-delivered">delivered</span></td><td class="num">1/20</td>' in page
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"job {job['id']}: delivered" in status.stdout and "  Calling AE:          MODALITY1" in status.stdout
+    assert "  out: delivered, attempts 1/20, delivered 20" in status.stdout

@@ -94,7 +94,7 @@ def bearer(node: Node, secrets: None) -> Iterator[StatusServer]:
 def protected_paths(node: Node) -> list[str]:
     series = node.ids["delivered"]
     return ["/", "/?state=delivered", "/api/jobs", f"/api/jobs/{series}", f"/thumbs/{series}/source.png",
-            f"/thumbs/{series}/output.png", "/metrics"]
+            f"/thumbs/{series}/output.png", "/metrics", f"/series/{series}"]
 
 
 def get(server: StatusServer, path: str, **kwargs: object) -> requests.Response:
