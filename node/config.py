@@ -61,6 +61,7 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.multival import MultiValue
 
+from node.filenames import PNG_FIELDS, template_fields, template_problem
 from node.pipeline import OutputFormat, Pipeline, PipelineError, parse_steps
 
 __all__ = [
@@ -472,12 +473,16 @@ class FolderDestination:
         Absolute folder.
     concurrency : int
         Deliveries to this folder in flight at once (1-16).
+    file_names : str or None
+        Template naming each output from its header (:mod:`node.filenames`), or None for the
+        outputs' own names.
     """
 
     kind: ClassVar[str] = "folder"
     name: str
     path: Path
     concurrency: int = 1
+    file_names: str | None = None
 
 
 Destination = DicomDestination | DicomWebDestination | FolderDestination
@@ -912,7 +917,7 @@ _DESTINATION_KEYS = {
     "dicom": ("name", "kind", "host", "port", "ae_title", "calling_ae_title", "tls", "ca_file", "cert_file",
               "key_file", "associations", "concurrency"),
     "dicomweb": ("name", "kind", "url", "auth", "timeout_seconds", "ca_file", "concurrency"),
-    "folder": ("name", "kind", "path", "concurrency"),
+    "folder": ("name", "kind", "path", "concurrency", "file_names"),
 }
 _AUTH_KEYS = {"basic": ("kind", "username", "password_env"), "bearer": ("kind", "token_env")}
 _SOURCE_KEYS = {
@@ -1705,7 +1710,7 @@ class _Checker:
             kind = self.kind(table, path, _DESTINATION_KEYS)
             allowed = _DESTINATION_KEYS[kind]
             optional = {"calling_ae_title", "auth", "timeout_seconds", "tls", "ca_file", "cert_file", "key_file",
-                        "associations", "concurrency"}
+                        "associations", "concurrency", "file_names"}
             self.keys(table, path, allowed, [k for k in allowed if k not in optional])
             name = self.name(table, path, seen)
             destination: Destination
@@ -1738,10 +1743,23 @@ class _Checker:
                     ca_file=self.https_ca_file(table, path, url),
                 )
             else:
-                destination = FolderDestination(name=name, path=self.folder(table, path, "path"))
+                destination = FolderDestination(name=name, path=self.folder(table, path, "path"),
+                                                file_names=self.file_names(table, path))
             concurrency = self.integer(table, path, "concurrency", 1, 16, default=1)
             out[name] = dataclasses.replace(destination, concurrency=concurrency)
         return out
+
+    def file_names(self, table: Mapping[str, Any], path: _KeyPath) -> str | None:
+        """The optional ``file_names`` template of a folder destination (:mod:`node.filenames`)."""
+        if "file_names" not in table:
+            return None
+        template = self.value(table, path, "file_names")
+        if not isinstance(template, str):
+            self.fail(path + ("file_names",), f"must be a string, got {_show(template)}")
+        problem = template_problem(template)
+        if problem is not None:
+            self.fail(path + ("file_names",), problem)
+        return template
 
     def sources(self) -> dict[str, DicomWebSource]:
         out: dict[str, DicomWebSource] = {}
@@ -1896,6 +1914,12 @@ class _Checker:
             self.fail(path, f"destination {_show(destination.name)} (kind = {_show(destination.kind)}) takes DICOM "
                       f"only, and pipeline {_show(pipeline.name)} writes output = {_show(pipeline.output.value)}: "
                       "send it to a folder destination, or make the pipeline's output \"sc\" or \"sc16\"")
+        if not pipeline.output.is_dicom and isinstance(destination, FolderDestination) and destination.file_names:
+            unknown = [f for f in template_fields(destination.file_names) if f not in PNG_FIELDS]
+            if unknown:
+                self.fail(path, f"destination {_show(destination.name)} names files with {{{unknown[0]}}}, and "
+                          f"pipeline {_show(pipeline.name)} writes PNG, which carries only "
+                          f"{', '.join(PNG_FIELDS)} (of its source): use only those in file_names")
 
     def match(self, parent: Mapping[str, Any], parent_path: _KeyPath) -> tuple[tuple[str, tuple[str, ...]], ...]:
         table = self.table(parent, parent_path, "match")

@@ -53,6 +53,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, DicomWebDestination, Destination, FolderDestination
+from node.filenames import delivered_names
 from node.fsutil import atomic_output, fsync_dir
 from node.netutil import no_delay
 
@@ -781,10 +782,15 @@ class FolderSender:
 
     The root folder must exist (a missing root usually means an unmounted
     disk: transient); the study and series folders are created.
+
+    With a ``file_names`` template each file is named from its header
+    (:func:`node.filenames.delivered_names`: distinct names, the same on a
+    re-delivery); without one, each keeps its own name.
     """
 
-    def __init__(self, *, path: Path) -> None:
+    def __init__(self, *, path: Path, file_names: str | None = None) -> None:
         self.path = Path(path)
+        self.file_names = file_names
 
     def describe(self) -> str:
         return f"folder {self.path}"
@@ -820,7 +826,7 @@ class FolderSender:
     def _send(self, files: list[Path], study_uid: str, series_uid: str) -> str | None:
         _check_uid("study", study_uid)
         _check_uid("series", series_uid)
-        names = [f.name for f in files]
+        names = delivered_names(self.file_names, files)
         if len(set(names)) != len(names):
             raise self._fail("two files have the same name", permanent=True)
 
@@ -840,8 +846,8 @@ class FolderSender:
         except OSError as exc:
             raise self._fail(f"cannot remove old {marker}: {exc}", permanent=False) from exc
 
-        for source in files:
-            target = series_dir / source.name
+        for source, name in zip(files, names):
+            target = series_dir / name
             if target.is_dir():
                 raise self._fail(f"{target} exists and is a folder", permanent=True)
             try:
@@ -897,5 +903,5 @@ def sender_for(destination: Destination) -> Sender:
         return DicomWebSender(url=destination.url, auth=auth, timeout=destination.timeout_seconds,
                               ca_file=destination.ca_file)
     if isinstance(destination, FolderDestination):
-        return FolderSender(path=destination.path)
+        return FolderSender(path=destination.path, file_names=destination.file_names)
     raise TypeError(f"no sender for destination {destination!r}")
