@@ -27,6 +27,7 @@ PNG_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 _MAX_STEM = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_NOT_TEXT_VRS = ("SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN")
 _SAMPLE_BY_VR = {"IS": 1, "US": 1, "UL": 1, "SS": 1, "SL": 1, "UV": 1, "SV": 1,
                  "DS": 1.0, "FL": 1.0, "FD": 1.0}
 
@@ -72,7 +73,10 @@ def template_problem(template: str) -> str | None:
         if tag >> 16 == 0x0010:
             return f"field {{{field}}} is a patient attribute (group 0010): file names must not identify " \
                    "the patient"
-        values[field] = _SAMPLE_BY_VR.get(dictionary_VR(tag), "X")
+        vr = dictionary_VR(tag)  # "US or SS" for some
+        if any(choice in _NOT_TEXT_VRS for choice in vr.split(" or ")):
+            return f"field {{{field}}} is a sequence or binary data (VR {vr}): it cannot name a file"
+        values[field] = _SAMPLE_BY_VR.get(vr.split(" or ")[0], "X")
     if not values:
         return "has no field: every output would get the same name (use e.g. {InstanceNumber:05})"
     try:

@@ -57,6 +57,8 @@ REFUSED = [
     ("unbalanced", 'file_names = "{InstanceNumber"', "not a valid format template"),
     ("index", 'file_names = "{ImageType[0]}"', "no index or attribute"),
     ("conversion", 'file_names = "{Modality!r}"', "no !conversion"),
+    ("sequence", 'file_names = "{ReferencedImageSequence}"', "sequence or binary data (VR SQ)"),
+    ("pixels", 'file_names = "{PixelData}"', "sequence or binary data (VR OB or OW)"),
     ("no-field", 'file_names = "image"', "has no field"),
     ("not-a-string", "file_names = 5", "must be a string"),
 ]
@@ -77,6 +79,8 @@ def test_good_template_is_kept_and_absent_means_none(tmp_path: Path) -> None:
     assert isinstance(destination, FolderDestination)
     assert destination.file_names == "{SeriesNumber:04}_{InstanceNumber:05}"
     assert sender_for(destination).file_names == "{SeriesNumber:04}_{InstanceNumber:05}"
+    config = load_text(tmp_path, folder_config('file_names = "{SmallestImagePixelValue:05}_{StudyDate}"'))
+    assert config.destinations["folder"].file_names == "{SmallestImagePixelValue:05}_{StudyDate}"
     config = load_text(tmp_path, folder_config("concurrency = 1"))
     assert config.destinations["folder"].file_names is None
 
