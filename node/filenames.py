@@ -9,6 +9,7 @@ A PNG output has no DICOM header: its fields come from the PNG's text chunks
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 __all__ = ["PNG_FIELDS", "template_fields", "template_problem", "delivered_names"]
+
+log = logging.getLogger(__name__)
 
 PNG_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 """The fields a PNG output can fill: its source's UIDs (text chunks ``Source<keyword>``)."""
@@ -154,9 +157,11 @@ def delivered_names(template: str | None, files: Sequence[Path]) -> list[str]:
         return [file.name for file in files]
     taken: set[str] = set()
     names = []
+    unnamed = 0
     for file in files:
         stem = _rendered_stem(template, file)
         if stem is None:
+            unnamed += 1
             base, suffix = file.stem, file.suffix
         else:
             base, suffix = stem, ".png" if file.suffix.lower() == ".png" else ".dcm"
@@ -166,4 +171,7 @@ def delivered_names(template: str | None, files: Sequence[Path]) -> list[str]:
             name = f"{base}_{number}{suffix}"
         taken.add(name)
         names.append(name)
+    if unnamed:  # said once per delivery, not per file
+        log.warning("file_names %r: %d of %d outputs lack a field or a value that fits it: they keep their "
+                    "own names", template, unnamed, len(files))
     return names

@@ -3,6 +3,7 @@ and a running node delivering to a folder with a template."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -157,13 +158,19 @@ def test_a_rendered_name_never_collides_with_a_numbered_one(tmp_path: Path) -> N
     assert delivered_names("{SeriesNumber}_{InstanceNumber}", files) == ["1_5.dcm", "1_5_2.dcm", "2_5.dcm"]
 
 
-def test_unsafe_values_are_made_safe_and_missing_fields_keep_the_own_name(tmp_path: Path) -> None:
+def test_unsafe_values_are_made_safe_and_missing_fields_keep_the_own_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     files = ct_files(tmp_path / "in", [(1, 1), (1, 2)])
     ds = pydicom.dcmread(files[0])
     ds.SeriesDescription = "../head: 5/mm*"
     ds.save_as(files[0])
     assert "SeriesDescription" not in pydicom.dcmread(files[1])
-    assert delivered_names("{SeriesDescription}", files) == ["_head_5_mm_.dcm", "out-1.dcm"]
+    with caplog.at_level(logging.WARNING, logger="node.filenames"):
+        assert delivered_names("{SeriesDescription}", files) == ["_head_5_mm_.dcm", "out-1.dcm"]
+    said = [r.getMessage() for r in caplog.records if r.name == "node.filenames"]
+    assert said == ["file_names '{SeriesDescription}': 1 of 2 outputs lack a field or a value that fits it: "
+                    "they keep their own names"]
     assert delivered_names(None, files) == ["out-0.dcm", "out-1.dcm"]
     assert delivered_names("{Modality}_{SOPInstanceUID}", files[:1]) == \
         [f"CT_{pydicom.dcmread(files[0]).SOPInstanceUID}.dcm"]
