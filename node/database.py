@@ -241,9 +241,9 @@ class PostgresDatabase:
     def _begin(self) -> Iterator[None]:
         """BEGIN and the write lock; a connection the server dropped meanwhile (a restart) is made again
         once, before anything of the transaction was sent, so nothing is done twice."""
-        for attempt in (1, 2):
-            import psycopg
+        import psycopg
 
+        for attempt in (1, 2):
             transaction = self._connection().transaction()
             try:
                 transaction.__enter__()

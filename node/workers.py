@@ -429,8 +429,8 @@ class WorkerPool:
         for worker in self._workers:
             worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
-                log.warning("%s still processing after %g s: killed (its series is queued again at start-up)",
-                            worker.name, STOP_GRACE_SECONDS)
+                log.warning("%s still processing at the end of the %g s given to stop: killed (its series is "
+                            "taken back at the next start, or by another worker)", worker.name, STOP_GRACE_SECONDS)
                 worker.process.kill()
                 worker.process.join(timeout=5)
         self._stop.set()

@@ -22,7 +22,8 @@ from tests.conftest import run_cli
 from tests.node_process import node_config, wait_for
 from tests.peers import OrthancServer
 from tests.test_poller import (  # noqa: F401  (orthanc, jobs, spool are fixtures)
-    SpoolWithFault, archive, counts, day, jobs, orthanc, poller_for, series_files, spool, spooled, uids, upload,
+    SpoolWithFault, archive, counts, day, jobs, orthanc, poller_for, round_trip_tables, series_files, spool, spooled,
+    uids, upload,
 )
 
 OLD = "20150615"  # a study made years before the node polled this archive
@@ -202,28 +203,7 @@ def test_a_running_node_processes_a_backfilled_series_once(orthanc: OrthancServe
     study, series, _ = uids(old[0])
     out = tmp_path / "out"
     config_path = tmp_path / "node.toml"
-    config_path.write_text(node_config(tmp_path / "var", 0, settle=0.5, extra=f"""
-[[pipelines]]
-name = "ct-eq"
-steps = [{{ op = "rescale" }}, {{ op = "equalise", per = "series" }}]
-[[destinations]]
-name = "archive"
-kind = "dicomweb"
-url = "{orthanc.dicomweb_url}"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-eq"
-destinations = ["archive", "out"]
-[[sources]]
-name = "archive"
-kind = "dicomweb"
-url = "{orthanc.dicomweb_url}"
-every_seconds = 3600
-"""))
+    config_path.write_text(node_config(tmp_path / "var", 0, settle=0.5, extra=round_trip_tables(orthanc, out, 3600)))
     service = NodeService(load_config(config_path))
     service.start()  # its scheduler polls the source at once: the 2015 study is outside the window
     try:

@@ -323,14 +323,9 @@ def test_the_nodes_own_series_are_never_fetched(
     assert counts(poller.poll_once()) == (4, 0, 0, 1, 3)
 
 
-def test_node_processes_a_pulled_series_and_does_not_pull_its_own_result_back(
-        orthanc: OrthancServer, tmp_path: Path) -> None:
-    """Poll and STOW-RS to the same archive: the derived series comes back in QIDO and is skipped."""
-    sources = upload(orthanc, series_files(tmp_path, "CT_small.dcm", 2))
-    study, series, _ = uids(sources[0])
-    out = tmp_path / "out"
-    config_path = tmp_path / "node.toml"
-    config_path.write_text(node_config(tmp_path / "var", 0, settle=0.5, extra=f"""
+def round_trip_tables(orthanc: OrthancServer, out: Path, every_seconds: int) -> str:
+    """Config tables: CT polled from Orthanc, equalised per series, sent back by STOW-RS and to folder *out*."""
+    return f"""
 [[pipelines]]
 name = "ct-eq"
 steps = [{{ op = "rescale" }}, {{ op = "equalise", per = "series" }}]
@@ -350,8 +345,18 @@ destinations = ["archive", "out"]
 name = "archive"
 kind = "dicomweb"
 url = "{orthanc.dicomweb_url}"
-every_seconds = 60
-"""))
+every_seconds = {every_seconds}
+"""
+
+
+def test_node_processes_a_pulled_series_and_does_not_pull_its_own_result_back(
+        orthanc: OrthancServer, tmp_path: Path) -> None:
+    """Poll and STOW-RS to the same archive: the derived series comes back in QIDO and is skipped."""
+    sources = upload(orthanc, series_files(tmp_path, "CT_small.dcm", 2))
+    study, series, _ = uids(sources[0])
+    out = tmp_path / "out"
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(node_config(tmp_path / "var", 0, settle=0.5, extra=round_trip_tables(orthanc, out, 60)))
     config = load_config(config_path)
     service = NodeService(config)
     service.start()  # its scheduler polls the source at once, then every 60 s
