@@ -1,0 +1,1 @@
+"""The composition root: the service and its roles, worker processes, the CLI and the HTTP side."""

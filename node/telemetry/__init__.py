@@ -1,0 +1,1 @@
+"""What the node tells its operators: metrics (Prometheus) and logging set-up."""
