@@ -44,6 +44,7 @@ from node.http import StatusServer
 from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits
 from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
+from node.net import fastpath
 from node.jobstore import job_store_for
 from node.logsetup import LogSettings, Throttle, first_line
 from node.metrics import Metrics
@@ -186,6 +187,7 @@ class NodeService:
             ), metrics=self.metrics)  # one for both listeners: their limits are over both
             min_free = node.min_free_disk_mb * 2**20
             enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
+            fastpath.enable()  # process-wide: prompt wake-ups for the associations the SCP attaches
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
                                    match_tls_ae_title=tls is not None and tls.match_ae_title,
                                    decode_limits=self.decode_limits)
