@@ -18,23 +18,28 @@ a bare pynetdicom 3.0 SCP spends about half of each C-STORE waiting on itself:
 :func:`enable` (process-wide, once at start-up) replaces the ``time`` name that ``pynetdicom.dul``
 and ``pynetdicom.association`` imported with a stand-in whose ``sleep`` still sleeps, except on the
 threads of an association :func:`attach` was given (the node's acceptors, from ``EVT_CONN_OPEN``).
-There the same sleep, never longer, ends early:
+Those wait for work instead of polling:
 
-- in the DUL thread, when the association's socket becomes readable or a primitive is queued for
-  sending (``to_provider_queue.put`` also signals an ``eventfd`` that the wait selects on);
-- in the association thread, for its reactor's 1 ms sleep only, when a decoded message is queued
-  (``dimse.msg_queue``'s ``not_empty`` condition).
+- the DUL thread until the association's socket is readable or one of the queues it reads is given
+  an item (``to_provider_queue``: a PDU to send, such as the C-STORE-RSP; ``event_queue``);
+  their ``put`` also signals an ``eventfd`` that the wait selects on beside the socket;
+- the association thread, in its reactor's 1 ms sleep only, until a decoded message
+  (``dimse.msg_queue``) or an A-RELEASE/A-ABORT from the peer (``dul.to_user_queue``) is queued.
+
+With nothing to wake them they wait :data:`IDLE_SECONDS` (10 ms) instead of 1 ms, so ten open
+associations no longer wake 20,000 times a second to take turns at the GIL. The loops, their
+order and what they check are pynetdicom's; what reaches them without a queue (the ARTIM and idle
+timers, the kill flag at shutdown) is noticed at most 10 ms later than before, against timeouts
+of seconds. An association not attached (the node's senders, other code) runs exactly as before.
 
 :func:`attach` also gives the association's socket wrapper a ``recv`` that reads each PDU with
 ``recv_into`` as large as the kernel has it (the same result: *n* bytes, fewer on end of file), and,
 unless the ``pynetdicom`` logger is at DEBUG, unbinds pynetdicom's standard logging handlers from
 that association (public ``Association.unbind``).
 
-Nothing else changes: the loops, their order and their timeouts are pynetdicom's, so the worst
-case is pynetdicom's own, and an association not attached (the node's senders, other code) runs
-exactly as before. Every internal used is checked when :func:`enable` and :func:`attach` run; one
-missing (a pynetdicom release the node was not made for: it is pinned to 3.0.x) leaves that
-association as pynetdicom made it, with one warning. Prompt wake-ups need ``os.eventfd`` (Linux).
+Every internal used is checked when :func:`enable` and :func:`attach` run; one missing (a
+pynetdicom release the node was not made for: it is pinned to 3.0.x) leaves the association as
+pynetdicom made it, with one warning. The wake-ups need ``os.eventfd`` (Linux).
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ log = logging.getLogger(__name__)
 #: The association reactor's sleep (``Association._run_reactor``: ``time.sleep(0.001)``). The other
 #: sleeps in pynetdicom.association (0.1, 0.01, 0.0001 s) wait for other things and stay sleeps.
 _REACTOR_SLEEP = 0.001
+#: How long an idle association's threads wait when nothing wakes them (pynetdicom: 1 ms). What is
+#: not queued - the ARTIM and idle timers, the kill flag at shutdown - is noticed at most this late.
+IDLE_SECONDS = 0.01
 #: The attribute holding a thread's wait, set on the thread objects (``DULServiceProvider`` and
 #: ``Association`` are ``threading.Thread`` subclasses).
 _WAIT = "_dicom_node_wait"
@@ -141,26 +149,35 @@ def attach(assoc: Any) -> bool:
 
 
 def _attach_waits(assoc: Any, dul: Any, transport: Any) -> bool:
-    provider_queue = getattr(dul, "to_provider_queue", None)
-    messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    if (not isinstance(dul, threading.Thread) or not isinstance(assoc, threading.Thread)
-            or not isinstance(provider_queue, queue.Queue) or not isinstance(messages, queue.Queue)):
-        log.warning("prompt wake-ups not attached: this pynetdicom association lacks to_provider_queue or "
-                    "dimse.msg_queue (a release the node was not made for)")
+    queues = {name: getattr(owner, name, None) for owner, name in (
+        (dul, "to_provider_queue"), (dul, "event_queue"), (dul, "to_user_queue"))}
+    queues["msg_queue"] = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    missing = [name for name, found in queues.items() if not isinstance(found, queue.Queue)]
+    if missing or not isinstance(dul, threading.Thread) or not isinstance(assoc, threading.Thread):
+        log.warning("prompt wake-ups not attached: this pynetdicom association lacks %s (a release the node "
+                    "was not made for)", ", ".join(missing) or "its threads")
         return False
-    wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    weakref.finalize(dul, os.close, wakeup)  # closed once nothing can select on it any more
-    put = provider_queue.put
+    dul_wait = _DulWait(transport)
+    weakref.finalize(dul, dul_wait.close)  # once nothing can select on it any more
+    association_wait = _AssociationWait()
+    _wake_on_put(queues["to_provider_queue"], dul_wait.wake)  # a PDU to send (the C-STORE-RSP)
+    _wake_on_put(queues["event_queue"], dul_wait.wake)  # an event for the DUL's state machine
+    _wake_on_put(queues["msg_queue"], association_wait.wake)  # a decoded DIMSE message (the C-STORE-RQ)
+    _wake_on_put(queues["to_user_queue"], association_wait.wake)  # A-RELEASE, A-ABORT from the peer
+    setattr(dul, _WAIT, dul_wait)
+    setattr(assoc, _WAIT, association_wait)
+    return True
+
+
+def _wake_on_put(target: queue.Queue, wake: Any) -> None:
+    """Make ``target.put`` also call *wake* (after the item is in the queue)."""
+    put = target.put
 
     def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
         put(item, block, timeout)
-        with contextlib.suppress(OSError):
-            os.eventfd_write(wakeup, 1)
+        wake()
 
-    provider_queue.put = put_and_wake  # type: ignore[method-assign]
-    setattr(dul, _WAIT, _DulWait(transport, wakeup))
-    setattr(assoc, _WAIT, _AssociationWait(messages))
-    return True
+    target.put = put_and_wake  # type: ignore[method-assign]
 
 
 class _ExactReader:
@@ -189,38 +206,55 @@ class _ExactReader:
 
 
 class _DulWait:
-    """The DUL thread's idle sleep: until its socket is readable, a primitive is queued, or the time is up."""
+    """The DUL thread's idle sleep: until its socket is readable or a queue it reads is given an item.
 
-    def __init__(self, transport: Any, wakeup: int) -> None:
+    With nothing to wake it, it waits :data:`IDLE_SECONDS` instead of pynetdicom's 1 ms.
+    """
+
+    def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self._wakeup = wakeup
+        self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
+
+    def wake(self) -> None:
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self.wakeup, 1)
+
+    def close(self) -> None:
+        self._closed = True
+        os.close(self.wakeup)
 
     def __call__(self, seconds: float) -> None:
         sock = self._transport.socket
-        if sock is None or getattr(self._transport, "_is_connected", True) is False:
+        if self._closed or sock is None or getattr(self._transport, "_is_connected", True) is False:
             time.sleep(seconds)  # closed: pynetdicom's ready() says False whatever select says
             return
         try:
-            ready, _, _ = select.select([sock, self._wakeup], [], [], seconds)
+            ready, _, _ = select.select([sock, self.wakeup], [], [], max(seconds, IDLE_SECONDS))
         except (OSError, ValueError):  # the socket closed meanwhile
             time.sleep(seconds)
             return
-        if self._wakeup in ready:
+        if self.wakeup in ready:
             with contextlib.suppress(OSError):
-                os.eventfd_read(self._wakeup)
+                os.eventfd_read(self.wakeup)  # before the next pass looks at the queues: no wake-up lost
 
 
 class _AssociationWait:
-    """The association reactor's 1 ms sleep: until a decoded message is queued, or the time is up."""
+    """The association reactor's 1 ms sleep: until a message or A-RELEASE/A-ABORT is queued for it.
 
-    def __init__(self, messages: queue.Queue) -> None:
-        self._messages = messages
+    With nothing to wake it, it waits :data:`IDLE_SECONDS`.
+    """
+
+    def __init__(self) -> None:
+        self._work = threading.Event()
+
+    def wake(self) -> None:
+        self._work.set()
 
     def __call__(self, seconds: float) -> None:
         if seconds != _REACTOR_SLEEP:
             time.sleep(seconds)
             return
-        messages = self._messages
-        with messages.not_empty:
-            if not messages.queue:
-                messages.not_empty.wait(seconds)
+        if self._work.wait(max(seconds, IDLE_SECONDS)):
+            self._work.clear()  # before the next pass looks at the queues: no wake-up lost
