@@ -480,16 +480,23 @@ class StoreHandler:
         Number of Frames, Samples per Pixel, Bits Allocated, Photometric Interpretation) asks
         for more decoded pixel data is refused with 0xC000 and nothing is stored.  Missing or
         unreadable values are not refused here (processing reports them).  None: no check.
+    record_later : bool
+        Answer Success once the instance is spooled (file and folder entry fsync'd) and leave its
+        job store row to :attr:`pending`, whose ``run`` the caller runs in a thread (the service
+        does; :mod:`node.recording`).  False: the row is written before Success, as a test
+        harness without that thread needs.
     """
 
     def __init__(
         self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None, min_free_bytes: int = 0,
-        match_tls_ae_title: bool = False, decode_limits: DecodeLimits | None = None,
+        match_tls_ae_title: bool = False, decode_limits: DecodeLimits | None = None, record_later: bool = False,
     ) -> None:
         self.spool = spool
         self.jobs = jobs
-        #: Spooled instances the job store could not record yet (the service records them later).
+        #: Spooled instances not recorded yet: all of them with *record_later* (a thread runs
+        #: ``pending.run``), else those the job store refused (the service records them later).
         self.pending = PendingRecords(jobs)
+        self.record_later = record_later
         self.metrics = metrics
         self.min_free_bytes = max(0, int(min_free_bytes))
         self.decode_limits = decode_limits
@@ -613,10 +620,13 @@ class StoreHandler:
         row = dict(study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
                    sop_class_uid=header.sop_class_uid, path=stored.path, size=stored.size,
                    modality=header.modality, calling_ae=calling, received_at=time.time())
-        try:
-            self.jobs.record_instance(**row)
-        except Exception as exc:  # the file is safe on disk, which is the record: written to the store later
-            self.pending.add(row, exc)
+        if self.record_later:
+            self.pending.submit(row)  # the file is safe on disk, which is the record
+        else:
+            try:
+                self.jobs.record_instance(**row)
+            except Exception as exc:  # the file is safe on disk, which is the record: written to the store later
+                self.pending.add(row, exc)
         if self.metrics is not None:
             self.metrics.instance_received()
         if replacing:

@@ -190,7 +190,7 @@ class NodeService:
             fastpath.enable()  # process-wide: prompt wake-ups for the associations the SCP attaches
             handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
                                    match_tls_ae_title=tls is not None and tls.match_ae_title,
-                                   decode_limits=self.decode_limits)
+                                   decode_limits=self.decode_limits, record_later=True)
             self._pending = handler.pending
             self._spawn("recorder", self._record_loop)
             if node.port:
@@ -237,6 +237,8 @@ class NodeService:
             self.workers.stop()
         for thread in self._threads:
             thread.join(timeout=60)
+        if isinstance(self._pending, PendingRecords):
+            self._pending.flush()  # rows of C-STOREs answered while the listeners stopped
         if self.works:
             self.deliveries.stop()
         self.http.stop()
@@ -265,9 +267,10 @@ class NodeService:
                 and (not self.works or (self.workers.alive() and self.deliveries.alive())))
 
     def _is_ready(self) -> bool:
-        """For /readyz: started, the job store answering (now, and to the assembler), nothing waiting to
-        be recorded, and (a worker) the shared folder usable."""
-        if not self._ready.is_set() or self._stop.is_set() or self._pending or not self._store_ok:
+        """For /readyz: started, the job store answering (now, to the assembler and to the recorder of
+        received instances), and (a worker) the shared folder usable."""
+        if not self._ready.is_set() or self._stop.is_set() or not self._store_ok or (
+                isinstance(self._pending, PendingRecords) and self._pending.failing):
             return False
         if not self.jobs.reachable():
             return False
@@ -320,10 +323,8 @@ class NodeService:
                       counts["series_failed"], attempts)
 
     def _record_loop(self) -> None:
-        """Record the instances the SCP spooled while the job store was unavailable."""
-        while not self._stop.wait(1.0):
-            if self._pending:
-                self._pending.flush()
+        """Record the instances the SCP spooled (after their C-STOREs were answered), in batches."""
+        self._pending.run(self._stop)
 
     # -- series assembly --------------------------------------------------------------------------
 
