@@ -45,7 +45,7 @@ ECHOSCU = shutil.which("echoscu", path="/usr/bin:/usr/local/bin") or "echoscu"
 __all__ = [
     "CACHE", "ROOT", "LOCALHOST", "free_port", "ct_series", "push", "echo", "Background",
     "machine_info", "print_table", "median", "tempdir", "count_files", "sync_disks", "negotiated_pdu",
-    "wait_quiet", "process_group_cpu",
+    "wait_quiet", "process_group_cpu", "checkout",
 ]
 
 
@@ -276,6 +276,15 @@ def count_files(folder: Path, pattern: str = "*") -> int:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def checkout(revision: str) -> Path:
+    """A ``git worktree`` of *revision* in the cache folder (made once), to run an older node beside this one."""
+    path = CACHE / f"checkout-{revision}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), revision], check=True,
+                       capture_output=True)
+    return path
 
 
 def machine_info() -> str:

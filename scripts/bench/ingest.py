@@ -57,11 +57,11 @@ N = 300
 # Each returns (seconds of the storescu push, what the receiver negotiated: bl.negotiated_pdu).
 
 
-def run_node(files: list[Path], work: Path) -> tuple[float, str]:
+def run_node(files: list[Path], work: Path, code_root: Path = bl.ROOT) -> tuple[float, str]:
     port = bl.free_port()
     data = work / "var"
     node = NodeProcess(node_config(data, port, settle=3600, extra=bl.CT_FOLDER_ROUTE.format(out=work / "out")),
-                       work, port=port)
+                       work, port=port, code_root=code_root)
     try:
         node.start()
         bl.wait_quiet(node.proc.pid)  # its worker processes import numpy & co. once, at start-up
@@ -363,9 +363,14 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="always run the in-process profile")
     parser.add_argument("--profile-reps", type=int, default=5, help="runs of each in-process variant (default 5)")
     parser.add_argument("--only", nargs="+", choices=list(RECEIVERS), default=list(RECEIVERS))
+    parser.add_argument("--before", metavar="REV", help="also run the node of this git revision (a worktree), same run")
     args = parser.parse_args()
+    if args.before:
+        root = bl.checkout(args.before)
+        RECEIVERS["before"] = lambda files, work: run_node(files, work, root)
+        args.only.append("before")
 
-    print(f"# ingest benchmark\n{bl.machine_info()}")
+    print(f"# ingest benchmark\n{bl.machine_info()}" + (f"; before = the node at {args.before}" if args.before else ""))
     files = bl.ct_series(N)
     size = bl.warm_cache(files)
     print(f"input: {len(files)} files, {size / 1e6:.0f} MB, one storescu association per push (TCP_NODELAY=1), "
