@@ -237,6 +237,7 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
     """
     import logging
 
+    import node.fsutil
     import node.ingest
     import node.spool
     from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
@@ -277,7 +278,7 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
             handler.on_store = _profiled(profiler, handler.on_store)
         if not fsync:
             patches.set(node.spool.os, "fsync", lambda fd: None)
-            patches.set(node.spool, "fsync_dir", lambda folder: None)
+            patches.set(node.fsutil, "fsync_dir", lambda folder: None)
         if timers:
             handler.on_store = timers.wrap("on_store", handler.on_store)
             jobs.record_instance = timers.wrap("record_instance", jobs.record_instance)
@@ -285,7 +286,7 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
             patches.wrap(node.ingest, "_read_file_header", timers, "read_header")
             patches.wrap(node.ingest.StoreHandler, "_disk_guard", timers, "disk_guard")
             patches.wrap(node.spool.os, "fsync", timers, "fsync")
-            patches.wrap(node.spool, "fsync_dir", timers, "fsync_dir")
+            patches.wrap(node.fsutil, "fsync_dir", timers, "fsync_dir")
             patches.wrap(node.ingest._IncomingFile, "_write", timers, "receive_write")
         try:
             return _serve_in_process(files, handler.handlers(), build_application_entity("DICOMNODE"))

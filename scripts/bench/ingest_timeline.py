@@ -193,7 +193,6 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
     timed(node.ingest._IncomingFile, "write", "receive writes")
     timed(node.ingest.StoreHandler, "_disk_guard", "disk guard")
     timed(node.spool.os, "fsync", "fsync (file + folder)")
-    timed(node.spool, "fsync_dir", "folder fsync")
     timed(node.fsutil, "fsync_dir", "folder fsync")
     timed(spool, "store", "adopt")
     timed(spool, "adopt", "adopt")
