@@ -153,25 +153,32 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
     from node.jobstore import JobStore
     from node.spool import Spool
 
-    from node.net import fastpath
+    try:
+        from node.net import fastpath
+    except ImportError:  # --code-root of a node from before it
+        fastpath = None
 
     guard = 16 << 20
-    if wake and fast:
+    if fastpath is not None and wake and fast:
         fastpath.enable()
-    else:
+    elif fastpath is not None:
         fastpath.disable()
     spool, jobs = Spool(folder / "spool"), JobStore(folder / "jobs.sqlite")
     if streamed:
         enable_streamed_receive(spool.root, min_free_bytes=guard)
     else:
         disable_streamed_receive()
-    handler = StoreHandler(spool, jobs, min_free_bytes=guard, record_later=record_later)
+    later = {"record_later": True} if record_later and fastpath is not None else {}
+    handler = StoreHandler(spool, jobs, min_free_bytes=guard, **later)
     stop = threading.Event()
-    recorder = threading.Thread(target=handler.pending.run, args=(stop,), name="recorder")
+    recorder = threading.Thread(target=handler.pending.run if later else (lambda stop: None), args=(stop,),
+                                name="recorder")
     saved: list[tuple[object, str, object]] = []
 
     def timed(owner: object, name: str, label: str) -> None:
-        func = getattr(owner, name)
+        func = getattr(owner, name, None)
+        if func is None:  # not in this version of the node
+            return
         saved.append((owner, name, func))
 
         def wrapped(*args, **kwargs):
@@ -182,7 +189,7 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
                 steps[label] += time.perf_counter() - started
         setattr(owner, name, wrapped)
 
-    if not fast:
+    if not fast and fastpath is not None:
         saved.append((fastpath, "attach", fastpath.attach))
         fastpath.attach = lambda assoc: False
     if not writeback:
@@ -194,6 +201,7 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
     timed(node.ingest.StoreHandler, "_disk_guard", "disk guard")
     timed(node.spool.os, "fsync", "fsync (file + folder)")
     timed(node.fsutil, "fsync_dir", "folder fsync")
+    timed(node.spool, "fsync_dir", "folder fsync")  # nodes that imported it into node.spool
     timed(spool, "store", "adopt")
     timed(spool, "adopt", "adopt")
     timed(jobs, "record_instance", "job store")
@@ -230,10 +238,14 @@ VARIANTS: dict[str, Callable[..., float]] = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--code-root", type=Path, help="the checkout whose node/ the node variants import "
+                        "(default this one; e.g. a worktree of main before these changes: benchlib.checkout)")
     parser.add_argument("--work", type=Path, help="folder for the spools (default: under the cache folder; "
                         "/dev/shm takes the disk out of the picture)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["node", "bare"])
     args = parser.parse_args()
+    if args.code_root:
+        sys.path.insert(0, str(args.code_root.resolve()))
     from node.logsetup import LogSettings, setup_logging
 
     setup_logging(LogSettings())  # the node's default: INFO, pynetdicom at WARNING
