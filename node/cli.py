@@ -69,6 +69,15 @@ def _window_arg(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _colormap_arg(text: str) -> str:
+    from node.imaging.colormap import UnknownColormap, check_colormap
+
+    try:
+        return check_colormap(text)
+    except UnknownColormap as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process",
@@ -96,6 +105,9 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", type=int, default=100, help="equalisation bins (default 100)")
     p.add_argument("--per", choices=("image", "series"), default="image", help="equalise per image or series")
     p.add_argument("--clip", type=_parse_clip, metavar="MIN,MAX", help="clamp modality values first")
+    p.add_argument("--cmap", type=_colormap_arg, metavar="NAME",
+                   help="colour the 8-bit grey result through a matplotlib colour map (bone, ocean_r, viridis ...; "
+                   "_r reverses): RGB output, sc or png only")
     p.add_argument("--no-rescale", action="store_true", help="skip the Modality LUT (rescale) step")
     p.add_argument("--grey", action="store_true", help="convert colour images to grey first")
     p.add_argument(
@@ -142,12 +154,13 @@ def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
         rescale=not args.no_rescale,
         clip=args.clip,
         display=display,
+        colormap=args.cmap,
     )
 
 
 #: ``process`` options that make a pipeline (or set its decode limits): a configured run takes
 #: both from the config, so these are refused beside ``--config``/``--pipeline``.
-_PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "no_rescale", "grey", "format",
+_PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "cmap", "no_rescale", "grey", "format",
                      "max_decoded_mb", "max_frame_mb")
 
 

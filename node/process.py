@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from node.imaging.colormap import colormap_table
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.pipeline import Pipeline, series_description
 from node.render import FrameRenderer, series_bins
@@ -116,13 +117,14 @@ def process_series(
     todo = [image for image in series.images if image.path not in failed_paths]
     # One writer for the whole series: it encodes the header its SCs share once (see there).
     sc_writer = SecondaryCaptureSeriesWriter(derived, now)
+    colormap = None if pipeline.colormap is None else colormap_table(pipeline.colormap)
 
     big_frames = threading.Lock()
 
     def one(image: ImageFile) -> list[Path] | UnsupportedImage:
         try:
             with big_frames if image.frame_bytes > _ONE_AT_A_TIME_FRAME_BYTES else contextlib.nullcontext():
-                return _process_image(image, pipeline, sc_writer, folder, bins)
+                return _process_image(image, pipeline, sc_writer, folder, bins, colormap)
         except UnsupportedImage as exc:
             return exc
         except OSError as exc:  # the output side: disk full, permissions
@@ -151,8 +153,9 @@ def _process_image(
     sc_writer: SecondaryCaptureSeriesWriter,
     folder: Path,
     bins: np.ndarray | None,
+    colormap: np.ndarray | None = None,
 ) -> list[Path]:
-    renderer = FrameRenderer(pipeline, image, bins)
+    renderer = FrameRenderer(pipeline, image, bins, colormap=colormap)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
     sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)

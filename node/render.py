@@ -1,7 +1,8 @@
 """Turn decoded frames into output pixels, as a :class:`~node.pipeline.Pipeline` says.
 
 One frame at a time: stored values -> modality values -> clip -> display values on the output
-scale (0..255 or 0..65535) -> MONOCHROME1 inverted -> ``uint8``/``uint16``.  Nothing here reads
+scale (0..255 or 0..65535) -> MONOCHROME1 inverted -> ``uint8``/``uint16`` -> colour map (8-bit
+grey to RGB through a 256-entry table) when the pipeline has one.  Nothing here reads
 files or keeps state between frames except the series-wide equalisation bins handed in.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from node.imaging.colormap import colormap_table
 from node.imaging.display import clip, floor_levels, invert, output_levels, to_grey
 from node.imaging.equalise import FrequencyHistogram, freqhist_bins, hist_scaled
 from node.imaging.modality import rescale_frame
@@ -63,6 +65,10 @@ class FrameRenderer:
     block_pixels : int
         Pixels rendered at once (whole rows); a larger frame is rendered block by block, with
         the same output (see :data:`BLOCK_PIXELS`).
+    colormap : numpy.ndarray, optional
+        The pipeline's colour map as a (256, 3) ``uint8`` table
+        (:func:`node.imaging.colormap.colormap_table`), built once per series by the caller; built
+        here when the pipeline has a colour map and none is given.
     """
 
     def __init__(
@@ -73,18 +79,25 @@ class FrameRenderer:
         *,
         lookup_table: bool = True,
         block_pixels: int = BLOCK_PIXELS,
+        colormap: np.ndarray | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.image = image
         self.series_bins = series_bins
         self.lookup_table = lookup_table
         self.block_pixels = max(1, int(block_pixels))
-        self.colour_out = not image.is_grey and not pipeline.grey or isinstance(pipeline.display, Channels)
+        self.colour_out = (not image.is_grey and not pipeline.grey or isinstance(pipeline.display, Channels)
+                           or pipeline.colormap is not None)
         self.bits = 8 if self.colour_out else pipeline.output.bits
-        if not image.is_grey and not pipeline.grey and (pipeline.display is not None or pipeline.clip):
+        if colormap is None and pipeline.colormap is not None:
+            colormap = colormap_table(pipeline.colormap)
+        self.colormap = colormap
+        if not image.is_grey and not pipeline.grey and (
+            pipeline.display is not None or pipeline.clip or pipeline.colormap is not None
+        ):
             raise UnsupportedImage(
-                image.path, f"colour image ({image.photometric}): pipeline {pipeline.name!r} windows or "
-                "equalises, which needs greyscale; add the grey step (--grey) first"
+                image.path, f"colour image ({image.photometric}): pipeline {pipeline.name!r} windows, "
+                "equalises or colours, which needs greyscale; add the grey step (--grey) first"
             )
 
     def render_all(self) -> Iterator[np.ndarray]:
@@ -185,7 +198,8 @@ class FrameRenderer:
         y = self._display(values, frame, levels, statistics)
         if self.image.is_monochrome1:
             y = invert(y, levels)
-        return floor_levels(y, self.bits)
+        grey = floor_levels(y, self.bits)
+        return grey if self.colormap is None else self.colormap[grey]
 
     def _display(
         self, values: np.ndarray, frame: int, levels: int, statistics: _FrameStatistics | None = None
