@@ -40,8 +40,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import ConfigError, TlsSettings
-from node.senders import DeliveryError, DicomSender, sender_for
-from node.tls import check_certificate_expiry, client_context, server_context, start_tls_server
+from node.deliver.senders import DeliveryError, DicomSender, sender_for
+from node.net.tls import check_certificate_expiry, client_context, server_context, start_tls_server
 from tests.conftest import bundled, tool
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
@@ -175,7 +175,7 @@ def test_config_check_reports_unusable_tls_files_at_their_line(pki: Pki, tmp_pat
 
 def test_certificate_expiry_is_warned_about_and_an_expired_one_is_an_error(
         pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node.tls")
+    caplog.set_level(logging.WARNING, logger="node.net.tls")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     found = check_certificate_expiry({"tls.cert_file": pki.cert("server"), "destinations.x.cert_file": garbage})
@@ -339,7 +339,7 @@ class TlsOnlyNode(NodeProcess):
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
             )
         try:
@@ -549,7 +549,7 @@ def test_start_tls_server_in_process(pki: Pki, caplog: pytest.LogCaptureFixture)
     ae = AE(ae_title="DICOMNODE")
     ae.add_supported_context(Verification)
     port = free_port()
-    with caplog.at_level(logging.INFO, logger="node.tls"):
+    with caplog.at_level(logging.INFO, logger="node.net.tls"):
         server = start_tls_server(ae, LOCALHOST, pki.settings(port), [], handshake_timeout=1.0)
         try:
             assert tls_echo(port, pki.tls_args("client")).returncode == 0
@@ -609,9 +609,9 @@ def test_stow_over_https_trusts_the_destination_ca_file(https_orthanc: HttpsOrth
 
 def test_poller_over_https_trusts_the_source_ca_file(https_orthanc: HttpsOrthanc, pki: Pki, tmp_path: Path) -> None:
     from node.config import DicomWebSource
-    from node.jobstore import JobStore
-    from node.poller import DicomWebPoller
-    from node.spool import Spool
+    from node.store.jobstore import JobStore
+    from node.receive.poller import DicomWebPoller
+    from node.store.spool import Spool
 
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     https_orthanc.orthanc.upload(path)

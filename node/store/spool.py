@@ -5,7 +5,7 @@ to a temporary name, fsync'd, renamed into place and its folder fsync'd, so afte
 is either whole or absent.  UIDs are checked before they become path components: a UID such as
 ``../../x`` is refused and nothing is written outside the spool.
 
-Data sets received streamed (see :func:`node.ingest.enable_streamed_receive`) are written as they
+Data sets received streamed (see :func:`node.receive.scp.enable_streamed_receive`) are written as they
 arrive into ``<spool>/.incoming/`` and moved into place by :meth:`Spool.adopt`: same filesystem,
 so one rename.  Folders and files whose names start with a dot are never instances.
 """
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import (
+from node.store.fsutil import (
     atomic_output, fsync_dir, remove_empty_parents, remove_temporaries, untouched_for,
 )
 

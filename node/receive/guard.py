@@ -22,7 +22,7 @@ CPU in 10 s and ran 47 threads.
 
 What the node does instead
 --------------------------
-:class:`GuardedAssociationServer` (and :class:`node.tls.TlsAssociationServer`, built on it) reads
+:class:`GuardedAssociationServer` (and :class:`node.net.tls.TlsAssociationServer`, built on it) reads
 the first PDU itself, in the connection's own thread, before pynetdicom sees the connection:
 
 * it must be a complete, decodable A-ASSOCIATE-RQ within ``association_timeout_seconds`` of the
@@ -462,7 +462,7 @@ def _hand_to_dul(assoc: Association, request: AssociationRequest) -> None:
     """
     dul = assoc.dul
     if not hasattr(dul, "_recv_pdu") or not hasattr(dul, "event_queue"):
-        raise RuntimeError("this pynetdicom's DUL has no _recv_pdu/event_queue: node.netutil cannot hand it the "
+        raise RuntimeError("this pynetdicom's DUL has no _recv_pdu/event_queue: node.receive.guard cannot hand it the "
                            "A-ASSOCIATE-RQ (a pynetdicom version the node was not made for)")
     evt.trigger(assoc, evt.EVT_DATA_RECV, {"data": request.raw})
     evt.trigger(assoc, evt.EVT_PDU_RECV, {"pdu": request.pdu})
@@ -512,7 +512,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server, with each connection's negotiation bounded.
 
     In the connection's own thread: :class:`ConnectionGuard` admission, then :meth:`secure` (the TLS
-    handshake in :class:`node.tls.TlsAssociationServer`; nothing here), then the A-ASSOCIATE-RQ,
+    handshake in :class:`node.net.tls.TlsAssociationServer`; nothing here), then the A-ASSOCIATE-RQ,
     all before the deadline; only then the association (see the module notes). Build it with
     ``ae.make_server(address, server_class=GuardedAssociationServer, guard=guard, ...)`` or
     :func:`start_guarded_server`.
@@ -583,7 +583,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def secure(self, negotiation: Negotiation, client_address: Any) -> socket.socket | None:
         """The socket to read the A-ASSOCIATE-RQ from, or None when the connection was refused (and closed).
 
-        The plain listener uses the accepted socket; :class:`node.tls.TlsAssociationServer` does its
+        The plain listener uses the accepted socket; :class:`node.net.tls.TlsAssociationServer` does its
         TLS handshake here, within ``negotiation.deadline``.
         """
         return negotiation.sock

@@ -4,12 +4,12 @@
   ``[tls] ca_file`` a client must present a certificate that CA signed; without it no client
   certificate is asked for (the connection is encrypted, the peer is not authenticated by TLS).
 * :func:`client_context` / :func:`server_hostname` - TLS towards a DICOM destination
-  (``tls = true``), used by :class:`node.senders.DicomSender`.
+  (``tls = true``), used by :class:`node.deliver.senders.DicomSender`.
 
 The TLS handshake of an incoming connection runs in that connection's own thread, within the
 connection's negotiation deadline (``[node] association_timeout_seconds``, handshake and
 A-ASSOCIATE-RQ together; pynetdicom does it in its single accept loop, without a limit, and drops
-failures silently); the listener has the plain one's protection (:mod:`node.netutil`: limits,
+failures silently); the listener has the plain one's protection (:mod:`node.receive.guard`: limits,
 A-ABORT and close for what is no A-ASSOCIATE-RQ). Every refused handshake is counted in /metrics
 and logged at WARNING with the peer's address and why, at most once a minute per address and kind
 of failure.
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from node.config import ConfigError, HttpSettings, TlsSettings
-from node.netutil import (
+from node.receive.guard import (
     ConnectionGuard, GuardedAssociationServer, Negotiation, close_connection, serve_in_background,
 )
 
@@ -446,7 +446,7 @@ def record_tls_errors(context: ssl.SSLContext) -> list[BaseException]:
 
 
 class TlsAssociationServer(GuardedAssociationServer):
-    """The node's guarded association server (:class:`node.netutil.GuardedAssociationServer`) with the
+    """The node's guarded association server (:class:`node.receive.guard.GuardedAssociationServer`) with the
     TLS handshake done in the connection's own thread, before the A-ASSOCIATE-RQ and within the same
     deadline (``association_timeout_seconds``; at most :attr:`handshake_timeout`), every refusal
     counted and logged.
