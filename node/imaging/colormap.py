@@ -25,7 +25,9 @@ import difflib
 
 import numpy as np
 
-__all__ = ["UnknownColormap", "apply_colormap", "check_colormap", "colormap_names", "colormap_table"]
+__all__ = [
+    "UnknownColormap", "apply_colormap", "check_colormap", "close_colormap_names", "colormap_names", "colormap_table",
+]
 
 
 class UnknownColormap(ValueError):
@@ -119,4 +121,4 @@ def apply_colormap(grey: np.ndarray, table: np.ndarray) -> np.ndarray:
         raise ValueError(f"a colour map takes 8-bit grey, got {grey.dtype}")
     if table.shape != (256, 3) or table.dtype != np.uint8:
         raise ValueError(f"a colour map table is (256, 3) uint8, got {table.dtype} {table.shape}")
-    return table[grey]
+    return np.take(table, grey, axis=0)  # table[grey], twice as fast

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.imaging.colormap import colormap_table
+from node.imaging.colormap import apply_colormap, colormap_table
 from node.imaging.display import clip, floor_levels, invert, output_levels, to_grey
 from node.imaging.equalise import FrequencyHistogram, freqhist_bins, hist_scaled
 from node.imaging.modality import rescale_frame
@@ -121,7 +121,8 @@ class FrameRenderer:
             return self._by_blocks(arr, lambda block: self._render_pixels(block, frame, statistics))
         low, high = span
         table = self._render_pixels(np.arange(low, high + 1).astype(arr.dtype), frame)
-        return self._by_blocks(arr, lambda block: table[np.subtract(block, low, dtype=np.intp)])
+        # np.take: the same as table[...], 4x faster for an RGB table's rows (a colour map)
+        return self._by_blocks(arr, lambda block: np.take(table, np.subtract(block, low, dtype=np.intp), axis=0))
 
     def _by_blocks(self, arr: np.ndarray, render: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """``render`` applied to blocks of rows of *arr*, gathered into one output array."""
@@ -199,7 +200,7 @@ class FrameRenderer:
         if self.image.is_monochrome1:
             y = invert(y, levels)
         grey = floor_levels(y, self.bits)
-        return grey if self.colormap is None else self.colormap[grey]
+        return grey if self.colormap is None else apply_colormap(grey, self.colormap)
 
     def _display(
         self, values: np.ndarray, frame: int, levels: int, statistics: _FrameStatistics | None = None
