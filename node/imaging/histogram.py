@@ -1,5 +1,9 @@
 """Value histograms that are added to frame by frame, merged, and kept small.
 
+:class:`ImageHistograms` counts one image's frames before (modality values) and after (output
+levels) while they are rendered; :class:`SeriesHistograms` is what a processed series' picture
+shows (merged by :func:`node.process.histograms.merge_image_histograms`).
+
 A series' histogram is counted while its frames are rendered, so the values are never held: a
 :class:`ValueHistogram` keeps counts in equal bins whose width is a power of two (1 for the
 integers of CT HU, stored values; a fraction of one for values on a finer grid).  When new values
@@ -18,10 +22,11 @@ Examples
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_BINS", "ValueHistogram"]
+__all__ = ["DEFAULT_MAX_BINS", "ImageHistograms", "SeriesHistograms", "ValueHistogram"]
 
 #: Bins a histogram keeps at most: CT's -1024..3071 HU in bins of 1 HU.
 DEFAULT_MAX_BINS = 4096
@@ -169,3 +174,88 @@ def _width_for(low: float, high: float, max_bins: int) -> float:
     if span <= 0:
         return 1.0
     return 2.0 ** math.ceil(math.log2(span / (max_bins - 1)))
+
+
+class ImageHistograms:
+    """Counts of one image's frames, filled while they are rendered (one thread per image).
+
+    Parameters
+    ----------
+    levels : int
+        Output levels (256 for 8-bit output, 65536 for 16-bit).
+    channels : int
+        Output channels counted: 1 (grey; the grey a colour map colours), 3 (``channels``).
+    edges_frame : int
+        The frame (0-based) whose per-image equalisation edges are kept.
+    """
+
+    def __init__(self, levels: int, channels: int = 1, edges_frame: int = 0) -> None:
+        self.before = ValueHistogram()
+        self.after = np.zeros((channels, levels), dtype=np.int64)
+        self.edges_frame = edges_frame
+        self.edges: np.ndarray | None = None
+
+    def add_pixels(self, values: np.ndarray, grey: np.ndarray) -> None:
+        """Count one frame (or block of rows): its modality values and its output levels."""
+        self.before.add(values)
+        channels = grey.reshape(-1, self.after.shape[0])
+        for channel in range(self.after.shape[0]):
+            self.after[channel] += np.bincount(channels[:, channel], minlength=self.after.shape[1])
+
+    def add_table(self, values: np.ndarray, grey: np.ndarray, counts: np.ndarray) -> None:
+        """Count a frame rendered through a table: entry *i* (modality value ``values[i]``,
+        output ``grey[i]``) occurs ``counts[i]`` times."""
+        self.before.add(values, counts)
+        channels = grey.reshape(-1, self.after.shape[0])
+        for channel in range(self.after.shape[0]):
+            self.after[channel] += np.bincount(
+                channels[:, channel], weights=counts, minlength=self.after.shape[1]
+            ).astype(np.int64)
+
+    def note_edges(self, frame: int, edges: np.ndarray) -> None:
+        """Per-image equalisation edges of *frame*: kept when it is :attr:`edges_frame`."""
+        if frame == self.edges_frame and self.edges is None:
+            self.edges = np.asarray(edges, dtype=np.float64).copy()
+
+
+@dataclass(frozen=True)
+class SeriesHistograms:
+    """What the histogram picture of one processed series shows.
+
+    Attributes
+    ----------
+    before : ValueHistogram
+        Modality values before clipping (after the Modality LUT when the pipeline rescales).
+    after : numpy.ndarray
+        (channels, levels) counts of the output levels (the grey a colour map colours).
+    bits : int
+        Output bits per sample (8 or 16).
+    unit : str
+        What the before values are: ``HU``, ``modality value``, ``stored value`` or ``luma``.
+    edges : numpy.ndarray or None
+        The equalisation bin edges (in the before values' unit), when the pipeline equalises.
+    edge_count : int
+        How many edges there are (also when too many to keep: ``edges`` is then None).
+    edges_of : str
+        Whose edges: ``series``, or ``image N of M`` (the middle one, for ``per = "image"``).
+    clip : tuple of (float or None, float or None), or None
+        The clip step's bounds.
+    colormap : str or None
+        The colour map that colours the after levels.
+    channels : tuple of str
+        The name of each after channel (``grey``, or the ``channels`` windows).
+    images : int
+        How many images were counted.
+    """
+
+    before: ValueHistogram
+    after: np.ndarray
+    bits: int
+    unit: str
+    edges: np.ndarray | None = None
+    edge_count: int = 0
+    edges_of: str = ""
+    clip: tuple[float | None, float | None] | None = None
+    colormap: str | None = None
+    channels: tuple[str, ...] = ("grey",)
+    images: int = 0

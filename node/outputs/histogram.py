@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from node.imaging.histogram import ValueHistogram
-from node.process.histograms import SeriesHistograms
+from node.imaging.histogram import SeriesHistograms, ValueHistogram
 from node.store.fsutil import atomic_output
 
 __all__ = [

@@ -22,7 +22,7 @@ from node.imaging.modality import rescale_frame
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.imaging.voi import apply_voi_lut_sequence, file_window, has_voi_lut_sequence, window_scaled
 from node.config.pipeline import Channels, Equalise, Pipeline, WindowSpec
-from node.process.histograms import ImageHistograms
+from node.imaging.histogram import ImageHistograms
 
 __all__ = ["BLOCK_PIXELS", "FrameRenderer", "row_blocks", "series_bins"]
 
