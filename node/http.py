@@ -67,6 +67,7 @@ from node.config.pipeline import Clip, OutputFormat, Pipeline
 from node.process.render import FrameRenderer
 from node.seriesview import SeriesView, series_view, utc_time
 from node.outputs.uids import derived_uid
+from node.outputs.histogram import HistogramView, series_histogram_view
 
 __all__ = ["StatusServer", "THUMBNAIL_SIZE", "Thumbnails", "render_page", "render_series_page"]
 
@@ -562,6 +563,7 @@ dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px;
 dl.facts dt { color: #556070; } dl.facts dd { margin: 0; word-break: break-all; }
 h2 { font-size: 16px; margin: 20px 0 8px; }
 .big .box { width: 128px; height: 128px; } .big .box img { max-width: 128px; max-height: 128px; }
+.histogram svg { max-width: 100%; height: auto; border: 1px solid #d5d9e0; }
 """
 
 
@@ -596,8 +598,9 @@ def _events_table(view: SeriesView) -> str:
     return f"<table><thead><tr><th>At</th><th>State</th><th>What happened</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
-def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now: float) -> str:
-    """The page of one series: its facts, before/after thumbnails, deliveries and events.
+def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now: float,
+                       histogram: HistogramView | None = None) -> str:
+    """The page of one series: its facts, before/after thumbnails and histograms, deliveries and events.
 
     Parameters
     ----------
@@ -607,6 +610,9 @@ def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now:
         ``[delivery] max_attempts``, the *m* of each delivery's ``n/m``.
     now : float
         The time the page is made (seconds since the epoch).
+    histogram : HistogramView, optional
+        The series' histograms (:func:`node.outputs.histogram.series_histogram_view`): inline SVG
+        made from numbers by the node, or a note; no section when None.
     """
     view = series_view(row, max_attempts)
     generated = utc_time(now)
@@ -627,6 +633,7 @@ def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now:
         f'<dl class="facts">{facts}</dl>',
         "<h2>Outputs: before / after</h2>",
         _series_thumbs(row),
+        *_histogram_section(histogram),
         "<h2>Deliveries</h2>",
         _deliveries_table(view),
         "<h2>Events (UTC)</h2>",
@@ -634,6 +641,15 @@ def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now:
         "</main></body></html>",
     ]
     return "\n".join(out) + "\n"
+
+
+def _histogram_section(histogram: HistogramView | None) -> list[str]:
+    """Values before/after: the SVG as made (numbers and escaped words only), else the note, escaped."""
+    if histogram is None:
+        return []
+    shown = (f'<div class="histogram">{histogram.svg}</div>' if histogram.svg is not None
+             else f'<div class="empty">{_esc(histogram.note)}</div>')
+    return ["<h2>Values: before / after</h2>", shown]
 
 
 # --------------------------------------------------------------------------- the server
@@ -947,7 +963,9 @@ class StatusServer:
             body = f"<!DOCTYPE html><title>not found</title><p>{what}</p><p><a href=\"/\">status</a></p>"
             code = HTTPStatus.NOT_FOUND if _ID.fullmatch(text) else HTTPStatus.BAD_REQUEST
             return code, body.encode(), _HTML, headers
-        page = render_series_page(row, max_attempts=self.max_delivery_attempts, now=time.time())
+        folder = _inside(Path(row["output_dir"]), self.outputs_dir) if row.get("output_dir") else None
+        page = render_series_page(row, max_attempts=self.max_delivery_attempts, now=time.time(),
+                                  histogram=series_histogram_view(folder if row.get("outputs") else None))
         return HTTPStatus.OK, page.encode("utf-8"), _HTML, headers
 
     def _page(self, query: Mapping[str, list[str]]) -> _Response:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,13 +36,17 @@ __all__ = [
     "DATA_FILE",
     "HistogramDataError",
     "HistogramFigure",
+    "HistogramView",
     "histogram_figure",
     "histogram_png",
     "histogram_svg",
     "read_histogram_data",
+    "series_histogram_view",
     "write_histogram",
     "write_histogram_data",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The file beside a derived series' outputs that holds its histograms (hidden: never delivered).
 DATA_FILE = ".histogram.json"
@@ -198,6 +203,33 @@ def _reduce_levels(after: np.ndarray, most: int) -> np.ndarray:
     return after.reshape(after.shape[0], levels // group, group).sum(axis=2)
 
 
+@dataclass(frozen=True)
+class HistogramView:
+    """What a page shows for a series' histograms: the picture (inline SVG), or a note saying why not."""
+
+    svg: str | None
+    note: str = ""
+
+
+def series_histogram_view(folder: Path | None) -> HistogramView:
+    """The histogram picture kept in a derived series' *folder* (None: the series has no outputs).
+
+    Never raises for what is in the folder: a missing, unreadable or altered data file gives a
+    note (and a WARNING naming the file and what is wrong with it).
+    """
+    if folder is None:
+        return HistogramView(None, "No histogram: the series has no outputs.")
+    try:
+        histograms = read_histogram_data(folder)
+    except HistogramDataError as exc:
+        log.warning("%s", exc)
+        return HistogramView(None, "No histogram: its data file is unreadable or not as the node wrote it.")
+    if histograms is None:
+        return HistogramView(None, "No histogram: none was kept for this series (colour images passed "
+                                   "through, or processed by an older version).")
+    return HistogramView(histogram_svg(histograms))
+
+
 # --------------------------------------------------------------------------- the picture
 
 
@@ -329,7 +361,7 @@ def _ticks(low: float, high: float, count: int = 6) -> list[float]:
 # -- SVG ---------------------------------------------------------------------
 
 _WIDTH = 720
-_LEFT, _RIGHT = 76, 16
+_LEFT, _RIGHT = 88, 16
 _TOP = 34  # the title
 _PANEL = 262  # height of one panel with its labels
 _PLOT_TOP, _PLOT_HEIGHT = 26, 150  # within a panel
