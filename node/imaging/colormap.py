@@ -48,11 +48,11 @@ def colormap_names() -> list[str]:
     return sorted(matplotlib.colormaps)
 
 
-def close_colormap_names(name: str, count: int = 5) -> list[str]:
+def close_colormap_names(name: str, count: int = 3) -> list[str]:
     """Up to *count* known names close to *name* (a different case first, then by similarity)."""
     names = colormap_names()
     same_case = [n for n in names if n.lower() == name.lower()]
-    similar = difflib.get_close_matches(name, names, n=count, cutoff=0.6)
+    similar = difflib.get_close_matches(name, names, n=count, cutoff=0.7)
     return list(dict.fromkeys(same_case + similar))[:count]
 
 

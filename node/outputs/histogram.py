@@ -492,7 +492,8 @@ def _png_panel(ax: Any, panel: Panel) -> None:
         for series, colour in zip(panel.counts, panel.colours):
             ax.stairs(series, edges, color=colour, linewidth=1.2)
     for x, colour, dashed in panel.lines:
-        ax.axvline(x, color=colour, linewidth=1.4 if dashed else 0.7, linestyle="--" if dashed else "-")
+        ax.axvline(x, color=colour, linewidth=1.4 if dashed else 0.7, linestyle="--" if dashed else "-",
+                   alpha=1.0 if dashed else 0.7)
     ax.set_xlim(float(edges[0]), float(edges[-1]))
     ax.set_ylim(0, panel.y_max)
     ax.yaxis.set_major_formatter(lambda value, _position: f"{int(value):,}")
