@@ -3,7 +3,8 @@
 One frame at a time: stored values -> modality values -> clip -> display values on the output
 scale (0..255 or 0..65535) -> MONOCHROME1 inverted -> ``uint8``/``uint16`` -> colour map (8-bit
 grey to RGB through a 256-entry table) when the pipeline has one.  Nothing here reads
-files or keeps state between frames except the series-wide equalisation bins handed in.
+files or keeps state between frames except the series-wide equalisation bins handed in, and the
+histograms it is asked to count into (:class:`~node.imaging.histogram.ImageHistograms`).
 """
 
 from __future__ import annotations
