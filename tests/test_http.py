@@ -27,6 +27,7 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.http import THUMBNAIL_SIZE, StatusServer
@@ -304,6 +305,36 @@ def test_metrics_count_exactly_from_many_threads_and_never_raise() -> None:
     assert samples[("dicomnode_queue_depth", (("state", "queued"),))] == 3
     assert samples[("dicomnode_queue_depth", (("state", "odd"),))] == 1
     assert samples[("dicomnode_queue_depth", (("state", "delivered"),))] == 0
+
+
+def test_metrics_of_two_nodes_count_apart_in_their_own_registries() -> None:
+    """Each Metrics has its own registry: nothing in prometheus_client's global one, no ``_created`` series."""
+    first, second = Metrics(["pacs"]), Metrics()
+    first.instance_received(3)
+    first.delivery("pacs", "delivered")
+    second.instance_refused("too_large")
+
+    def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(metrics.render()) for s in f.samples}
+
+    one, two = samples(first), samples(second)
+    assert one[("dicomnode_instances_received_total", ())] == 3 and two[("dicomnode_instances_received_total", ())] == 0
+    assert one[("dicomnode_deliveries_total", (("destination", "pacs"), ("outcome", "delivered")))] == 1
+    assert not any(name == "dicomnode_deliveries_total" for name, _ in two)
+    assert one[("dicomnode_instances_refused_total", (("reason", "too_large"),))] == 0
+    assert two[("dicomnode_instances_refused_total", (("reason", "too_large"),))] == 1
+    assert {name for name, _ in one} == {
+        "dicomnode_instances_received_total", "dicomnode_instances_refused_total",
+        "dicomnode_connections_refused_total", "dicomnode_series_processed_total", "dicomnode_series_failed_total",
+        "dicomnode_series_discarded_total", "dicomnode_deliveries_total", "dicomnode_queue_depth",
+        "dicomnode_processing_seconds_bucket", "dicomnode_processing_seconds_sum",
+        "dicomnode_processing_seconds_count",
+    }
+    assert "_created" not in first.render()
+    assert {state for name, labels in one for key, state in labels if name == "dicomnode_queue_depth"} == {
+        state.value for state in SeriesState}
+    assert REGISTRY.get_sample_value("dicomnode_instances_received_total") is None
 
 
 # --------------------------------------------------------------------------- the job API
