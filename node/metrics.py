@@ -119,7 +119,8 @@ class Metrics:
         self._deliveries = self._counter("deliveries",
                                          "Delivery attempts by destination and outcome (delivered, retry, failed).",
                                          ("destination", "outcome"),
-                                         [(str(name), outcome) for name in destinations for outcome in DELIVERY_OUTCOMES])
+                                         [(str(name), outcome) for name in destinations
+                                          for outcome in DELIVERY_OUTCOMES])
         self._certificates = Gauge(
             _PREFIX + "tls_certificate_expiry_timestamp_seconds",
             "When each configured TLS certificate stops being valid (alert on it minus time()).",

@@ -700,7 +700,8 @@ def test_pages_are_autoescaped_templates_each_server_loads_once(node: Node, serv
     row = node.jobs.series(node.ids["png"])
     page = child.render(series_context(row, max_attempts=3, now=0.0), caption=HOSTILE)
     assert f'<p id="more">{ESCAPED}</p>' in page and HOSTILE not in page
-    assert page.index("<h2>Outputs: before / after</h2>") < page.index('<p id="more">') < page.index("<h2>Deliveries</h2>")
+    before_after, more = page.index("<h2>Outputs: before / after</h2>"), page.index('<p id="more">')
+    assert before_after < more < page.index("<h2>Deliveries</h2>")
     assert f'src="/thumbs/{row["id"]}/output.png?v=' in page
 
 

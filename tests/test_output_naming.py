@@ -30,7 +30,8 @@ def _process(source: Path, pipeline: Pipeline, out: Path) -> tuple[pydicom.Datas
     images, failures = open_images([source])
     assert not failures
     header = pydicom.dcmread(source, stop_before_pixels=True)
-    series = InputSeries(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), sorted(images, key=instance_order))
+    series = InputSeries(str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+                         sorted(images, key=instance_order))
     result = process_series(series, pipeline, out, now=datetime.datetime(2026, 1, 2, 3, 4, 5))
     assert result.outputs and not result.failures
     assert result.derived_series_uid == derived_series_uid(str(header.SeriesInstanceUID), pipeline.fingerprint())

@@ -16,28 +16,12 @@ __all__ = ["derived_instance_uid", "derived_series_uid", "output_file_name", "ou
 
 
 def derived_series_uid(series_uid: str, fingerprint: str) -> str:
-    """The Series Instance UID of the series a pipeline derives from *series_uid*.
-
-    Parameters
-    ----------
-    series_uid : str
-        The source Series Instance UID.
-    fingerprint : str
-        :meth:`node.config.pipeline.Pipeline.fingerprint` of the pipeline.
-    """
+    """The Series Instance UID a pipeline (its ``Pipeline.fingerprint()``) derives from *series_uid*."""
     return derived_uid(series_uid, "series", fingerprint)
 
 
 def derived_instance_uid(source_sop_uid: str, fingerprint: str) -> str:
-    """The SOP Instance UID of the output a pipeline makes from the instance *source_sop_uid*.
-
-    Parameters
-    ----------
-    source_sop_uid : str
-        The source SOP Instance UID.
-    fingerprint : str
-        :meth:`node.config.pipeline.Pipeline.fingerprint` of the pipeline.
-    """
+    """The SOP Instance UID of the output a pipeline (its fingerprint) makes from the instance *source_sop_uid*."""
     return derived_uid(source_sop_uid, "instance", fingerprint)
 
 
