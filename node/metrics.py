@@ -8,7 +8,8 @@ registry: several nodes (or tests) in one process count apart.
 Counting never raises: a metrics bug must not cost a received instance or a delivery.  It costs
 0.4-1.4 us a call (the hand-written counters it replaced: 0.3-0.6 us), a scrape 0.34 ms.  The queue
 depth is not counted here at all: it is read from the job store when ``/metrics`` is scraped and
-passed to :meth:`Metrics.render`.
+passed to :meth:`Metrics.render`, every state of the job store's ``SeriesState`` in it (0 when
+none): the HTTP server fills them in, as metrics sit below the store and do not import it.
 
 The one hand-written part is :class:`_WithoutCreated`.  prometheus_client adds a
 ``<name>_created`` gauge (the Unix time the series was made) beside every counter series and the
@@ -31,10 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
-from node.store.jobstore import SeriesState
-
 __all__ = [
-    "BUCKETS", "CONNECTION_REFUSAL_REASONS", "DELIVERY_OUTCOMES", "QUEUE_STATES", "REFUSAL_REASONS", "Metrics",
+    "BUCKETS", "CONNECTION_REFUSAL_REASONS", "DELIVERY_OUTCOMES", "REFUSAL_REASONS", "Metrics",
     "CONTENT_TYPE",
 ]
 
@@ -60,9 +59,6 @@ REFUSAL_REASONS = (
 #: that is not an A-ASSOCIATE-RQ, over ``max_negotiating_connections`` or ``max_connections_per_address``,
 #: a failed TLS handshake.
 CONNECTION_REFUSAL_REASONS = ("timeout", "invalid_pdu", "over_limit", "tls_handshake")
-
-#: Series states always present in ``dicomnode_queue_depth`` (0 when none): the job store's states.
-QUEUE_STATES = tuple(state.value for state in SeriesState)
 
 _PREFIX = "dicomnode_"
 
@@ -236,11 +232,10 @@ class Metrics:
         Parameters
         ----------
         queue_counts : mapping of str to int, optional
-            Series per state (``JobStore.counts()``), read at scrape time; every known state is
-            written, 0 when absent.
+            Series per state, read from the job store at scrape time; each state given is written
+            (``dicomnode_queue_depth``), none other.
         """
-        depth = dict.fromkeys(QUEUE_STATES, 0)
-        depth.update({str(state): int(value) for state, value in (queue_counts or {}).items()})
+        depth = {str(state): int(value) for state, value in (queue_counts or {}).items()}
         with self._scrape_lock:
             self._queue_depth.clear()  # a state gone from the job store is gone from the scrape
             for state, value in depth.items():

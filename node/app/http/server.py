@@ -338,7 +338,7 @@ class StatusServer:
         if path == "/readyz":
             return self._probe(self.is_ready, "ready", "not ready")
         if path == "/metrics":
-            body = self.metrics.render(self.jobs.counts()).encode("utf-8")
+            body = self.metrics.render(self._queue_depth()).encode("utf-8")
             return HTTPStatus.OK, body, METRICS_CONTENT_TYPE, {}
         if path in ("/api/jobs", "/api/jobs/"):
             rows = self.jobs.list_series(limit=_limit(query, API_LIMIT), state=_state(query))
@@ -356,6 +356,10 @@ class StatusServer:
         if found:
             return self._series_page(found.group(1))
         return HTTPStatus.NOT_FOUND, _json_bytes({"error": "not found"}), _JSON, {}
+
+    def _queue_depth(self) -> dict[str, int]:
+        """Series per state for ``/metrics``: every state of the job store (0 when none), then any other it counts."""
+        return {**dict.fromkeys(_STATES, 0), **self.jobs.counts()}
 
     @staticmethod
     def _series_id(text: str) -> int:
