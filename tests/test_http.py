@@ -35,7 +35,7 @@ from node.app.http.pages import series_context
 from node.app.http.server import StatusServer
 from node.app.http.thumbnails import THUMBNAIL_SIZE
 from node.store.jobstore import JobStore, SeriesJob, SeriesState
-from node.metrics import REFUSAL_REASONS, Metrics
+from node.telemetry.metrics import REFUSAL_REASONS, Metrics
 from node.config.pipeline import Pipeline, parse_steps
 from node.app.process_series import process_series
 from node.process.series import InputSeries, instance_order, open_images

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 
 from node.app.http.thumbnails import Thumbnails
-from node.seriesview import series_view, utc_time
+from node.app.seriesview import series_view, utc_time
 from node.store.jobstore import SeriesState
 
 __all__ = ["Pages", "series_context"]
@@ -103,7 +103,7 @@ def series_context(row: Mapping[str, Any], *, max_attempts: int | None, now: flo
     Returns
     -------
     dict
-        ``view`` (:class:`~node.seriesview.SeriesView`), ``generated`` (UTC time of the page),
+        ``view`` (:class:`~node.app.seriesview.SeriesView`), ``generated`` (UTC time of the page),
         ``error_class`` (how its error is shown) and ``before_after`` (its two thumbnails).
     """
     view = series_view(row, max_attempts)

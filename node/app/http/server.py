@@ -8,7 +8,7 @@ it read-only: nothing here changes a job.  Endpoints:
 ``/readyz``
     200 ``ready`` when the node takes work (store open, listener up), else 503.
 ``/metrics``
-    Prometheus text format 0.0.4 (:mod:`node.metrics`), queue depth read from the job store.
+    Prometheus text format 0.0.4 (:mod:`node.telemetry.metrics`), queue depth read from the job store.
 ``/api/jobs`` and ``/api/jobs/{id}``
     Recent series as JSON (``?limit=``, ``?state=``); one series with deliveries and events.
 ``/``
@@ -16,12 +16,12 @@ it read-only: nothing here changes a job.  Endpoints:
     recent series each with a before/after thumbnail from ``/thumbs/{id}/source.png`` and
     ``/thumbs/{id}/output.png`` (:mod:`node.app.http.thumbnails`), each linked to its own page.
 ``/series/{id}``
-    One series as HTML (the facts ``dicom-node status JOB`` prints, :mod:`node.seriesview`):
+    One series as HTML (the facts ``dicom-node status JOB`` prints, :mod:`node.app.seriesview`):
     UTC times, calling AE, route, pipeline, each delivery with attempts ``n/m`` and the peer's
     last reason, the outputs with their thumbnails, and the series' events.
 
 With ``[http] auth`` every request but ``/healthz`` and ``/readyz`` (and ``/metrics`` with
-``public_metrics``) needs credentials (:mod:`node.httpauth`); with ``cert_file``/``key_file`` the
+``public_metrics``) needs credentials (:mod:`node.app.http.auth`); with ``cert_file``/``key_file`` the
 listener speaks HTTPS only (TLS 1.2 or later, the handshake in the request's own thread).
 
 No patient name or ID is ever shown: the job store holds none, and thumbnails are pixels only.
@@ -49,10 +49,10 @@ from urllib.parse import parse_qs, urlsplit
 from node.app.http.pages import Pages
 from node.app.http.thumbnails import Thumbnails, placeholder_png
 from node.config.pipeline import Pipeline
-from node.httpauth import HttpGuard
+from node.app.http.auth import HttpGuard
 from node.imaging.source import DecodeLimits
-from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from node.metrics import Metrics
+from node.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from node.telemetry.metrics import Metrics
 from node.store.jobstore import JobStore, SeriesState
 
 __all__ = ["API_LIMIT", "MAX_LIMIT", "PAGE_LIMIT", "StatusServer"]
