@@ -2,6 +2,7 @@
 
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
+(or, for ``output = "gsps"``, presentation states showing the sources: :mod:`node.outputs.gsps`)
 in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
 from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.config.pipeline import Pipeline, series_description
+from node.config.pipeline import OutputFormat, Pipeline, series_description
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
+from node.outputs.gsps import write_presentation_states
 from node.outputs.png import traceability_text, write_png
 from node.outputs.secondary_capture import (
     DerivedSeries,
@@ -109,6 +111,8 @@ def process_series(
     started = time.monotonic()
     derived = _derived_series(series, pipeline)
     result = SeriesResult(series.study_uid, series.series_uid, derived.series_instance_uid)
+    if pipeline.output is OutputFormat.GSPS:
+        return _presentation_states(series, pipeline, out_dir, derived, result, now=now, started=started)
     bins, failed = series_bins(pipeline, series.images)
     result.failures.extend(failed)
     failed_paths = {f.path for f in failed}
@@ -141,6 +145,33 @@ def process_series(
             if time.monotonic() - last_report > _PROGRESS_SECONDS:
                 last_report = time.monotonic()
                 log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _presentation_states(
+    series: InputSeries,
+    pipeline: Pipeline,
+    out_dir: Path,
+    derived: DerivedSeries,
+    result: SeriesResult,
+    *,
+    now: datetime.datetime,
+    started: float,
+) -> SeriesResult:
+    """``output = "gsps"``: the presentation state(s) of the series instead of new pixels."""
+    folder = out_dir / series.study_uid / derived.series_instance_uid
+    try:
+        written = write_presentation_states(series, pipeline, folder, derived, now=now)
+    except OSError as exc:  # the output side: disk full, permissions
+        result.failures.extend(UnsupportedImage(image.path, f"cannot write output under {folder}: {exc}")
+                               for image in series.images)
+    else:
+        for failure in written.failures:
+            log.error("%s", failure)
+        result.outputs.extend(written.outputs)
+        result.failures.extend(written.failures)
+        result.instances, result.frames = written.instances, written.frames
     result.seconds = time.monotonic() - started
     return result
 
