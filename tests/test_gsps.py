@@ -410,3 +410,9 @@ def test_cli_format_gsps_and_its_refusals(data_dir: Path, tmp_path: Path) -> Non
                           "--format", "gsps")
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_the_documented_example_pipeline_is_a_presentation_state() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "config" / "node.toml")
+    example = config.pipelines["ct-brain-view"]
+    assert example.output is OutputFormat.GSPS and example.display is not None
