@@ -24,7 +24,6 @@ from node.imaging.source import ImageFile, UnsupportedImage
 from node.config.pipeline import OutputFormat, Pipeline, series_description
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
-from node.outputs.gsps import write_presentation_states
 from node.outputs.png import traceability_text, write_png
 from node.outputs.secondary_capture import (
     DerivedSeries,
@@ -160,6 +159,8 @@ def _presentation_states(
     started: float,
 ) -> SeriesResult:
     """``output = "gsps"``: the presentation state(s) of the series instead of new pixels."""
+    from node.outputs.gsps import write_presentation_states  # highdicom takes ~1 s to import: only when used
+
     folder = out_dir / series.study_uid / derived.series_instance_uid
     try:
         written = write_presentation_states(series, pipeline, folder, derived, now=now)
