@@ -416,3 +416,70 @@ def test_the_documented_example_pipeline_is_a_presentation_state() -> None:
     config = load_config(Path(__file__).resolve().parents[1] / "config" / "node.toml")
     example = config.pipelines["ct-brain-view"]
     assert example.output is OutputFormat.GSPS and example.display is not None
+
+
+@pytest.mark.parametrize(("name", "label"), [
+    ("ct-brain view", "CT_BRAIN_VIEW"), ("2d_eq", "P_2D_EQ"), ("_x_", "X"), ("ü", "DICOM_NODE"),
+    ("a-very-long-pipeline-name", "A_VERY_LONG_PIPE"), ("abcdefghijklmno-p", "ABCDEFGHIJKLMNO"),
+])
+def test_content_label_is_a_code_string_highdicom_accepts(name: str, label: str) -> None:
+    from highdicom.valuerep import _check_code_string
+
+    from node.outputs.gsps import content_label
+
+    assert content_label(name) == label
+    _check_code_string(label)  # raises for what highdicom would refuse
+
+
+# --- Modality LUTs a presentation state cannot carry once, and series of several sizes -------------
+
+
+def test_modality_lut_sequence_is_folded_into_tables_over_stored_values(data_dir: Path, tmp_path: Path) -> None:
+    series = _series([data_dir / "lut" / "mlut_18.dcm"])
+    assert series.images[0].header.get("ModalityLUTSequence")
+    for number, steps in enumerate(([RESCALE, {"op": "window", "center": 0, "width": 2000}], EQUALISE_IMAGE)):
+        rendered = _render_and_compare(series, steps, tmp_path / str(number))
+        state = rendered.state
+        assert (state.RescaleSlope, state.RescaleIntercept) == (1, 0)  # identity: the LUT is in the table
+        assert len(_tables(state)) == 1
+        assert rendered.largest_difference == 1 and rendered.off_png16 == 0
+
+
+def test_non_integral_rescale_carried_for_a_window_folded_for_a_table(data_dir: Path, tmp_path: Path) -> None:
+    path = data_dir / "compressed" / "MR2_J2KI.dcm"
+    native = pydicom.dcmread(path)
+    native.decompress(generate_instance_uid=False)  # dcmtk has no JPEG 2000 decoder
+    native.save_as(tmp_path / "native.dcm")
+    natives = {str(native.SOPInstanceUID): tmp_path / "native.dcm"}
+    series = _series([path])
+    slope = float(series.images[0].header.RescaleSlope)
+    assert not slope.is_integer()
+    window = _render_and_compare(series, [RESCALE, {"op": "window", "center": 1000, "width": 2000}],
+                                 tmp_path / "window", natives)
+    assert float(window.state.RescaleSlope) == pytest.approx(slope) and not _tables(window.state)
+    assert window.largest_difference <= 1  # dcmtk rescales from the DS text: a few pixels one level off
+    table = _render_and_compare(series, EQUALISE_IMAGE, tmp_path / "table", natives)
+    assert (table.state.RescaleSlope, table.state.RescaleIntercept) == (1, 0) and len(_tables(table.state)) == 1
+    assert table.largest_difference == 1 and table.off_png16 == 0
+
+
+def test_a_series_of_two_sizes_gets_one_presentation_state_per_size(ct: InputSeries, tmp_path: Path) -> None:
+    from tests.conftest import bundled
+    from tests.node_process import copy_as_series
+
+    paths = copy_as_series([ct.images[3].path, bundled("CT_small.dcm"), ct.images[4].path], tmp_path / "in")
+    series = _series(paths)
+    result = _process(series, BRAIN, "gsps", tmp_path / "out")
+    assert len(result.outputs) == 2 and result.instances == 3
+    states = [pydicom.dcmread(path) for path in result.outputs]
+    assert {s.SeriesInstanceUID for s in states} == {result.derived_series_uid}
+    assert sorted(s.InstanceNumber for s in states) == [1, 2]
+    sizes = {tuple(s.DisplayedAreaSelectionSequence[0].DisplayedAreaBottomRightHandCorner): len(_referenced_sops(s))
+             for s in states}
+    assert sizes == {(512, 512): 2, (128, 128): 1}
+    png = _process(series, BRAIN, "png", tmp_path / "png")
+    for state_path, state in zip(result.outputs, states):
+        for sop in _referenced_sops(state):
+            image = next(i for i in series.images if i.header.SOPInstanceUID == sop)
+            dcmtk = _dcmp2pgm(state_path, image.path, 1, tmp_path / "o.pgm")
+            assert np.array_equal(dcmtk, _png(tmp_path / "png", png, BRAIN, "png", sop, 1, 1))

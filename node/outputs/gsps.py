@@ -104,7 +104,8 @@ from node.process.render import BLOCK_PIXELS, FrameRenderer, modality_values, ro
 from node.process.series import InputSeries
 from node.store.fsutil import atomic_output
 
-__all__ = ["GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE", "PresentationStates", "write_presentation_states"]
+__all__ = ["GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE", "PresentationStates", "content_label",
+           "write_presentation_states"]
 
 log = logging.getLogger(__name__)
 
@@ -334,15 +335,19 @@ def _window_voi(pipeline: Pipeline, image: ImageFile, frame: int) -> _WindowVOI 
         if has_voi_lut_sequence(header, frame):
             return None
         try:
-            return _linear(file_window(header, display.index, frame), display.describe())
+            win = file_window(header, display.index, frame)
         except ValueError as exc:
             raise UnsupportedImage(image.path, f"window from file: {exc}") from exc
+        if win.width < 1 if win.function is VOIFunction.LINEAR else win.width <= 0:
+            raise UnsupportedImage(image.path, f"window from file: Window Width {win.width:g} is too small "
+                                   f"for {win.function.value}")
+        return _linear(win, f"file {display.index + 1}" if display.index else "file")
     if display is None:
         try:
             win = file_window(header, 0, frame)
         except ValueError:
             return None  # the frame's own range: a table
-        return _linear(win, "file window") if win.width >= 1 else None
+        return _linear(win, "file") if win.width >= 1 else None
     return None
 
 
@@ -555,7 +560,7 @@ def _presentation_state(
             manufacturer_model_name=MANUFACTURER,
             software_versions=__version__,
             device_serial_number="",
-            content_label=_content_label(pipeline.name),
+            content_label=content_label(pipeline.name),
             content_description=_lo(derived.derivation_description) or None,
             modality_lut_transformation=hd.ModalityLUTTransformation(
                 rescale_intercept=rescale.intercept, rescale_slope=rescale.slope, rescale_type=rescale.type
@@ -642,10 +647,15 @@ def _finish(state: Dataset, first: Dataset, now: datetime.datetime) -> None:
     complete_deidentification(state)
 
 
-def _content_label(name: str) -> str:
-    """Content Label (CS, 16 characters of A-Z 0-9 _ space) from the pipeline's name."""
-    label = re.sub(r"[^A-Z0-9_ ]", "_", name.upper()).strip()[:16].strip()
-    return label or "DICOM_NODE"
+def content_label(name: str) -> str:
+    """Content Label (CS) from a pipeline's name: at most 16 of A-Z 0-9 _, starting with a letter
+    and not ending with ``_`` (what highdicom accepts), e.g. ``ct-brain view`` -> ``CT_BRAIN_VIEW``."""
+    label = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
+    if not label:
+        return "DICOM_NODE"
+    if not label[0].isalpha():
+        label = f"P_{label}"
+    return label[:16].rstrip("_")
 
 
 def _lo(text: str) -> str:
