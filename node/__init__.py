@@ -5,3 +5,6 @@ The imaging library (:mod:`node.imaging`) and the writers (:mod:`node.outputs`) 
 """
 
 __version__ = "0.1.0"
+
+#: The Manufacturer (and model name) of everything this node writes; the poller skips series carrying it.
+MANUFACTURER = "dicom-node"

@@ -34,7 +34,7 @@ from node.config import TlsSettings
 from node.receive.scp import build_application_entity
 from node.metrics import CONNECTION_REFUSAL_REASONS, Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
-from node.net.tls import start_tls_server
+from node.receive.tls_listener import start_tls_server
 from tests.conftest import bundled, tool
 from tests.hostile import GARBAGE, held
 from tests.node_process import NodeProcess, node_config, wait_for

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError
+from node.net.tls import TlsFileError
 from node.store.database import DatabaseError
 from node.store.jobstore import JobStore, JobStoreError, SeriesState
 from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
@@ -726,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_settings)
     try:
         return args.func(args)
-    except (PipelineError, ConfigError) as exc:
+    except (PipelineError, ConfigError, TlsFileError) as exc:
         log.error("%s", exc)
         return 2
     except JobStoreError as exc:  # one line naming the file and the fix; never a traceback

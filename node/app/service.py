@@ -51,9 +51,10 @@ from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_
 from node.receive.poller import DicomWebPoller, schedule
 from node.store.pending import PendingRecords
 from node.deliver.senders import Sender, sender_for
-from node.store.spool import Spool
-from node.net.tls import check_certificate_expiry, https_server_context, server_context, start_tls_server
-from node.app.workers import DISCARDED, PROCESSED, WorkerPool, shared_dir_problem
+from node.store.spool import Spool, shared_dir_problem
+from node.net.tls import check_certificate_expiry, https_server_context, server_context
+from node.receive.tls_listener import start_tls_server
+from node.app.workers import DISCARDED, PROCESSED, WorkerPool
 
 __all__ = ["ListenerError", "NodeService"]
 

@@ -50,7 +50,7 @@ from node.store.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.telemetry.logsetup import LogSettings, setup_logging
 from node.app.process_series import process_series
 from node.process.series import InputSeries, instance_order, open_images
-from node.store.spool import remove_spooled
+from node.store.spool import remove_spooled, shared_dir_problem
 
 __all__ = ["WORKER_NICENESS", "SeriesProcessor", "WorkerPool", "worker_main"]
 
@@ -204,25 +204,6 @@ def _first_header(paths: tuple[Path, ...]) -> Dataset | None:
 
 class SharedDirUnavailable(OSError):
     """This machine cannot use ``shared_dir`` (a missing mount, permissions): its jobs wait for another worker."""
-
-
-def shared_dir_problem(shared: Path) -> str | None:
-    """What keeps this process from reading the spool and writing outputs under *shared* (None: nothing).
-
-    The spool is never created here: a worker whose ``shared_dir`` holds no spool is looking at an
-    empty mount point (the share not mounted), and must not take series whose files it cannot see.
-    """
-    spool, outputs = shared / "spool", shared / "outputs"
-    if not spool.is_dir():
-        return f"shared_dir {shared} has no spool folder (is the share mounted on this machine?)"
-    try:
-        outputs.mkdir(exist_ok=True)
-    except OSError as exc:
-        return f"shared_dir {shared}: cannot create {outputs}: {exc.strerror or exc}"
-    for folder in (spool, outputs):
-        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
-            return f"shared_dir {shared}: {folder} is not readable and writable by this user"
-    return None
 
 
 # -- the worker process ---------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.multival import MultiValue
 
+from node.net.tls import TlsFileError, client_context, https_server_context, server_context
 from node.config.file_names import PNG_FIELDS, template_fields, template_problem
 from node.config.pipeline import OutputFormat, Pipeline, PipelineError, parse_steps
 
@@ -96,8 +97,6 @@ class ConfigError(ValueError):
 
 def _client_context(destination: DicomDestination) -> object:
     """The TLS context a DICOM destination will use (built here only to check its files)."""
-    from node.net.tls import client_context  # here: node.tls imports this module
-
     return client_context(ca_file=destination.ca_file, cert_file=destination.cert_file,
                           key_file=destination.key_file, host=destination.host)
 
@@ -1549,8 +1548,6 @@ class _Checker:
         )
         if settings.match_ae_title and settings.ca_file is None:
             self.fail(path + ("match_ae_title",), "needs ca_file: without client certificates there is nothing to match")
-        from node.net.tls import server_context  # here: node.tls imports this module
-
         self.usable_tls(path, lambda: server_context(settings))
         return settings
 
@@ -1560,8 +1557,6 @@ class _Checker:
         A file that exists but cannot be used (no PEM in it, a key that does not belong to the
         certificate, an encrypted key) is reported at its own key's line.
         """
-        from node.net.tls import TlsFileError
-
         try:
             load()
         except TlsFileError as exc:
@@ -1631,8 +1626,6 @@ class _Checker:
             given, missing = ("cert_file", "key_file") if settings.key_file is None else ("key_file", "cert_file")
             self.fail(path + (given,), f"HTTPS needs cert_file and key_file together: add {missing}")
         if settings.cert_file is not None:
-            from node.net.tls import https_server_context  # here: node.tls imports this module
-
             self.usable_tls(path, lambda: https_server_context(settings))
         return settings
 

@@ -181,7 +181,7 @@ class DispatchedDeliveries:
         from node.store.dispatch import (
             MAINTENANCE_QUEUE, TaskHandlers, WorkerTiming, build_app, delivery_queue, maintenance, run_workers,
         )
-        from node.app.workers import shared_dir_problem
+        from node.store.spool import shared_dir_problem
 
         jobs = self.lanes.jobs
         timing = WorkerTiming(self.store.stalled_seconds)

@@ -55,7 +55,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node.config import DicomDestination, DicomWebDestination, Destination, FolderDestination
 from node.config.file_names import delivered_names
 from node.store.fsutil import atomic_output, fsync_dir
-from node.receive.guard import no_delay
+from node.net.sockets import no_delay
 
 _T = TypeVar("_T")
 
@@ -306,7 +306,7 @@ class DicomSender:
     With ``tls=True`` the association runs over TLS 1.2 or later (PS3.15 B.1), the peer's
     certificate verified against ``ca_file`` (else the system's store), with our client
     certificate ``cert_file``/``key_file`` when given (see :mod:`node.net.tls`). The files are
-    loaded here once to report a problem at start-up (:class:`~node.config.ConfigError`), and
+    loaded here once to report a problem at start-up (:class:`~node.net.tls.TlsFileError`), and
     again for every association, so renewed certificates are used without a restart. A failed
     handshake is a :class:`DeliveryError`: permanent when a certificate is refused or the peer
     does not speak TLS, transient when the connection is refused, closed or times out.
@@ -339,7 +339,7 @@ class DicomSender:
         self.cert_file = Path(cert_file) if cert_file is not None else None
         self.key_file = Path(key_file) if key_file is not None else None
         if self.tls:
-            self._tls_context()  # ConfigError now, naming the file, rather than at the first send
+            self._tls_context()  # TlsFileError now, naming the file, rather than at the first send
         elif any(f is not None for f in (ca_file, cert_file, key_file)):
             raise ValueError("ca_file/cert_file/key_file are for TLS: pass tls=True")
 
@@ -418,12 +418,11 @@ class DicomSender:
         tls_args = None
         tls_errors: list[BaseException] = []
         if self.tls:
-            from node.config import ConfigError
-            from node.net.tls import record_tls_errors, server_hostname
+            from node.net.tls import TlsFileError, record_tls_errors, server_hostname
 
             try:
                 context = self._tls_context()
-            except ConfigError as exc:
+            except TlsFileError as exc:
                 raise self._fail(f"TLS: {exc}", permanent=True) from exc
             tls_errors = record_tls_errors(context)
             tls_args = (context, server_hostname(context, self.host))

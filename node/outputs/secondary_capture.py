@@ -68,6 +68,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from node import MANUFACTURER
 from node.store.fsutil import atomic_output
 from node.outputs.uids import derived_uid
 
@@ -92,9 +93,6 @@ SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.2")
 MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.3")
 MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.4")
-
-#: Manufacturer / model written into General Equipment and SC Equipment.
-MANUFACTURER = "dicom-node"
 
 # File Meta: a fixed implementation UID for this software (derived, so stable).
 _IMPLEMENTATION_CLASS_UID = derived_uid("dicom-node", "implementation class")

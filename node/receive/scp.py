@@ -55,7 +55,7 @@ from node.imaging.source import DecodeLimits, OverLimit
 from node.store.jobstore import JobStore
 from node.metrics import Metrics
 from node.store.pending import PendingRecords
-from node.receive.guard import no_delay
+from node.net.sockets import no_delay
 from node.store.spool import INCOMING, InvalidUID, Spool
 from node.net.tls import certificate_names
 
