@@ -22,6 +22,7 @@ import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.config.pipeline import OutputFormat, Pipeline, series_description
+from node.process.presentation import plan_presentation_states
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
@@ -158,21 +159,31 @@ def _presentation_states(
     now: datetime.datetime,
     started: float,
 ) -> SeriesResult:
-    """``output = "gsps"``: the presentation state(s) of the series instead of new pixels."""
-    from node.outputs.gsps import write_presentation_states  # highdicom takes ~1 s to import: only when used
+    """``output = "gsps"``: presentation state(s) showing the series' images instead of new pixels
+    (one per image size and polarity, :mod:`node.process.presentation`)."""
+    from node.outputs.gsps import content_label, write_presentation_state  # highdicom: ~1 s to import
 
+    planned = plan_presentation_states(series, pipeline)
+    result.failures.extend(planned.failures)
     folder = out_dir / series.study_uid / derived.series_instance_uid
-    try:
-        written = write_presentation_states(series, pipeline, folder, derived, now=now)
-    except OSError as exc:  # the output side: disk full, permissions
-        result.failures.extend(UnsupportedImage(image.path, f"cannot write output under {folder}: {exc}")
-                               for image in series.images)
-    else:
-        for failure in written.failures:
-            log.error("%s", failure)
-        result.outputs.extend(written.outputs)
-        result.failures.extend(written.failures)
-        result.instances, result.frames = written.instances, written.frames
+    for number, plan in enumerate(planned.plans, start=1):
+        sop_uid = derived_uid(series.series_uid, "presentation state", pipeline.fingerprint(), plan.key)
+        try:
+            path = write_presentation_state(
+                folder / f"{sop_uid}.dcm", plan.images, plan.voi, plan.rescale, derived=derived,
+                sop_instance_uid=sop_uid, instance_number=number, label=content_label(pipeline.name),
+                description=derived.derivation_description, now=now,
+            )
+        except (ValueError, TypeError, AttributeError, OSError) as exc:  # highdicom refusing, or the disk
+            reason = f"no presentation state written for {len(plan.images)} images ({plan.key}): {exc}"
+            result.failures.extend(UnsupportedImage(image.path, reason) for image in plan.images)
+            continue
+        result.outputs.append(path)
+        result.instances += len(plan.images)
+        result.frames += sum(image.number_of_frames for image in plan.images)
+        log.info("series %s: presentation state %s shows %d images", series.series_uid, sop_uid, len(plan.images))
+    for failure in result.failures:
+        log.error("%s", failure)
     result.seconds = time.monotonic() - started
     return result
 
