@@ -26,7 +26,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.config import BasicAuth, BearerAuth, ConfigError, HttpSettings, load_config
-from node.http import StatusServer
+from node.app.http.server import StatusServer
 from node.httpauth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
 from node.store.jobstore import JobStore
 from node.metrics import Metrics
@@ -368,7 +368,7 @@ def test_basic_auth_over_plain_http_on_another_address_is_warned_about(
     node: Node, basic: StatusServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The check takes the bound address; a documentation address stands for "another machine's"."""
-    with caplog.at_level(logging.WARNING, logger="node.http"):
+    with caplog.at_level(logging.WARNING, logger="node.app.http.server"):
         basic._warn_if_exposed("127.0.0.1")
         basic._warn_if_exposed("::1")
         assert not caplog.records

@@ -3,8 +3,8 @@
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
 (or, for ``output = "gsps"``, presentation states showing the sources: :mod:`node.outputs.gsps`)
-in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
-from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
+in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`).
+Derived UIDs come from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from node.outputs.secondary_capture import (
     SecondaryCaptureSeriesWriter,
     SourceImage,
 )
-from node.outputs.uids import derived_uid
+from node.outputs import naming
 
 __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
@@ -60,7 +60,7 @@ class SeriesResult:
 
 def derived_series_uid(series_uid: str, pipeline: Pipeline) -> str:
     """The UID of the series *pipeline* derives from *series_uid* (the same every time)."""
-    return derived_uid(series_uid, "series", pipeline.fingerprint())
+    return naming.derived_series_uid(series_uid, pipeline.fingerprint())
 
 
 def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
@@ -167,10 +167,10 @@ def _presentation_states(
     result.failures.extend(planned.failures)
     folder = out_dir / series.study_uid / derived.series_instance_uid
     for number, plan in enumerate(planned.plans, start=1):
-        sop_uid = derived_uid(series.series_uid, "presentation state", pipeline.fingerprint(), plan.key)
+        sop_uid = naming.presentation_state_uid(series.series_uid, pipeline.fingerprint(), plan.key)
         try:
             path = write_presentation_state(
-                folder / f"{sop_uid}.dcm", plan.images, plan.voi, plan.rescale, derived=derived,
+                folder / naming.output_file_name(sop_uid, dicom=True), plan.images, plan.voi, plan.rescale, derived=derived,
                 sop_instance_uid=sop_uid, instance_number=number, label=content_label(pipeline.name),
                 description=derived.derivation_description, now=now,
             )
@@ -197,10 +197,10 @@ def _process_image(
 ) -> list[Path]:
     renderer = FrameRenderer(pipeline, image, bins)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
-    sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
+    sop_uid = naming.derived_instance_uid(source_sop, pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
-        return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
+        return [_write_sc(image, renderer, sc_writer, folder / naming.output_file_name(sop_uid, dicom=True), sop_uid)]
     return _write_pngs(image, renderer, pipeline, folder, sop_uid)
 
 
@@ -245,7 +245,7 @@ def _write_pngs(
     derivation = pipeline.describe()
     try:
         for index, frame in enumerate(renderer.render_all(), start=1):
-            name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
+            name = naming.output_file_name(sop_uid, dicom=False, frame=index if multi else None)
             text = traceability_text(
                 image.header, pipeline=pipeline.name, derivation=derivation, frame=index if multi else None
             )

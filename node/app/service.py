@@ -40,7 +40,7 @@ from node.config import Config, FolderDestination
 from node.store.database import unavailable
 from node.deliver.lanes import DeliveryLanes, DispatchedDeliveries
 from node.store.fsutil import remove_empty_parents, remove_temporaries
-from node.http import StatusServer
+from node.app.http.server import StatusServer
 from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits
 from node.receive.scp import StoreHandler, build_application_entity, enable_streamed_receive
