@@ -113,6 +113,7 @@ def test_steps_take_a_colormap_after_the_display() -> None:
      "channels are already RGB"),
     ([{"op": "colormap", "name": "bone"}], "png16", "8-bit only"),
     ([{"op": "colormap", "name": "bone"}], "sc16", "8-bit only"),
+    ([{"op": "colormap", "name": "bone"}], "gsps", "colormap: a colour map makes a colour image, and a Grayscale"),
     ([{"op": "colormap"}], "sc", "give name = a matplotlib colour map"),
     ([{"op": "colormap", "name": "bone", "reverse": True}], "sc", "unknown key(s) reverse"),
     ([{"op": "colormap", "name": "ocean-r"}], "sc", "did you mean 'ocean_r'"),

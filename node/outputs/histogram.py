@@ -225,8 +225,8 @@ def series_histogram_view(folder: Path | None) -> HistogramView:
         log.warning("%s", exc)
         return HistogramView(None, "No histogram: its data file is unreadable or not as the node wrote it.")
     if histograms is None:
-        return HistogramView(None, "No histogram: none was kept for this series (colour images passed "
-                                   "through, or processed by an older version).")
+        return HistogramView(None, "No histogram: none was kept for this series (a presentation state, "
+                                   "colour images passed through, or processed by an older version).")
     return HistogramView(histogram_svg(histograms))
 
 
