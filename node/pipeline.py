@@ -38,12 +38,15 @@ class PipelineError(ValueError):
 
 
 class OutputFormat(str, Enum):
-    """What a pipeline writes: Secondary Capture (8/16-bit) or PNG (8/16-bit)."""
+    """What a pipeline writes: Secondary Capture (8/16-bit), PNG (8/16-bit), or a volume per series
+    (NIfTI ``.nii.gz`` or NumPy ``.npz``, :mod:`node.outputs.volume`)."""
 
     SC = "sc"
     SC16 = "sc16"
     PNG = "png"
     PNG16 = "png16"
+    NIFTI = "nifti"
+    NPZ = "npz"
 
     @property
     def bits(self) -> int:
@@ -54,6 +57,11 @@ class OutputFormat(str, Enum):
     def is_dicom(self) -> bool:
         """Whether the output is a DICOM Secondary Capture."""
         return self in (OutputFormat.SC, OutputFormat.SC16)
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the output is one volume file per series (or per stack) with a JSON sidecar."""
+        return self in (OutputFormat.NIFTI, OutputFormat.NPZ)
 
 
 @dataclass(frozen=True)
@@ -131,12 +139,17 @@ class Pipeline:
     clip: Clip | None = None
     display: Display | None = None
     steps: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False)
+    #: Volume outputs only: write the patient's name and ID into the JSON sidecar (default: never).
+    keep_patient: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.display, Channels) and self.output.bits == 16:
             raise PipelineError(
                 f"pipeline {self.name!r}: channels make RGB, which is 8-bit only; use output sc or png"
             )
+        if self.keep_patient and not self.output.is_volume:
+            raise PipelineError(f"pipeline {self.name!r}: keep_patient is for volume outputs (nifti, npz); "
+                                f"output {self.output.value} keeps what its format keeps")
 
     @property
     def equalise(self) -> Equalise | None:
@@ -163,7 +176,7 @@ class Pipeline:
 
     def fingerprint(self) -> str:
         """A short stable hash of what the pipeline does (not its name): part of derived UIDs."""
-        text = f"{self.describe()}|{self.output.value}"
+        text = f"{self.describe()}|{self.output.value}" + ("|keep_patient" if self.keep_patient else "")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -378,7 +391,7 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
     steps : sequence of mappings
         ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels", ...}``.
     output : str
-        ``sc``, ``sc16``, ``png`` or ``png16``.
+        ``sc``, ``sc16``, ``png``, ``png16``, ``nifti`` or ``npz``.
 
     Raises
     ------
