@@ -57,16 +57,16 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
 
-from node.fsutil import atomic_output
+from node.store.fsutil import atomic_output
 from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits, ImageFile
-from node.jobstore import JobStore, SeriesState
+from node.store.jobstore import JobStore, SeriesState
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.metrics import Metrics
-from node.pipeline import Clip, OutputFormat, Pipeline
-from node.render import FrameRenderer
+from node.config.pipeline import Clip, OutputFormat, Pipeline
+from node.process.render import FrameRenderer
 from node.seriesview import SeriesView, series_view, utc_time
-from node.writers.uids import derived_uid
+from node.outputs.uids import derived_uid
 
 __all__ = ["StatusServer", "THUMBNAIL_SIZE", "Thumbnails", "render_page", "render_series_page"]
 
@@ -602,7 +602,7 @@ def render_series_page(row: Mapping[str, Any], *, max_attempts: int | None, now:
     Parameters
     ----------
     row : mapping
-        :meth:`~node.jobstore.JobStore.series` of the series.
+        :meth:`~node.store.jobstore.JobStore.series` of the series.
     max_attempts : int or None
         ``[delivery] max_attempts``, the *m* of each delivery's ``n/m``.
     now : float
@@ -790,7 +790,7 @@ class StatusServer:
     guard : HttpGuard, optional
         ``[http] auth``: who may read what (:meth:`HttpGuard.for_settings`); None: everyone.
     tls : ssl.SSLContext, optional
-        HTTPS with this server context (:func:`node.tls.https_server_context`); None: plain HTTP.
+        HTTPS with this server context (:func:`node.net.tls.https_server_context`); None: plain HTTP.
     max_delivery_attempts : int, optional
         ``[delivery] max_attempts``: the *m* of a delivery's attempts ``n/m`` on ``/series/{id}``;
         None shows *n* alone.

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from node.config import BasicAuth, BearerAuth, HttpSettings
-from node.logsetup import Throttle
+from node.telemetry.logsetup import Throttle
 
 __all__ = ["BLOCK_SECONDS", "FAILURE_WINDOW_SECONDS", "MAX_FAILURES", "OPEN_PATHS", "FailedLogins", "HttpGuard",
            "Refusal"]

@@ -33,13 +33,13 @@ BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
 
 #: Why a C-STORE was answered with a failure status (what :meth:`Metrics.instance_refused` counts;
-#: see :mod:`node.ingest` for the status of each).
+#: see :mod:`node.receive.scp` for the status of each).
 REFUSAL_REASONS = (
     "disk_low", "spool_write_failed", "cannot_parse", "invalid_uid", "not_authorised", "too_large",
 )
 
 #: Why a connection was closed before it became an association (what :meth:`Metrics.connection_refused`
-#: counts; see :mod:`node.netutil`): no A-ASSOCIATE-RQ within ``association_timeout_seconds``, something
+#: counts; see :mod:`node.receive.guard`): no A-ASSOCIATE-RQ within ``association_timeout_seconds``, something
 #: that is not an A-ASSOCIATE-RQ, over ``max_negotiating_connections`` or ``max_connections_per_address``,
 #: a failed TLS handshake.
 CONNECTION_REFUSAL_REASONS = ("timeout", "invalid_pdu", "over_limit", "tls_handshake")
@@ -227,11 +227,11 @@ class Metrics:
         name = family("instances_received_total", "counter", "DICOM instances received, spooled and recorded.")
         lines.append(f"{name} {received}")
         name = family("instances_refused_total", "counter",
-                      "C-STOREs answered with a failure status, by reason (see node.ingest).")
+                      "C-STOREs answered with a failure status, by reason (see node.receive.scp).")
         for reason, value in refused:
             lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
         name = family("connections_refused_total", "counter",
-                      "Connections closed before they became an association, by reason (see node.netutil).")
+                      "Connections closed before they became an association, by reason (see node.receive.guard).")
         for reason, value in connections_refused:
             lines.append(f'{name}{{reason="{_escape_label(reason)}"}} {value}')
         name = family("series_processed_total", "counter", "Series processed into outputs.")

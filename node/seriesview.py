@@ -1,6 +1,6 @@
 """What an operator is shown about one series: the facts behind ``/series/{id}`` and ``dicom-node status JOB``.
 
-Both views print the same facts, read from :meth:`node.jobstore.JobStore.series`: readable UTC
+Both views print the same facts, read from :meth:`node.store.jobstore.JobStore.series`: readable UTC
 times, the calling AE, route, pipeline, outputs, each delivery with its attempts ``n/m`` and the
 peer's last reason, and the series' events.  Nothing patient-identifying is in a job row: the
 Series Instance UID is the only identifier shown (as on the status page).
@@ -77,7 +77,7 @@ def _attempts(done: object, max_attempts: int | None) -> str:
 
 
 def series_view(row: Mapping[str, Any], max_attempts: int | None) -> SeriesView:
-    """The operator's view of a :meth:`~node.jobstore.JobStore.series` row.
+    """The operator's view of a :meth:`~node.store.jobstore.JobStore.series` row.
 
     Parameters
     ----------

@@ -26,7 +26,7 @@ from node.config import (
     Route,
     load_config,
 )
-from node.pipeline import Channels, OutputFormat, WindowSpec
+from node.config.pipeline import Channels, OutputFormat, WindowSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1277,7 +1277,7 @@ def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([*prefix, sys.executable, "-m", "node.cli", "config", "check", str(config)],
+    return subprocess.run([*prefix, sys.executable, "-m", "node", "config", "check", str(config)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node import fsutil
-from node.fsutil import atomic_output, start_writeback
+from node.store import fsutil
+from node.store.fsutil import atomic_output, start_writeback
 
 
 def test_atomic_output_replaces_in_one_step_and_leaves_nothing_on_error(tmp_path: Path) -> None:

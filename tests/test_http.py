@@ -1,7 +1,7 @@
 """The HTTP endpoints over real sockets, backed by a job store filled by processing real series.
 
 Rows are made the way the service makes them: instances spooled and recorded, settled, claimed,
-processed with :func:`node.process.process_series`, delivered or failed.  The status page is also
+processed with :func:`node.app.process_series.process_series`, delivered or failed.  The status page is also
 rendered by headless Chromium; its screenshot is kept as ``test-artifacts/status-page.png``, and
 the page of one series as ``test-artifacts/series-page.png``.
 """
@@ -30,13 +30,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.http import THUMBNAIL_SIZE, StatusServer
-from node.jobstore import JobStore, SeriesJob, SeriesState
+from node.store.jobstore import JobStore, SeriesJob, SeriesState
 from node.metrics import REFUSAL_REASONS, Metrics
-from node.pipeline import Pipeline, parse_steps
-from node.process import process_series
-from node.series import InputSeries, instance_order, open_images
-from node.spool import Spool
-from node.writers.uids import derived_uid
+from node.config.pipeline import Pipeline, parse_steps
+from node.app.process_series import process_series
+from node.process.series import InputSeries, instance_order, open_images
+from node.store.spool import Spool
+from node.outputs.uids import derived_uid
 from tests.conftest import bundled, run_cli, tool
 from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import free_port, storescu

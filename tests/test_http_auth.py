@@ -28,10 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.config import BasicAuth, BearerAuth, ConfigError, HttpSettings, load_config
 from node.http import StatusServer
 from node.httpauth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
-from node.jobstore import JobStore
+from node.store.jobstore import JobStore
 from node.metrics import Metrics
-from node.spool import Spool
-from node.tls import https_server_context
+from node.store.spool import Spool
+from node.net.tls import https_server_context
 from tests.conftest import tool
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config
 from tests.peers import free_port
@@ -458,7 +458,7 @@ def test_accepted_http_settings(tmp_path: Path, pki: Pki, secrets: None) -> None
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     full_env = dict(env or os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
 

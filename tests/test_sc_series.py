@@ -23,15 +23,15 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.writers import secondary_capture as sc_module
-from node.writers.secondary_capture import (
+from node.outputs import secondary_capture as sc_module
+from node.outputs.secondary_capture import (
     DerivedSeries,
     SecondaryCaptureSeriesWriter,
     SourceImage,
     secondary_capture_header,
     write_secondary_capture,
 )
-from node.writers.uids import derived_uid
+from node.outputs.uids import derived_uid
 from tests.conftest import bundled
 
 CONTENT_DATETIME = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000)

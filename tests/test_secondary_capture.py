@@ -26,7 +26,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from node.writers.secondary_capture import (
+from node.outputs.secondary_capture import (
     MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE,
     MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE,
     MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE,
@@ -37,7 +37,7 @@ from node.writers.secondary_capture import (
     secondary_capture_header,
     write_secondary_capture,
 )
-from node.writers.uids import derived_uid
+from node.outputs.uids import derived_uid
 from tests.conftest import bundled, tool
 from tests.peers import require_test_data
 

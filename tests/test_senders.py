@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.senders import (
+from node.deliver.senders import (
     _split_runs,
     COMPLETE_MARKER,
     PNG_TO_DICOM,
@@ -198,10 +198,10 @@ def test_describe() -> None:
 
 def test_dicom_sender_delivers_all(orthanc, tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 4)
-    caplog.set_level(logging.INFO, logger="node.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.senders")
     dicom_sender(orthanc.dicom_port, orthanc.aet).send(series.files, **series.uids)
     assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
-    lines = [r for r in caplog.records if r.name == "node.senders"]
+    lines = [r for r in caplog.records if r.name == "node.deliver.senders"]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
     assert f"dicom ORTHANC@127.0.0.1:{orthanc.dicom_port}" in lines[0].getMessage()
     assert "4 file(s)" in lines[0].getMessage()
@@ -265,10 +265,10 @@ def test_a_file_in_another_transfer_syntax_than_accepted_is_converted(tmp_path: 
 
 
 def test_a_long_delivery_logs_its_progress(tmp_path: Path, caplog, monkeypatch) -> None:
-    import node.senders
+    import node.deliver.senders
 
-    monkeypatch.setattr(node.senders, "PROGRESS_SECONDS", 0.0)  # a line for every file but the last
-    caplog.set_level(logging.INFO, logger="node.senders")
+    monkeypatch.setattr(node.deliver.senders, "PROGRESS_SECONDS", 0.0)  # a line for every file but the last
+    caplog.set_level(logging.INFO, logger="node.deliver.senders")
     series = Series(tmp_path / "ct", 4)
     with pynetdicom_scp(contexts=[CTImageStorage], handler=lambda event: 0x0000) as (port, _):
         DicomSender(host="127.0.0.1", port=port, called_ae="PYSCP", calling_ae="NODE", associations=2).send(
@@ -316,13 +316,13 @@ def test_dicom_sender_secondary_capture(orthanc, tmp_path: Path) -> None:
 def test_dicom_sender_closed_port_is_transient(tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 1)
     port = closed_port()
-    caplog.set_level(logging.DEBUG, logger="node.senders")
+    caplog.set_level(logging.DEBUG, logger="node.deliver.senders")
     exc = send_error(dicom_sender(port, "PACS"), series)
     assert not exc.permanent
     assert f"PACS@127.0.0.1:{port}" in exc.reason
     assert "cannot connect" in exc.reason
     # the delivery loop logs the failure with what it decided (retry or give up); the sender only at debug
-    failures = [r for r in caplog.records if r.name == "node.senders"]
+    failures = [r for r in caplog.records if r.name == "node.deliver.senders"]
     assert len(failures) == 1 and failures[0].levelno == logging.DEBUG
     assert "transient" in failures[0].getMessage()
 
@@ -377,7 +377,7 @@ def test_dicom_sender_failure_status_is_permanent(tmp_path: Path) -> None:
 
 def test_dicom_sender_warning_status_is_ok(tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 2)
-    caplog.set_level(logging.INFO, logger="node.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.senders")
     with pynetdicom_scp(contexts=[CTImageStorage], handler=lambda event: 0xB000) as (port, _):
         dicom_sender(port).send(series.files, **series.uids)
     assert "2 x 0xB000" in caplog.text
@@ -473,7 +473,7 @@ def test_dicom_sender_empty_list_is_noop() -> None:
 
 def test_dicomweb_sender_delivers_in_batches(orthanc, tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 5)
-    caplog.set_level(logging.INFO, logger="node.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.senders")
     DicomWebSender(url=orthanc.dicomweb_url, batch_size=2).send(series.files, **series.uids)
     assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
     assert f"delivered 5 file(s) to dicomweb {orthanc.dicomweb_url}" in caplog.text
@@ -580,7 +580,7 @@ def test_folder_sender_copies_and_marks_complete(tmp_path: Path, caplog) -> None
     png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     root = tmp_path / "out"
     root.mkdir()
-    caplog.set_level(logging.INFO, logger="node.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.senders")
     FolderSender(path=root).send([*series.files, png], **series.uids)
 
     folder = root / series.study_uid / series.series_uid

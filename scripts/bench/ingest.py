@@ -18,7 +18,7 @@ The order of the receivers rotates between repetitions. Reported: best and media
 the ratio of the node's time to the bare pynetdicom SCP's time (target <= 1.15), and the median of
 that ratio within each repetition (the two run back to back, so load that drifts between
 repetitions moves it less). When the node misses the target (or with ``--profile``), an in-process
-harness runs ``node.ingest.StoreHandler`` as ``dicom-node serve`` does (streamed receive, max PDU
+harness runs ``node.receive.scp.StoreHandler`` as ``dicom-node serve`` does (streamed receive, max PDU
 unlimited, disk guard) against a bare handler (also with the fsyncs made no-ops, and receiving in
 memory; 5 runs each, interleaved), times each step (writes while receiving, header parse, disk
 guard, adopt, fsync of file and folder, SQLite) and runs cProfile over ``on_store``.
@@ -205,11 +205,11 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
     """
     import logging
 
-    import node.ingest
-    import node.spool
-    from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-    from node.jobstore import JobStore
-    from node.spool import Spool
+    import node.receive.scp
+    import node.store.spool
+    from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+    from node.store.jobstore import JobStore
+    from node.store.spool import Spool
     from pynetdicom import evt
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -247,11 +247,11 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
             handler.on_store = timers.wrap("on_store", handler.on_store)
             jobs.record_instance = timers.wrap("record_instance", jobs.record_instance)
             spool.adopt = timers.wrap("adopt", spool.adopt)
-            patches.wrap(node.ingest, "_read_file_header", timers, "read_header")
-            patches.wrap(node.ingest.StoreHandler, "_disk_guard", timers, "disk_guard")
+            patches.wrap(node.receive.scp, "_read_file_header", timers, "read_header")
+            patches.wrap(node.receive.scp.StoreHandler, "_disk_guard", timers, "disk_guard")
             patches.wrap(node.spool.os, "fsync", timers, "fsync")
             patches.wrap(node.spool, "fsync_dir", timers, "fsync_dir")
-            patches.wrap(node.ingest._IncomingFile, "_write", timers, "receive_write")
+            patches.wrap(node.receive.scp._IncomingFile, "_write", timers, "receive_write")
         try:
             return _serve_in_process(files, handler.handlers(), build_application_entity("DICOMNODE"))
         finally:
@@ -275,7 +275,7 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
          "median association s", "median images/s", "time / bare"],
         [(name, bl.median([s for s, _ in r]), bl.median([t for _, t in r]), N / bl.median([s for s, _ in r]),
           bl.median([s for s, _ in r]) / bare_median) for name, r in results.items()],
-        title=f"In-process harness: node.ingest.StoreHandler vs a bare handler ({reps} runs each, interleaved)",
+        title=f"In-process harness: node.receive.scp.StoreHandler vs a bare handler ({reps} runs each, interleaved)",
     )
 
     timers = _Timers()

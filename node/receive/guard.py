@@ -22,7 +22,7 @@ CPU in 10 s and ran 47 threads.
 
 What the node does instead
 --------------------------
-:class:`GuardedAssociationServer` (and :class:`node.tls.TlsAssociationServer`, built on it) reads
+:class:`GuardedAssociationServer` (and :class:`node.net.tls.TlsAssociationServer`, built on it) reads
 the first PDU itself, in the connection's own thread, before pynetdicom sees the connection:
 
 * it must be a complete, decodable A-ASSOCIATE-RQ within ``association_timeout_seconds`` of the
@@ -81,6 +81,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from node.metrics import Metrics
+from node.net.sockets import close_connection, peer_text
 
 __all__ = [
     "MAX_ASSOCIATE_RQ_BYTES",
@@ -91,9 +92,6 @@ __all__ = [
     "GuardedAssociationServer",
     "Negotiation",
     "NotAnAssociationRequest",
-    "close_connection",
-    "no_delay",
-    "peer_text",
     "read_association_request",
     "serve_in_background",
     "start_guarded_server",
@@ -121,62 +119,6 @@ _UNRECOGNISED_PDU = 0x01
 _UNEXPECTED_PDU = 0x02
 _INVALID_PARAMETER_VALUE = 0x06
 _MAX_TRACKED_WARNINGS = 4096  # addresses remembered by the warning rate limit before old ones are dropped
-
-
-# --------------------------------------------------------------------------- socket tuning
-
-
-def no_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off on an association's socket.
-
-    DIMSE is request/response with small messages (C-STORE-RSP, the last PDU of a dataset); with
-    Nagle on, each one can wait for the peer's delayed ACK (about 40 ms on Linux), which caps a
-    C-STORE stream at a few dozen instances a second.  pynetdicom does not set it; dcmtk only when
-    ``TCP_NODELAY`` is in its environment.  Best effort: a socket that refuses is left as it is.
-    """
-    transport = getattr(getattr(assoc, "dul", None), "socket", None)
-    sock = getattr(transport, "socket", None)
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
-
-
-def peer_text(address: Any) -> str:
-    """``host:port`` of a peer address tuple (``[host]:port`` for IPv6), for logs."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
-    return str(address)
-
-
-def close_connection(sock: socket.socket, last_words: bytes = b"") -> None:
-    """Send *last_words* (an A-ABORT or A-ASSOCIATE-RJ PDU), end the connection and close the socket.
-
-    After what was sent comes a FIN, then what the peer had already sent is read without waiting:
-    closing a socket with unread data sends a reset, which can make the peer lose the PDU.
-    Never raises.
-    """
-    try:
-        if last_words:
-            sock.settimeout(1.0)
-            sock.sendall(last_words)
-    except OSError:
-        pass
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)  # the TCP socket (under TLS too)
-        sock.settimeout(0)
-        for _ in range(16):
-            if not socket.socket.recv(sock, 65536):
-                break
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------- the first PDU
@@ -462,7 +404,7 @@ def _hand_to_dul(assoc: Association, request: AssociationRequest) -> None:
     """
     dul = assoc.dul
     if not hasattr(dul, "_recv_pdu") or not hasattr(dul, "event_queue"):
-        raise RuntimeError("this pynetdicom's DUL has no _recv_pdu/event_queue: node.netutil cannot hand it the "
+        raise RuntimeError("this pynetdicom's DUL has no _recv_pdu/event_queue: node.receive.guard cannot hand it the "
                            "A-ASSOCIATE-RQ (a pynetdicom version the node was not made for)")
     evt.trigger(assoc, evt.EVT_DATA_RECV, {"data": request.raw})
     evt.trigger(assoc, evt.EVT_PDU_RECV, {"pdu": request.pdu})
@@ -512,7 +454,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server, with each connection's negotiation bounded.
 
     In the connection's own thread: :class:`ConnectionGuard` admission, then :meth:`secure` (the TLS
-    handshake in :class:`node.tls.TlsAssociationServer`; nothing here), then the A-ASSOCIATE-RQ,
+    handshake in :class:`node.net.tls.TlsAssociationServer`; nothing here), then the A-ASSOCIATE-RQ,
     all before the deadline; only then the association (see the module notes). Build it with
     ``ae.make_server(address, server_class=GuardedAssociationServer, guard=guard, ...)`` or
     :func:`start_guarded_server`.
@@ -583,7 +525,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def secure(self, negotiation: Negotiation, client_address: Any) -> socket.socket | None:
         """The socket to read the A-ASSOCIATE-RQ from, or None when the connection was refused (and closed).
 
-        The plain listener uses the accepted socket; :class:`node.tls.TlsAssociationServer` does its
+        The plain listener uses the accepted socket; :class:`node.net.tls.TlsAssociationServer` does its
         TLS handshake here, within ``negotiation.deadline``.
         """
         return negotiation.sock

@@ -1,7 +1,7 @@
 """Delivery: each destination has its own lane, so a slow or hung destination delays no other one.
 
 A lane is ``concurrency`` threads (``[[destinations]] concurrency``, default 1) that take the due
-deliveries of their destination only (:meth:`node.jobstore.JobStore.claim_due_deliveries`), send each
+deliveries of their destination only (:meth:`node.store.jobstore.JobStore.claim_due_deliveries`), send each
 with that destination's sender and record the outcome: delivered, retried with backoff, or failed for
 good (``[delivery]`` policy; a permanent refusal fails at once).  Before lanes, one loop sent a batch
 of due deliveries and waited for all of it: a destination that accepted TCP and never answered held a
@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from node.config import DeliverySettings, Destination, StoreSettings
-from node.jobstore import Delivery, JobStore
+from node.store.jobstore import Delivery, JobStore
 from node.metrics import Metrics
-from node.senders import DeliveryError, Sender
+from node.deliver.senders import DeliveryError, Sender
 
 __all__ = ["DeliveryLanes", "DispatchedDeliveries"]
 
@@ -155,7 +155,7 @@ class DispatchedDeliveries:
     """Deliveries as Procrastinate jobs (``[store]`` on PostgreSQL): one queue per destination.
 
     A thread of this process works each destination's queue with ``concurrency`` slots, and the
-    maintenance queue (stalled jobs retried, missing jobs deferred: :mod:`node.dispatch`).  Each
+    maintenance queue (stalled jobs retried, missing jobs deferred: :mod:`node.store.dispatch`).  Each
     job is one attempt (:meth:`DeliveryLanes.deliver`); a failure to retry defers the next attempt
     at its backoff time, in the transaction that records the failure.
 
@@ -178,10 +178,10 @@ class DispatchedDeliveries:
 
     def start(self) -> None:
         """Start working the queues; returns at once."""
-        from node.dispatch import (
+        from node.store.dispatch import (
             MAINTENANCE_QUEUE, TaskHandlers, WorkerTiming, build_app, delivery_queue, maintenance, run_workers,
         )
-        from node.workers import shared_dir_problem
+        from node.store.spool import shared_dir_problem
 
         jobs = self.lanes.jobs
         timing = WorkerTiming(self.store.stalled_seconds)

@@ -16,8 +16,8 @@ import time
 from collections import deque
 from typing import Any
 
-from node.jobstore import JobStore
-from node.logsetup import first_line
+from node.store.jobstore import JobStore
+from node.telemetry.logsetup import first_line
 
 __all__ = ["PendingRecords"]
 
@@ -28,7 +28,7 @@ LOG_EVERY_SECONDS = 60.0
 
 
 class PendingRecords:
-    """Rows :meth:`node.jobstore.JobStore.record_instance` could not write yet (thread-safe).
+    """Rows :meth:`node.store.jobstore.JobStore.record_instance` could not write yet (thread-safe).
 
     Parameters
     ----------

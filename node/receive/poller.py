@@ -67,10 +67,10 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node import MANUFACTURER
 from node.config import BasicAuth, BearerAuth, ConfigError, DicomWebSource
-from node.jobstore import JobStore
-from node.spool import InvalidUID, Spool, check_uid
-from node.writers.secondary_capture import MANUFACTURER
+from node.store.jobstore import JobStore
+from node.store.spool import InvalidUID, Spool, check_uid
 
 __all__ = [
     "BACKFILL_CHUNKS", "RETRY_DELAYS", "DicomWebPoller", "PollResult", "backfill_chunks", "run_poll", "schedule",

@@ -2,22 +2,22 @@
 
 ``--role receiver`` runs, as threads each with one job, all talking through the job store:
 
-- the DICOM listeners, plain and TLS (:mod:`node.netutil` bounds each connection's negotiation), then
-  the pynetdicom SCP (ingest: spool + record, then Success; :mod:`node.recording` keeps the rows
+- the DICOM listeners, plain and TLS (:mod:`node.receive.guard` bounds each connection's negotiation), then
+  the pynetdicom SCP (ingest: spool + record, then Success; :mod:`node.store.pending` keeps the rows
   when the store is away);
 - the assembler (receiving series quiet for ``settle_seconds`` become queued);
 - an apscheduler job per ``[[sources]]`` entry, pulling new series from a DICOMweb archive into
-  the same spool (:mod:`node.poller`).
+  the same spool (:mod:`node.receive.poller`).
 
 ``--role worker`` runs:
 
-- the worker supervisor (:mod:`node.workers`): ``[node] workers`` processes process queued series
+- the worker supervisor (:mod:`node.app.workers`): ``[node] workers`` processes process queued series
   and write outputs; a dead or stuck worker is replaced;
-- the deliveries (:mod:`node.delivery`): a lane per destination, retried with backoff.
+- the deliveries (:mod:`node.deliver.lanes`): a lane per destination, retried with backoff.
 
 ``--role all`` (the default) runs both.  On SQLite (one machine) workers claim from the job store;
 with ``[store]`` (PostgreSQL) Procrastinate carries the jobs to workers on any machine
-(:mod:`node.dispatch`).  Start-up first removes half-written files, re-records spooled instances
+(:mod:`node.store.dispatch`).  Start-up first removes half-written files, re-records spooled instances
 the database does not know, and (on one machine) puts in-flight work back in its queue, so a
 SIGKILL at any moment loses nothing that was acknowledged.
 """
@@ -37,23 +37,24 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
-from node.database import unavailable
-from node.delivery import DeliveryLanes, DispatchedDeliveries
-from node.fsutil import remove_empty_parents, remove_temporaries
+from node.store.database import unavailable
+from node.deliver.lanes import DeliveryLanes, DispatchedDeliveries
+from node.store.fsutil import remove_empty_parents, remove_temporaries
 from node.http import StatusServer
 from node.httpauth import HttpGuard
 from node.imaging.source import DecodeLimits
-from node.ingest import StoreHandler, build_application_entity, enable_streamed_receive
-from node.jobstore import job_store_for
-from node.logsetup import LogSettings, Throttle, first_line
+from node.receive.scp import StoreHandler, build_application_entity, enable_streamed_receive
+from node.store.jobstore import job_store_for
+from node.telemetry.logsetup import LogSettings, Throttle, first_line
 from node.metrics import Metrics
-from node.netutil import ConnectionGuard, ConnectionLimits, start_guarded_server
-from node.poller import DicomWebPoller, schedule
-from node.recording import PendingRecords
-from node.senders import Sender, sender_for
-from node.spool import Spool
-from node.tls import check_certificate_expiry, https_server_context, server_context, start_tls_server
-from node.workers import DISCARDED, PROCESSED, WorkerPool, shared_dir_problem
+from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
+from node.receive.poller import DicomWebPoller, schedule
+from node.store.pending import PendingRecords
+from node.deliver.senders import Sender, sender_for
+from node.store.spool import Spool, shared_dir_problem
+from node.net.tls import check_certificate_expiry, https_server_context, server_context
+from node.receive.tls_listener import start_tls_server
+from node.app.workers import DISCARDED, PROCESSED, WorkerPool
 
 __all__ = ["ListenerError", "NodeService"]
 
@@ -295,7 +296,7 @@ class NodeService:
         On one machine (SQLite) everything in flight was this node's and is resumed at once.  With
         a shared ``[store]`` other receivers and workers may be at work: only temporaries untouched
         for :data:`SHARED_TEMPORARY_SECONDS` are removed, and interrupted jobs are left to the queue's
-        maintenance (their workers stop heartbeating: :mod:`node.dispatch`).
+        maintenance (their workers stop heartbeating: :mod:`node.store.dispatch`).
         """
         shared = self.config.store.url is not None
         age = SHARED_TEMPORARY_SECONDS if shared else 0.0

@@ -4,7 +4,7 @@ A template is a Python :meth:`str.format` string whose fields are DICOM keywords
 header, e.g. ``{SeriesNumber:04}_{InstanceNumber:05}``; the node adds the extension. Patient
 attributes (group 0x0010) are refused: a file name travels further than the file.
 A PNG output has no DICOM header: its fields come from the PNG's text chunks
-(:func:`node.writers.png.traceability_text`), so only :data:`PNG_FIELDS` are known for it.
+(:func:`node.outputs.png.traceability_text`), so only :data:`PNG_FIELDS` are known for it.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ from typing import Any
 import procrastinate
 import psycopg
 
-from node.database import DatabaseError
-from node.logsetup import Throttle, first_line
+from node.store.database import DatabaseError
+from node.telemetry.logsetup import Throttle, first_line
 
 __all__ = [
     "DELIVER", "MAINTAIN", "MAINTENANCE_QUEUE", "PROCESS", "PROCESS_QUEUE", "Dispatcher", "ResilientConnector",

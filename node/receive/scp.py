@@ -10,13 +10,13 @@ Two ways to receive, the same files in the spool (byte for byte):
 - streamed, after :func:`enable_streamed_receive` (process-wide, once at start-up): pynetdicom
   writes the data set to a file in ``<spool>/.incoming`` as its PDUs arrive, so a 1 GB multi-frame
   object never sits in memory; :meth:`StoreHandler.on_store` reads only its header and moves the
-  file into place (:meth:`node.spool.Spool.adopt`).
+  file into place (:meth:`node.store.spool.Spool.adopt`).
 
 Each failure has its own status so the sender's log says what happened:
 
 ========  ==========================================================
 0x0000    stored (on disk, fsync'd); recorded in the job store, or kept to be recorded as soon as
-          the store answers again (:mod:`node.recording`: the spool file is the record)
+          the store answers again (:mod:`node.store.pending`: the spool file is the record)
 0x0124    not authorised: over TLS with ``[tls] match_ae_title``, a calling AE title its client
           certificate does not name (the association is also aborted at once)
 0xA700    out of resources: free disk below ``min_free_disk_mb``, or the spool could not be written
@@ -50,14 +50,14 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from node.fsutil import start_writeback
+from node.store.fsutil import start_writeback
 from node.imaging.source import DecodeLimits, OverLimit
-from node.jobstore import JobStore
+from node.store.jobstore import JobStore
 from node.metrics import Metrics
-from node.recording import PendingRecords
-from node.netutil import no_delay
-from node.spool import INCOMING, InvalidUID, Spool
-from node.tls import certificate_names
+from node.store.pending import PendingRecords
+from node.net.sockets import no_delay
+from node.store.spool import INCOMING, InvalidUID, Spool
+from node.net.tls import certificate_names
 
 __all__ = [
     "STATUS", "StoreHandler", "build_application_entity", "disable_streamed_receive", "enable_streamed_receive",
@@ -106,7 +106,7 @@ class _IncomingFile:
     """One data set being received into ``.incoming``, as pynetdicom uses it (write, flush, close, name).
 
     Writes are gathered into pieces of at least 64 KiB, each written and its writeback started at
-    once (:func:`node.fsutil.start_writeback`): the data set goes to disk while the rest of it
+    once (:func:`node.store.fsutil.start_writeback`): the data set goes to disk while the rest of it
     arrives, so the fsync before Success has little left to wait for.  :meth:`finish` writes the
     rest (the C-STORE handler calls it before it reads the file).  A write the disk refuses
     (ENOSPC, EFBIG), or free space falling below the guard while the data set arrives, does not
@@ -756,7 +756,7 @@ def build_application_entity(
         Calling AE titles accepted; empty: any.
     max_associations : int
         Associations at once (``maximum_associations``). Behind the node's listeners
-        (:class:`node.netutil.GuardedAssociationServer`) only connections that sent an
+        (:class:`node.receive.guard.GuardedAssociationServer`) only connections that sent an
         A-ASSOCIATE-RQ count; behind pynetdicom's own server every connection does.
     association_timeout : float
         ``acse_timeout``: behind pynetdicom's own server, how long a connection may stay silent

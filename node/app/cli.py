@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError
-from node.database import DatabaseError
-from node.jobstore import JobStore, JobStoreError, SeriesState
+from node.net.tls import TlsFileError
+from node.store.database import DatabaseError
+from node.store.jobstore import JobStore, JobStoreError, SeriesState
 from node.imaging.source import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MB
-from node.logsetup import LogSettings, setup_logging
-from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
+from node.telemetry.logsetup import LogSettings, setup_logging
+from node.config.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
 if TYPE_CHECKING:
-    from node.series import InputSeries
+    from node.process.series import InputSeries
 
 __all__ = ["main"]
 
-log = logging.getLogger("node.cli")
+log = logging.getLogger("node.app.cli")
 
 # Options whose values may start with "-" (a negative window centre, a negative clip bound).
 _SIGNED_VALUE_OPTIONS = ("--window", "--clip")
@@ -184,7 +185,7 @@ def _configured_pipeline(config: Config, args: argparse.Namespace, series: "Inpu
     """The pipeline *series* goes through (``--pipeline``, else its route's), or None: logged why."""
     if args.pipeline is not None:
         return config.pipelines[args.pipeline]
-    from node.dryrun import explain_route
+    from node.process.routing import explain_route
 
     header = series.images[0].header
     route = config.route_for(header)
@@ -197,8 +198,8 @@ def _configured_pipeline(config: Config, args: argparse.Namespace, series: "Inpu
 
 def _run_process(args: argparse.Namespace) -> int:
     from node.imaging.source import DecodeLimits, NotDicom
-    from node.process import process_series
-    from node.series import find_files, group_series, open_images
+    from node.app.process_series import process_series
+    from node.process.series import find_files, group_series, open_images
 
     config = _configured_run(args)
     if config is None:
@@ -266,8 +267,8 @@ def _add_route_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_route(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.dryrun import group_headers, read_headers, series_line
-    from node.series import find_files
+    from node.process.routing import group_headers, read_headers, series_line
+    from node.process.series import find_files
 
     config = load_config(args.config)
     try:
@@ -393,7 +394,7 @@ def _study_date_arg(text: str) -> datetime.date:
     raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD (e.g. 2015-06-30)")
 
 
-# node.poller.BACKFILL_CHUNKS, spelled out so that building the parser does not import the DICOMweb client.
+# node.receive.poller.BACKFILL_CHUNKS, spelled out so that building the parser does not import the DICOMweb client.
 _BACKFILL_CHUNKS = ("day", "month", "year")
 
 
@@ -446,9 +447,9 @@ class _UsageError(Exception):
 
 def _run_poll(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.jobstore import job_store_for
-    from node.poller import DicomWebPoller
-    from node.spool import Spool
+    from node.store.jobstore import job_store_for
+    from node.receive.poller import DicomWebPoller
+    from node.store.spool import Spool
 
     try:
         backfill = _backfill_range(args)
@@ -488,7 +489,7 @@ def _run_poll(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.service import ListenerError, NodeService
+    from node.app.service import ListenerError, NodeService
 
     config = load_config(args.config, check_machine=True)
     log.info("config: %s (role %s)", config.source, args.role)
@@ -504,7 +505,7 @@ def _open_jobs(args: argparse.Namespace, config: Config | None = None) -> JobSto
     """The job store of the node whose config *args* name; a SQLite store that does not exist is not
     created (JobStoreError naming the file, the config and how to name another)."""
     from node.config import load_config
-    from node.jobstore import job_store_for
+    from node.store.jobstore import job_store_for
 
     config = config if config is not None else load_config(args.config)
     path = config.node.data_dir / "jobs.sqlite"
@@ -651,8 +652,8 @@ def _add_store_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_store_rebuild(args: argparse.Namespace) -> int:
     from node.config import load_config
-    from node.jobstore import JobStore
-    from node.spool import Spool
+    from node.store.jobstore import JobStore
+    from node.store.spool import Spool
 
     config = load_config(args.config)
     data_dir = config.node.data_dir
@@ -724,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_settings)
     try:
         return args.func(args)
-    except (PipelineError, ConfigError) as exc:
+    except (PipelineError, ConfigError, TlsFileError) as exc:
         log.error("%s", exc)
         return 2
     except JobStoreError as exc:  # one line naming the file and the fix; never a traceback

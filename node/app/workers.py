@@ -16,7 +16,7 @@ metrics; the job store stays the record of the work.
 
 :class:`WorkerPool` (in the receiver) supervises: a worker that dies (killed for memory, a crash in a
 decoder, ``kill -9``) is started again and its series given back to the queue with
-:meth:`node.jobstore.JobStore.abandon`, which fails a series once its attempts are used up; a series
+:meth:`node.store.jobstore.JobStore.abandon`, which fails a series once its attempts are used up; a series
 still being processed after ``processing_timeout_seconds`` has its worker killed, the same way.  A
 worker's death never takes down the receiver.
 """
@@ -46,11 +46,11 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import Config
 from node.imaging.source import DecodeLimits
-from node.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
-from node.logsetup import LogSettings, setup_logging
-from node.process import process_series
-from node.series import InputSeries, instance_order, open_images
-from node.spool import remove_spooled
+from node.store.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
+from node.telemetry.logsetup import LogSettings, setup_logging
+from node.app.process_series import process_series
+from node.process.series import InputSeries, instance_order, open_images
+from node.store.spool import remove_spooled, shared_dir_problem
 
 __all__ = ["WORKER_NICENESS", "SeriesProcessor", "WorkerPool", "worker_main"]
 
@@ -206,25 +206,6 @@ class SharedDirUnavailable(OSError):
     """This machine cannot use ``shared_dir`` (a missing mount, permissions): its jobs wait for another worker."""
 
 
-def shared_dir_problem(shared: Path) -> str | None:
-    """What keeps this process from reading the spool and writing outputs under *shared* (None: nothing).
-
-    The spool is never created here: a worker whose ``shared_dir`` holds no spool is looking at an
-    empty mount point (the share not mounted), and must not take series whose files it cannot see.
-    """
-    spool, outputs = shared / "spool", shared / "outputs"
-    if not spool.is_dir():
-        return f"shared_dir {shared} has no spool folder (is the share mounted on this machine?)"
-    try:
-        outputs.mkdir(exist_ok=True)
-    except OSError as exc:
-        return f"shared_dir {shared}: cannot create {outputs}: {exc.strerror or exc}"
-    for folder in (spool, outputs):
-        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
-            return f"shared_dir {shared}: {folder} is not readable and writable by this user"
-    return None
-
-
 # -- the worker process ---------------------------------------------------------------------------
 
 
@@ -242,7 +223,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a worker process: process series until the receiver says stop.
 
     On SQLite it claims queued series from the job store; on PostgreSQL it runs the series jobs
-    Procrastinate hands it (:mod:`node.dispatch`).  SIGINT and SIGTERM are ignored (a Ctrl-C or
+    Procrastinate hands it (:mod:`node.store.dispatch`).  SIGINT and SIGTERM are ignored (a Ctrl-C or
     ``kill`` of the process group reaches the workers too: the receiver decides, and sends
     :data:`STOP` on the pipe once it stops; the current series is finished first).  When the
     receiver dies, the worker is killed with it (Linux ``PR_SET_PDEATHSIG``) or stops at its next
@@ -288,7 +269,7 @@ def _claim_from_store(spec: WorkerSpec, conn: Connection) -> None:
 
 def _run_dispatched(spec: WorkerSpec, conn: Connection) -> None:
     """PostgreSQL: run the ``process_series`` jobs of the queue, one at a time, until told to stop."""
-    from node.dispatch import PROCESS_QUEUE, TaskHandlers, WorkerTiming, build_app, run_workers
+    from node.store.dispatch import PROCESS_QUEUE, TaskHandlers, WorkerTiming, build_app, run_workers
 
     store = spec.config.store
     holder: dict[str, Any] = {}

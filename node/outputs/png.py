@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
-from node.fsutil import atomic_output
+from node.store.fsutil import atomic_output
 
 __all__ = ["traceability_text", "write_png"]
 
@@ -51,7 +51,7 @@ def traceability_text(
     pipeline : str
         The pipeline's name.
     derivation : str
-        What the pipeline did (:meth:`node.pipeline.Pipeline.describe`).
+        What the pipeline did (:meth:`node.config.pipeline.Pipeline.describe`).
     frame : int or None, optional
         The source frame (1-based) of a multi-frame source; None for a single frame.
 

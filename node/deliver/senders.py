@@ -12,7 +12,7 @@ not help: the peer refuses this data or the configuration is wrong) or
 backoff).  The delivery loop decides what to do; senders never retry.
 
 * :class:`DicomSender` - DIMSE C-STORE (pynetdicom SCU), one association per
-  ``send()``, optionally over TLS (:mod:`node.tls`).
+  ``send()``, optionally over TLS (:mod:`node.net.tls`).
 * :class:`DicomWebSender` - DICOMweb STOW-RS (dicomweb-client), in batches.
 * :class:`FolderSender` - copies into ``<root>/<study>/<series>/`` and marks
   the series whole with a ``.complete`` file.
@@ -53,9 +53,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, DicomWebDestination, Destination, FolderDestination
-from node.filenames import delivered_names
-from node.fsutil import atomic_output, fsync_dir
-from node.netutil import no_delay
+from node.config.file_names import delivered_names
+from node.store.fsutil import atomic_output, fsync_dir
+from node.net.sockets import no_delay
 
 _T = TypeVar("_T")
 
@@ -305,8 +305,8 @@ class DicomSender:
 
     With ``tls=True`` the association runs over TLS 1.2 or later (PS3.15 B.1), the peer's
     certificate verified against ``ca_file`` (else the system's store), with our client
-    certificate ``cert_file``/``key_file`` when given (see :mod:`node.tls`). The files are
-    loaded here once to report a problem at start-up (:class:`~node.config.ConfigError`), and
+    certificate ``cert_file``/``key_file`` when given (see :mod:`node.net.tls`). The files are
+    loaded here once to report a problem at start-up (:class:`~node.net.tls.TlsFileError`), and
     again for every association, so renewed certificates are used without a restart. A failed
     handshake is a :class:`DeliveryError`: permanent when a certificate is refused or the peer
     does not speak TLS, transient when the connection is refused, closed or times out.
@@ -339,7 +339,7 @@ class DicomSender:
         self.cert_file = Path(cert_file) if cert_file is not None else None
         self.key_file = Path(key_file) if key_file is not None else None
         if self.tls:
-            self._tls_context()  # ConfigError now, naming the file, rather than at the first send
+            self._tls_context()  # TlsFileError now, naming the file, rather than at the first send
         elif any(f is not None for f in (ca_file, cert_file, key_file)):
             raise ValueError("ca_file/cert_file/key_file are for TLS: pass tls=True")
 
@@ -347,7 +347,7 @@ class DicomSender:
         return f"dicom{'+tls' if self.tls else ''} {self.called_ae}@{self.host}:{self.port}"
 
     def _tls_context(self):
-        from node.tls import client_context
+        from node.net.tls import client_context
 
         return client_context(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file, host=self.host)
 
@@ -418,12 +418,11 @@ class DicomSender:
         tls_args = None
         tls_errors: list[BaseException] = []
         if self.tls:
-            from node.config import ConfigError
-            from node.tls import record_tls_errors, server_hostname
+            from node.net.tls import TlsFileError, record_tls_errors, server_hostname
 
             try:
                 context = self._tls_context()
-            except ConfigError as exc:
+            except TlsFileError as exc:
                 raise self._fail(f"TLS: {exc}", permanent=True) from exc
             tls_errors = record_tls_errors(context)
             tls_args = (context, server_hostname(context, self.host))
@@ -486,7 +485,7 @@ class DicomSender:
         return self._fail("association aborted during negotiation", permanent=False)
 
     def _tls_failure(self, errors: list[BaseException]) -> DeliveryError:
-        from node.tls import handshake_failure_reason, tls_failure_is_permanent
+        from node.net.tls import handshake_failure_reason, tls_failure_is_permanent
 
         # The telling error may come second: a TLS 1.3 server refusing our certificate closes
         # the connection (our write fails with EOF) before its alert is read.
@@ -784,7 +783,7 @@ class FolderSender:
     disk: transient); the study and series folders are created.
 
     With a ``file_names`` template each file is named from its header
-    (:func:`node.filenames.delivered_names`: distinct names, the same on a
+    (:func:`node.config.file_names.delivered_names`: distinct names, the same on a
     re-delivery); without one, each keeps its own name.
     """
 

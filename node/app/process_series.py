@@ -1,7 +1,7 @@
 """Process one series through one pipeline into output files.
 
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
-reads the source images, renders them (:mod:`node.render`), and writes Secondary Captures or PNGs
+reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
 in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
 from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.pipeline import Pipeline, series_description
-from node.render import FrameRenderer, series_bins
-from node.series import InputSeries
-from node.writers.png import traceability_text, write_png
-from node.writers.secondary_capture import (
+from node.config.pipeline import Pipeline, series_description
+from node.process.render import FrameRenderer, series_bins
+from node.process.series import InputSeries
+from node.outputs.png import traceability_text, write_png
+from node.outputs.secondary_capture import (
     DerivedSeries,
     SecondaryCaptureSeriesWriter,
     SourceImage,
 )
-from node.writers.uids import derived_uid
+from node.outputs.uids import derived_uid
 
 __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 

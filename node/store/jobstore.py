@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
-from node.database import Database, DatabaseError, PostgresDatabase, SqliteDatabase
-from node.fsutil import fsync_dir
-from node.spool import Spool
+from node.store.database import Database, DatabaseError, PostgresDatabase, SqliteDatabase
+from node.store.fsutil import fsync_dir
+from node.store.spool import Spool
 
 if TYPE_CHECKING:
     from node.config import Config
-    from node.dispatch import Dispatcher
+    from node.store.dispatch import Dispatcher
 
 __all__ = [
     "DEFAULT_MAX_PROCESSING_ATTEMPTS", "Delivery", "DeliveryState", "JobStore", "JobStoreError", "Rebuilt",
@@ -343,13 +343,13 @@ class JobStore:
     Parameters
     ----------
     database : pathlib.Path or Database
-        A SQLite file (created with its folder when absent), or an open :class:`node.database.Database`
+        A SQLite file (created with its folder when absent), or an open :class:`node.store.database.Database`
         (PostgreSQL: :func:`open_job_store`).
     clock : callable, optional
         Returns the current time in seconds (``time.time``); injected by tests.
-    dispatcher : node.dispatch.Dispatcher, optional
+    dispatcher : node.store.dispatch.Dispatcher, optional
         On PostgreSQL: each series that becomes ``queued`` and each delivery that becomes
-        ``pending`` gets its Procrastinate job in the same transaction (:mod:`node.dispatch`).
+        ``pending`` gets its Procrastinate job in the same transaction (:mod:`node.store.dispatch`).
 
     Raises
     ------
@@ -1170,7 +1170,7 @@ def open_job_store(url: str | None, data_dir: Path, *, password: str | None = No
     """The job store a configuration names: PostgreSQL at *url*, else SQLite ``data_dir/jobs.sqlite``.
 
     On PostgreSQL, Procrastinate's schema is applied when missing, and state changes defer their
-    jobs in the same transaction (:mod:`node.dispatch`).
+    jobs in the same transaction (:mod:`node.store.dispatch`).
 
     Raises
     ------
@@ -1180,7 +1180,7 @@ def open_job_store(url: str | None, data_dir: Path, *, password: str | None = No
     """
     if url is None:
         return JobStore(data_dir / "jobs.sqlite", clock=clock)
-    from node.dispatch import Dispatcher, ensure_schema
+    from node.store.dispatch import Dispatcher, ensure_schema
 
     database = PostgresDatabase(url, password=password)
     try:

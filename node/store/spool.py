@@ -5,7 +5,7 @@ to a temporary name, fsync'd, renamed into place and its folder fsync'd, so afte
 is either whole or absent.  UIDs are checked before they become path components: a UID such as
 ``../../x`` is refused and nothing is written outside the spool.
 
-Data sets received streamed (see :func:`node.ingest.enable_streamed_receive`) are written as they
+Data sets received streamed (see :func:`node.receive.scp.enable_streamed_receive`) are written as they
 arrive into ``<spool>/.incoming/`` and moved into place by :meth:`Spool.adopt`: same filesystem,
 so one rename.  Folders and files whose names start with a dot are never instances.
 """
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.fsutil import (
+from node.store.fsutil import (
     atomic_output, fsync_dir, remove_empty_parents, remove_temporaries, untouched_for,
 )
 
@@ -232,3 +232,21 @@ class Spool:
                 log.warning("cannot remove the half-written file %s: %s", leftover, exc)
         return removed + remove_temporaries(self.root, skip=incoming, older_than=older_than)
 
+
+def shared_dir_problem(shared: Path) -> str | None:
+    """What keeps this process from reading the spool and writing outputs under *shared* (None: nothing).
+
+    The spool is never created here: a worker whose ``shared_dir`` holds no spool is looking at an
+    empty mount point (the share not mounted), and must not take series whose files it cannot see.
+    """
+    spool, outputs = shared / "spool", shared / "outputs"
+    if not spool.is_dir():
+        return f"shared_dir {shared} has no spool folder (is the share mounted on this machine?)"
+    try:
+        outputs.mkdir(exist_ok=True)
+    except OSError as exc:
+        return f"shared_dir {shared}: cannot create {outputs}: {exc.strerror or exc}"
+    for folder in (spool, outputs):
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            return f"shared_dir {shared}: {folder} is not readable and writable by this user"
+    return None

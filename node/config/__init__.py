@@ -9,7 +9,7 @@ they appear in the file. :mod:`tomllib` gives no line numbers, so :class:`_Lines
 text; a key that is missing is reported at the line of its table's header.
 
 The settings in ``[node]``, ``[http]`` and ``[delivery]`` are optional, each defaulting to the value in
-the embedded default (``node/default.toml``; ``node.workers``: the number of CPUs, at most 4). In
+the embedded default (``node/default.toml``; ``node.app.workers``: the number of CPUs, at most 4). In
 ``[[pipelines]]``, ``[[destinations]]`` and ``[[routes]]`` every key is required except
 ``output``, ``calling_ae_title``, ``auth``, ``timeout_seconds``, ``trigger``, the TLS keys of
 dicom destinations, ``associations`` and ``ca_file`` (see ``config/node.toml``). A file without routes is
@@ -22,7 +22,7 @@ destination. ``load_config(path, check_machine=True)`` (``serve``, ``config chec
 what only the machine can tell: host names, listener addresses, ``data_dir``, secrets.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
-:mod:`node.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
+:mod:`node.receive.poller`): ``name``, ``kind = "dicomweb"``, ``url`` and exactly one of ``every_seconds``
 and ``cron`` are required; ``level``, ``query``, ``lookback_hours``, ``late_arrival_hours``,
 ``auth``, ``page_size``, ``timeout_seconds`` and ``ca_file`` (``https://`` only) are optional.
 """
@@ -61,8 +61,9 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.multival import MultiValue
 
-from node.filenames import PNG_FIELDS, template_fields, template_problem
-from node.pipeline import OutputFormat, Pipeline, PipelineError, parse_steps
+from node.net.tls import TlsFileError, client_context, https_server_context, server_context
+from node.config.file_names import PNG_FIELDS, template_fields, template_problem
+from node.config.pipeline import OutputFormat, Pipeline, PipelineError, parse_steps
 
 __all__ = [
     "EMBEDDED_SOURCE",
@@ -96,8 +97,6 @@ class ConfigError(ValueError):
 
 def _client_context(destination: DicomDestination) -> object:
     """The TLS context a DICOM destination will use (built here only to check its files)."""
-    from node.tls import client_context  # here: node.tls imports this module
-
     return client_context(ca_file=destination.ca_file, cert_file=destination.cert_file,
                           key_file=destination.key_file, host=destination.host)
 
@@ -126,7 +125,7 @@ class NodeSettings:
     settle_seconds : float
         Quiet time after the last instance of a series before the series is processed.
     workers : int
-        Processing worker processes (:mod:`node.workers`).
+        Processing worker processes (:mod:`node.app.workers`).
     retention_hours : float
         Delivered, unrouted and discarded series (spool files, outputs, records) are removed this
         long after their last change; 0: kept for ever.
@@ -140,7 +139,7 @@ class NodeSettings:
         Spool and outputs, mounted by every machine of a scaled-out node (NFS); None: ``data_dir``.
     association_timeout_seconds : float
         A connection that has not sent a complete A-ASSOCIATE-RQ (after its TLS handshake, over TLS)
-        this many seconds after it was accepted is closed (see :mod:`node.netutil`).
+        this many seconds after it was accepted is closed (see :mod:`node.receive.guard`).
     max_negotiating_connections : int
         Connections still negotiating at once (they do not count against ``max_associations``);
         a connection beyond it is refused at once.
@@ -248,7 +247,7 @@ class HttpSettings:
 @dataclass(frozen=True)
 class StoreSettings:
     """Where the job store lives: SQLite in ``data_dir`` (the default), or a PostgreSQL shared by
-    every receiver and worker of a site (:mod:`node.database`).
+    every receiver and worker of a site (:mod:`node.store.database`).
 
     Attributes
     ----------
@@ -410,11 +409,11 @@ class DicomDestination:
     calling_ae_title : str
         Our AE title towards this peer (default: ``node.ae_title``).
     tls, ca_file, cert_file, key_file
-        DICOM over TLS towards the peer (see :mod:`node.tls`).
+        DICOM over TLS towards the peer (see :mod:`node.net.tls`).
     associations : int
         Associations one delivery uses at once (1-16), its files split between them.
     concurrency : int
-        Deliveries to this destination in flight at once (1-16; its own lane: see :mod:`node.delivery`).
+        Deliveries to this destination in flight at once (1-16; its own lane: see :mod:`node.deliver.lanes`).
     """
 
     kind: ClassVar[str] = "dicom"
@@ -474,7 +473,7 @@ class FolderDestination:
     concurrency : int
         Deliveries to this folder in flight at once (1-16).
     file_names : str or None
-        Template naming each output from its header (:mod:`node.filenames`), or None for the
+        Template naming each output from its header (:mod:`node.config.file_names`), or None for the
         outputs' own names.
     """
 
@@ -1549,8 +1548,6 @@ class _Checker:
         )
         if settings.match_ae_title and settings.ca_file is None:
             self.fail(path + ("match_ae_title",), "needs ca_file: without client certificates there is nothing to match")
-        from node.tls import server_context  # here: node.tls imports this module
-
         self.usable_tls(path, lambda: server_context(settings))
         return settings
 
@@ -1560,8 +1557,6 @@ class _Checker:
         A file that exists but cannot be used (no PEM in it, a key that does not belong to the
         certificate, an encrypted key) is reported at its own key's line.
         """
-        from node.tls import TlsFileError
-
         try:
             load()
         except TlsFileError as exc:
@@ -1631,8 +1626,6 @@ class _Checker:
             given, missing = ("cert_file", "key_file") if settings.key_file is None else ("key_file", "cert_file")
             self.fail(path + (given,), f"HTTPS needs cert_file and key_file together: add {missing}")
         if settings.cert_file is not None:
-            from node.tls import https_server_context  # here: node.tls imports this module
-
             self.usable_tls(path, lambda: https_server_context(settings))
         return settings
 
@@ -1750,7 +1743,7 @@ class _Checker:
         return out
 
     def file_names(self, table: Mapping[str, Any], path: _KeyPath) -> str | None:
-        """The optional ``file_names`` template of a folder destination (:mod:`node.filenames`)."""
+        """The optional ``file_names`` template of a folder destination (:mod:`node.config.file_names`)."""
         if "file_names" not in table:
             return None
         template = self.value(table, path, "file_names")
@@ -1997,7 +1990,7 @@ def load_config(path: str | os.PathLike[str] | None, *, check_machine: bool = Fa
     """
     if path is None:
         source = EMBEDDED_SOURCE
-        text = importlib.resources.files("node").joinpath("default.toml").read_text(encoding="utf-8")
+        text = importlib.resources.files("node.config").joinpath("default.toml").read_text(encoding="utf-8")
         base = Path.cwd()
     else:
         source = os.fspath(path)

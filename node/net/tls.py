@@ -1,15 +1,15 @@
 """DICOM over TLS (PS3.15 B.1 "Basic TLS Secure Transport Connection Profile", B.9 BCP 195: TLS 1.2 or later).
 
-* :func:`server_context` / :func:`start_tls_server` - the TLS listener beside the plain one. With
+* :func:`server_context` - the TLS listener's context (the listener: :mod:`node.receive.tls_listener`). With
   ``[tls] ca_file`` a client must present a certificate that CA signed; without it no client
   certificate is asked for (the connection is encrypted, the peer is not authenticated by TLS).
 * :func:`client_context` / :func:`server_hostname` - TLS towards a DICOM destination
-  (``tls = true``), used by :class:`node.senders.DicomSender`.
+  (``tls = true``), used by :class:`node.deliver.senders.DicomSender`.
 
 The TLS handshake of an incoming connection runs in that connection's own thread, within the
 connection's negotiation deadline (``[node] association_timeout_seconds``, handshake and
 A-ASSOCIATE-RQ together; pynetdicom does it in its single accept loop, without a limit, and drops
-failures silently); the listener has the plain one's protection (:mod:`node.netutil`: limits,
+failures silently); the listener has the plain one's protection (:mod:`node.receive.guard`: limits,
 A-ABORT and close for what is no A-ASSOCIATE-RQ). Every refused handshake is counted in /metrics
 and logged at WARNING with the peer's address and why, at most once a minute per address and kind
 of failure.
@@ -30,13 +30,10 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-from node.config import ConfigError, HttpSettings, TlsSettings
-from node.netutil import (
-    ConnectionGuard, GuardedAssociationServer, Negotiation, close_connection, serve_in_background,
-)
+from typing import Protocol
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -52,7 +49,6 @@ __all__ = [
     "record_tls_errors",
     "server_context",
     "server_hostname",
-    "start_tls_server",
     "tls_failure_is_permanent",
 ]
 
@@ -66,8 +62,27 @@ HANDSHAKE_TIMEOUT = 30.0
 # --------------------------------------------------------------------------- contexts
 
 
-class TlsFileError(ConfigError):
-    """A TLS file that cannot be used; :attr:`key` is its setting (``cert_file``, ``key_file``, ``ca_file``)."""
+class ServerFiles(Protocol):
+    """What a listener's context is built from (``[tls]``: :class:`node.config.TlsSettings`)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None
+
+
+class HttpsFiles(Protocol):
+    """What the HTTP listener's context is built from (``[http]``: :class:`node.config.HttpSettings`)."""
+
+    cert_file: Path | None
+    key_file: Path | None
+
+
+class TlsFileError(ValueError):
+    """A TLS file that cannot be used; :attr:`key` is its setting (``cert_file``, ``key_file``, ``ca_file``).
+
+    Not a :class:`node.config.ConfigError` (this module is below the config): the config check turns
+    it into one at the setting's line, the CLI reports it as it reports those.
+    """
 
     def __init__(self, message: str, key: str) -> None:
         super().__init__(message)
@@ -76,11 +91,11 @@ class TlsFileError(ConfigError):
 
 def _refuse_password(*_args) -> bytes:
     # Without a callback OpenSSL would prompt on the terminal of a service: say what is wrong instead.
-    raise ConfigError("the private key is encrypted (a passphrase-protected key cannot be used)")
+    raise TlsFileError("the private key is encrypted (a passphrase-protected key cannot be used)", "key_file")
 
 
 def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path, what: str) -> None:
-    """``load_cert_chain``; every failure becomes a ConfigError naming the file at fault."""
+    """``load_cert_chain``; every failure becomes a :class:`TlsFileError` naming the file at fault."""
     cert_file, key_file = Path(cert_file), Path(key_file)
     texts = {}
     for kind, path, key in (("certificate", cert_file, "cert_file"), ("private key", key_file, "key_file")):
@@ -94,7 +109,7 @@ def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path, what: 
         raise TlsFileError(f"{what} private key file {key_file}: no PEM private key in it", "key_file")
     try:
         context.load_cert_chain(cert_file, key_file, password=_refuse_password)
-    except ConfigError as exc:
+    except TlsFileError as exc:
         raise TlsFileError(f"{what} private key file {key_file}: {exc}", "key_file") from exc
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
@@ -118,12 +133,12 @@ def _load_ca(context: ssl.SSLContext, ca_file: Path, what: str) -> None:
         raise TlsFileError(f"{what} CA file {ca_file}: cannot read: {exc.strerror or exc}", "ca_file") from exc
 
 
-def server_context(tls: TlsSettings) -> ssl.SSLContext:
+def server_context(tls: ServerFiles) -> ssl.SSLContext:
     """The TLS context of the listener.
 
     Parameters
     ----------
-    tls : TlsSettings
+    tls : ServerFiles
         ``[tls]``: the node's certificate chain and key; with ``ca_file`` client certificates
         signed by that CA are required, without it none is asked for.
 
@@ -134,7 +149,7 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
 
     Raises
     ------
-    ConfigError
+    TlsFileError
         A file cannot be read or used; the message names it.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -148,12 +163,12 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def https_server_context(http: HttpSettings) -> ssl.SSLContext | None:
+def https_server_context(http: HttpsFiles) -> ssl.SSLContext | None:
     """The TLS context of the HTTP listener (``[http] cert_file``, ``key_file``), TLS 1.2 or later.
 
     Parameters
     ----------
-    http : HttpSettings
+    http : HttpsFiles
         ``[http]``; no client certificate is asked for (requests carry their credentials).
 
     Returns
@@ -163,7 +178,7 @@ def https_server_context(http: HttpSettings) -> ssl.SSLContext | None:
 
     Raises
     ------
-    ConfigError
+    TlsFileError
         A file cannot be read or used; the message names it.
     """
     if http.cert_file is None or http.key_file is None:
@@ -208,7 +223,7 @@ def client_context(
 
     Raises
     ------
-    ConfigError
+    TlsFileError
         A file cannot be read or used, or only one of cert_file/key_file is given.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
@@ -218,7 +233,7 @@ def client_context(
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if (cert_file is None) != (key_file is None):
-        raise ConfigError("destination: give cert_file and key_file together (client certificate)")
+        raise TlsFileError("destination: give cert_file and key_file together (client certificate)", "key_file")
     if cert_file is not None and key_file is not None:
         _load_chain(context, Path(cert_file), Path(key_file), "destination client")
     if host is not None and ca_file is not None and _is_ip(host):
@@ -440,107 +455,3 @@ def record_tls_errors(context: ssl.SSLContext) -> list[BaseException]:
     context.sslsocket_class = _RecordingSSLSocket  # documented: may be overridden on an instance
     context.node_tls_errors = errors
     return errors
-
-
-# --------------------------------------------------------------------------- the listener
-
-
-class TlsAssociationServer(GuardedAssociationServer):
-    """The node's guarded association server (:class:`node.netutil.GuardedAssociationServer`) with the
-    TLS handshake done in the connection's own thread, before the A-ASSOCIATE-RQ and within the same
-    deadline (``association_timeout_seconds``; at most :attr:`handshake_timeout`), every refusal
-    counted and logged.
-
-    pynetdicom's own server wraps the accepted socket inside its single accept loop (a client that
-    connects and stays silent stops all further connections) and socketserver drops the handshake's
-    exception without a word.
-    """
-
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
-
-    def secure(self, negotiation: Negotiation, client_address: tuple) -> ssl.SSLSocket | None:
-        """The TLS handshake; None (connection closed) when it fails or does not end in time."""
-        tls_socket = None
-        try:
-            limit = min(self.handshake_timeout, negotiation.deadline - time.monotonic())
-            negotiation.sock.settimeout(max(limit, 0.001))
-            tls_socket = self.ssl_context.wrap_socket(negotiation.sock, server_side=True, do_handshake_on_connect=False)
-            self.replace_socket(negotiation, tls_socket)
-            tls_socket.do_handshake()
-        except Exception as exc:  # noqa: BLE001 - any failure refuses this one connection
-            reason = handshake_failure_reason(exc, server_side=True)
-            if self.closing:
-                log.info("TLS handshake with %s cut: the listener is stopping", negotiation.peer)
-            elif isinstance(exc, (TimeoutError, socket.timeout)):
-                self.guard.refused(negotiation.host, "timeout", f"TLS connection from {negotiation.peer} refused: "
-                                   f"{reason}", logger=log)
-            else:  # rate-limited per address and reason: each kind of failure is seen
-                self.guard.refused(negotiation.host, "tls_handshake", f"TLS connection from {negotiation.peer} "
-                                   f"refused: {reason}", topic=("tls", reason), logger=log)
-            close_connection(tls_socket or negotiation.sock)
-            return None
-        log.info("TLS connection from %s: %s", negotiation.peer, describe_peer_certificate(tls_socket))
-        return tls_socket
-
-    def refuse_over_limit(self, request: socket.socket) -> None:
-        """Close a connection over a limit (before any TLS: no A-ASSOCIATE-RJ can be read by the client)."""
-        close_connection(request)
-
-
-def start_tls_server(
-    ae,
-    host: str,
-    tls: TlsSettings,
-    handlers: Sequence[tuple],
-    *,
-    context: ssl.SSLContext | None = None,
-    handshake_timeout: float = HANDSHAKE_TIMEOUT,
-    guard: ConnectionGuard | None = None,
-) -> TlsAssociationServer:
-    """Start the TLS listener on ``host:tls.port`` in its own thread (as ``ae.start_server(...,
-    block=False)`` does) and log it.
-
-    Parameters
-    ----------
-    ae : pynetdicom.AE
-        The application entity (the same as the plain listener's, so AE titles, contexts and the
-        association limit are shared).
-    host : str
-        Address to bind to.
-    tls : TlsSettings
-        ``[tls]``.
-    handlers : sequence of (event, handler)
-        pynetdicom event handlers, as for ``start_server``.
-    context : ssl.SSLContext, optional
-        Defaults to :func:`server_context` of *tls*.
-    handshake_timeout : float
-        Seconds a client has for its handshake, at most (the guard's timeout bounds handshake and
-        A-ASSOCIATE-RQ together).
-    guard : ConnectionGuard, optional
-        Timeout, limits, counting and warnings, shared with the plain listener; default: one of its
-        own with default limits.
-
-    Returns
-    -------
-    TlsAssociationServer
-        Stop it with ``shutdown()``.
-
-    Raises
-    ------
-    ConfigError
-        The certificate, key or CA file cannot be used.
-    OSError
-        The port cannot be bound.
-    """
-    context = context if context is not None else server_context(tls)
-    server = ae.make_server(
-        (host, tls.port), ssl_context=context, evt_handlers=list(handlers), server_class=TlsAssociationServer,
-        guard=guard,
-    )
-    server.handshake_timeout = handshake_timeout
-    serve_in_background(ae, server, "TlsAcceptor")
-    log.info(
-        "TLS listener on %s:%d, client certificates %s", host, server.server_address[1],
-        f"required (CA {tls.ca_file})" if context.verify_mode == ssl.CERT_REQUIRED else "not asked",
-    )
-    return server

@@ -68,8 +68,9 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import RE_VALID_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from node.fsutil import atomic_output
-from node.writers.uids import derived_uid
+from node import MANUFACTURER
+from node.store.fsutil import atomic_output
+from node.outputs.uids import derived_uid
 
 __all__ = [
     "SECONDARY_CAPTURE_IMAGE_STORAGE",
@@ -90,9 +91,6 @@ SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.2")
 MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.3")
 MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.4")
-
-#: Manufacturer / model written into General Equipment and SC Equipment.
-MANUFACTURER = "dicom-node"
 
 # File Meta: a fixed implementation UID for this software (derived, so stable).
 _IMPLEMENTATION_CLASS_UID = derived_uid("dicom-node", "implementation class")
@@ -685,7 +683,7 @@ def secondary_capture_header(
         The new series.
     sop_instance_uid : str
         SOP Instance UID of the new instance (see
-        :func:`node.writers.uids.derived_uid`).
+        :func:`node.outputs.uids.derived_uid`).
     instance_number : int
         Instance Number within the new series.
     source_images : Sequence[SourceImage]
@@ -1008,7 +1006,7 @@ def write_secondary_capture(
     8-bit, OW for 16-bit, 4-byte length, padded to even length), one frame at
     a time, so memory stays O(one frame) whatever the number of frames. The
     file is fsync'ed and moved onto ``path`` with :func:`os.replace` (see
-    :func:`node.fsutil.atomic_output`); on any error the temporary file is
+    :func:`node.store.fsutil.atomic_output`); on any error the temporary file is
     removed and ``path`` is left untouched.
 
     Parameters

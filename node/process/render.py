@@ -1,4 +1,4 @@
-"""Turn decoded frames into output pixels, as a :class:`~node.pipeline.Pipeline` says.
+"""Turn decoded frames into output pixels, as a :class:`~node.config.pipeline.Pipeline` says.
 
 One frame at a time: stored values -> modality values -> clip -> display values on the output
 scale (0..255 or 0..65535) -> MONOCHROME1 inverted -> ``uint8``/``uint16``.  Nothing here reads
@@ -19,7 +19,7 @@ from node.imaging.equalise import FrequencyHistogram, freqhist_bins, hist_scaled
 from node.imaging.modality import rescale_frame
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.imaging.voi import apply_voi_lut_sequence, file_window, has_voi_lut_sequence, window_scaled
-from node.pipeline import Channels, Equalise, Pipeline, WindowSpec
+from node.config.pipeline import Channels, Equalise, Pipeline, WindowSpec
 
 __all__ = ["BLOCK_PIXELS", "FrameRenderer", "row_blocks", "series_bins"]
 

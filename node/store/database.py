@@ -1,6 +1,6 @@
 """The job store's database: SQLite (the embedded default) or PostgreSQL, behind one small interface.
 
-:class:`node.jobstore.JobStore` writes its SQL once, in what both engines understand (``?``
+:class:`node.store.jobstore.JobStore` writes its SQL once, in what both engines understand (``?``
 placeholders, ``INSERT ... ON CONFLICT ... DO UPDATE``, ``RETURNING``); this module holds what
 differs:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from node.logsetup import first_line
+from node.telemetry.logsetup import first_line
 
 __all__ = [
     "Database", "DatabaseError", "PostgresDatabase", "Row", "SqliteDatabase", "describe_url", "unavailable",
@@ -50,7 +50,7 @@ class DatabaseError(Exception):
 
 
 class Database(Protocol):
-    """What :class:`node.jobstore.JobStore` needs of a database connection."""
+    """What :class:`node.store.jobstore.JobStore` needs of a database connection."""
 
     dialect: str
     #: Serialises this connection's use by the threads of one process.
