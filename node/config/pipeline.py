@@ -171,7 +171,10 @@ class Pipeline:
             parts.append(self.clip.describe())
         if self.display is not None:
             parts.append(self.display.describe())
-        parts.append(f"{self.output.bits}-bit")
+        if self.output.is_volume and self.display is None:
+            parts.append("modality values volume" if self.rescale else "stored values volume")
+        else:
+            parts.append(f"{self.output.bits}-bit" + (" volume" if self.output.is_volume else ""))
         return "; ".join(parts)
 
     def fingerprint(self) -> str:
