@@ -12,6 +12,7 @@ with a window, equalisation or channels, the output pixels the same pipeline wri
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,9 +116,12 @@ def _shared_rescale(plan: VolumePlan, pipeline: Pipeline) -> tuple[float, float]
         if ds.get("ModalityLUTSequence"):
             return None
         try:
-            found.add((float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)))
+            rescale = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         except (TypeError, ValueError):
             return None
+        if not all(math.isfinite(v) for v in rescale):
+            return None
+        found.add(rescale)
         if len(found) > 1:
             return None
     return found.pop()
@@ -159,18 +163,18 @@ def _stored(plan: VolumePlan, rescale: tuple[float, float], scaled_integers: boo
         if slope != 1 or intercept != int(intercept):
             return None
         add, slope, intercept = int(intercept), 1.0, 0.0
-    dtype = _integer_type(low + add, high + add)
-    if dtype is None:
-        return None
+    # the header's range may be wider than int16 (a 16-bit signed CT with an intercept): try int16,
+    # checked frame by frame; a value beyond it falls back to float32
+    dtype = _integer_type(low + add, high + add) or np.dtype(np.int16)
     info = np.iinfo(dtype)
     array = np.empty((len(plan.slices), plan.plane.rows, plan.plane.columns), dtype=dtype)
     for k, _, arr in _frames(plan):
         if arr.ndim != 2 or arr.dtype.kind not in "iu":
             return None
         low_value, high_value = int(arr.min()) + add, int(arr.max()) + add
-        if low_value < info.min or high_value > info.max:  # values beyond Bits Stored: keep them, as floats
-            log.info("%s: stored values %d..%d beyond Bits Stored: float32 volume", plan.slices[k].label,
-                     low_value - add, high_value - add)
+        if low_value < info.min or high_value > info.max:  # keep every value, as float32
+            log.info("%s: values %d..%d do not fit %s: float32 volume", plan.slices[k].label, low_value,
+                     high_value, dtype)
             return None
         array[k] = arr.astype(np.int32) + add if add else arr
     return Voxels(array, slope, intercept, _modality_meaning(plan, rescaled))
