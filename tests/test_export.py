@@ -7,6 +7,8 @@ series the first run finished; index.csv is read back with the csv module.
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -118,3 +120,43 @@ def test_export_npz_index_and_exit_codes(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
     wrong = run_cli("export", str(tmp_path / "tree"), "--out", str(out), "--format", "png")
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+
+
+def test_progress_bar_on_a_terminal_log_lines_otherwise(tmp_path: Path) -> None:
+    for letter in "ab":
+        write_series(tmp_path / "tree" / letter, [(0.0, 0.0, 2.0 * i) for i in range(3)])
+    primary, secondary = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "node", "export", str(tmp_path / "tree"), "--out",
+                                str(tmp_path / "tty")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=secondary, env=env)
+    os.close(secondary)
+    shown = b""
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # read as it comes: a full terminal buffer would block the export
+            ready, _, _ = select.select([primary], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # the other side is closed: all read
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+        process.wait(timeout=30)
+    finally:
+        os.close(primary)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace")
+    assert "\rexport [###############...............] 1/2 series" in text
+    assert "\rexport [##############################] 2/2 series, 0 skipped, 0 with failures" in text
+    assert "series 1/2" not in text  # the bar, not the per-series log lines
+    piped = run_cli("export", str(tmp_path / "tree"), "--out", str(tmp_path / "pipe"))
+    assert piped.returncode == 0 and "\r" not in piped.stderr
+    assert "series 1/2" in piped.stderr and "series 2/2" in piped.stderr
