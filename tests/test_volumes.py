@@ -222,3 +222,31 @@ def test_sidecar_says_source_geometry_and_pipeline(tmp_path: Path) -> None:
     assert np.allclose(facts["spacing_mm"], [0.661468, 0.661468, 1.25])
     assert facts["pipeline"]["display"] == {"kind": "equalise", "bins": 50, "per": "series"}
     assert np.allclose(np.array(facts["affine_ras"])[:3, 3], np.array([-10.0, -20.0, 0.0]) * LPS_TO_RAS)
+
+
+def test_enhanced_multiframe_with_two_echoes_gives_a_volume_per_echo(data_dir: Path, tmp_path: Path) -> None:
+    """The real Siemens enhanced MR, its last three frames made a second echo at the first three's positions."""
+    ds = pydicom.dcmread(data_dir / "multiframe" / "siemens_xa10_enhanced_mr_6frames.dcm")
+    frames = ds.PerFrameFunctionalGroupsSequence
+    for index in (3, 4, 5):
+        frames[index].MREchoSequence[0].EffectiveEchoTime = 60.0
+        frames[index].PlanePositionSequence[0].ImagePositionPatient = list(
+            frames[index - 3].PlanePositionSequence[0].ImagePositionPatient)
+    # frames in the file out of slice order: 2, 0, 1 of each echo
+    order = [2, 0, 1, 5, 3, 4]
+    pixels = ds.pixel_array[order]
+    items = [frames[i] for i in order]
+    ds.PerFrameFunctionalGroupsSequence = items
+    ds.PixelData = pixels.tobytes()
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "echoes.dcm")
+    result = run_cli("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--format", "nifti")
+    assert result.returncode == 0, result.stderr
+    found = volumes(tmp_path / "out")
+    assert [p.name for p in found] == ["volume_te30.nii.gz", "volume_te60.nii.gz"]
+    sources = dicom_files(tmp_path / "in")
+    # ordered along the normal, not by frame number: frames (1-based) 2, 3, 1 hold slices k = 0, 1, 2
+    for volume, frames_in_order in zip(found, ([2, 3, 1], [5, 6, 4])):
+        facts = assert_placed_and_traced(volume, sources)
+        assert nib.load(str(volume)).shape == (64, 64, 3)
+        assert [s["frame"] for s in facts["slices"]] == frames_in_order
