@@ -4,7 +4,8 @@ The step :func:`node.app.process_series.process_series` takes for volume outputs
 ``dicom-node export`` takes per series: plan the volumes (:func:`node.process.volume.plan_volumes`),
 then for each, decode its frames into one array (:func:`node.process.voxels.read_voxels`), write it
 (:mod:`node.outputs.volume`) with its JSON sidecar, and let it go before the next: one volume in
-memory at a time.  Files are named ``volume[_STACK][_partIofN].nii.gz|.npz`` and ``....json``.
+memory at a time.  Files are named ``volume[_STACK][_partIofN].nii.gz|.npz`` and ``....json``
+(:func:`node.outputs.naming.volume_file_stem`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from node.config.pipeline import OutputFormat, Pipeline
 from node.imaging.source import UnsupportedImage
+from node.outputs.naming import volume_file_stem
 from node.outputs.volume import NIFTI_SUFFIX, NPZ_SUFFIX, write_nifti, write_npz, write_sidecar
 from node.process.render import series_bins
 from node.process.series import InputSeries
@@ -98,14 +100,14 @@ def write_series_volumes(series: InputSeries, pipeline: Pipeline, folder: Path) 
         try:
             voxels = read_voxels(plan, pipeline, bins, scaled_integers=pipeline.output is OutputFormat.NIFTI)
         except UnsupportedImage as exc:
-            log.error("series %s: %s not written: %s", series.series_uid, plan.name, exc)
+            log.error("series %s: %s not written: %s", series.series_uid, _stem(plan), exc)
             result.failures.append(exc)
             continue
         try:
             result.volumes.append(_write_volume(plan, voxels, pipeline, folder))
         except OSError as exc:  # the output side: disk full, permissions
             result.failures.append(OutputWriteError(plan.slices[0].image.path,
-                                                    f"cannot write {plan.name} under {folder}: {exc}"))
+                                                    f"cannot write {_stem(plan)} under {folder}: {exc}"))
         del voxels
     for volume in result.volumes:
         result.outputs.extend((volume.path, volume.sidecar))
@@ -115,9 +117,13 @@ def write_series_volumes(series: InputSeries, pipeline: Pipeline, folder: Path) 
     return result
 
 
+def _stem(plan: VolumePlan) -> str:
+    return volume_file_stem(plan.stack, plan.part, plan.parts)
+
+
 def _write_volume(plan: VolumePlan, voxels: Voxels, pipeline: Pipeline, folder: Path) -> VolumeFile:
     started = time.monotonic()
-    path = folder / (plan.name + _SUFFIXES[pipeline.output])
+    path = folder / (_stem(plan) + _SUFFIXES[pipeline.output])
     placement = plan.placement
     data = voxels.voxel_order()
     if pipeline.output is OutputFormat.NIFTI:
@@ -126,7 +132,7 @@ def _write_volume(plan: VolumePlan, voxels: Voxels, pipeline: Pipeline, folder: 
                     description=f"dicom-node: {pipeline.describe()}")
     else:
         write_npz(path, data, affine=placement.affine, spacing=placement.spacing)
-    sidecar = write_sidecar(folder / (plan.name + ".json"), sidecar_facts(plan, voxels, pipeline))
+    sidecar = write_sidecar(folder / (_stem(plan) + ".json"), sidecar_facts(plan, voxels, pipeline))
     log.info("series %s: %s %s written in %.1f s", plan.series_uid, path.name, "x".join(map(str, data.shape)),
              time.monotonic() - started)
     return VolumeFile(path, sidecar, plan, tuple(data.shape))

@@ -188,7 +188,7 @@ class VolumePlan:
         The source series.
     stack : str
         What tells this stack from the series' others (``""`` for a series of one stack), e.g.
-        ``echo2``; part of the file name.
+        ``te30``; part of the file name (:func:`node.outputs.naming.volume_file_stem`).
     part, parts : int
         This volume's number (1-based) among the volumes its stack was split into, and how many.
     slices : list of SliceSource
@@ -213,12 +213,6 @@ class VolumePlan:
     placement: Placement
     split: list[str] = field(default_factory=list)
     order: str = ""
-
-    @property
-    def name(self) -> str:
-        """File stem in the series folder: ``volume``, ``volume_echo2``, ``volume_part1of2``..."""
-        stem = "volume" + (f"_{self.stack}" if self.stack else "")
-        return stem + (f"_part{self.part}of{self.parts}" if self.parts > 1 else "")
 
     @property
     def source_files(self) -> int:
