@@ -73,11 +73,11 @@ def _window_arg(text: str):
 def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process",
-        help="process DICOM files or folders into Secondary Captures, PNGs or volumes",
+        help="process DICOM files or folders into Secondary Captures, PNGs, presentation states or volumes",
         description="Read DICOM files (folders recursively), group them into series, window or "
-        "equalise them, and write Secondary Capture DICOM or PNG files under --out as "
-        "STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png, or volumes as STUDY_UID/DERIVED_SERIES_UID/volume.nii.gz|npz "
-        "with volume.json.",
+        "equalise them, and write Secondary Capture DICOM or PNG files (or presentation states, "
+        "--format gsps) under --out as STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png, or volumes "
+        "(--format nifti|npz) as STUDY_UID/DERIVED_SERIES_UID/volume.nii.gz|npz with volume.json.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -89,8 +89,10 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", metavar="NAME",
                    help="with --config: run this configured pipeline on every series, whatever the routes say")
     add_pipeline_options(p, [f.value for f in OutputFormat], "sc",
-                         "sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit; nifti / npz: one volume "
-                         "per series (.nii.gz / .npz, with a .json sidecar) (default sc)")
+                         "sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit; gsps: one Grayscale "
+                         "Softcopy Presentation State per series showing the source images as the pipeline does, "
+                         "no pixels copied (grey images; not with --grey or several --window/--equalise channels); "
+                         "nifti / npz: one volume per series (.nii.gz / .npz, with a .json sidecar) (default sc)")
     p.set_defaults(func=_run_process, parser=p)
 
 
