@@ -114,6 +114,8 @@ def test_steps_take_a_colormap_after_the_display() -> None:
     ([{"op": "colormap", "name": "bone"}], "png16", "8-bit only"),
     ([{"op": "colormap", "name": "bone"}], "sc16", "8-bit only"),
     ([{"op": "colormap", "name": "bone"}], "gsps", "colormap: a colour map makes a colour image, and a Grayscale"),
+    ([{"op": "rescale"}, {"op": "window", "preset": "brain"}, {"op": "colormap", "name": "bone"}], "nifti",
+     "volume outputs (nifti, npz) keep values"),
     ([{"op": "colormap"}], "sc", "give name = a matplotlib colour map"),
     ([{"op": "colormap", "name": "bone", "reverse": True}], "sc", "unknown key(s) reverse"),
     ([{"op": "colormap", "name": "ocean-r"}], "sc", "did you mean 'ocean_r'"),
