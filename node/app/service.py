@@ -50,7 +50,8 @@ from node.metrics import Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.receive.poller import DicomWebPoller, schedule
 from node.store.pending import PendingRecords
-from node.deliver.senders import Sender, sender_for
+from node.deliver.sender import Sender
+from node.deliver.senders import sender_for
 from node.store.spool import Spool, shared_dir_problem
 from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import check_certificate_expiry, https_server_context, server_context

@@ -247,7 +247,10 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
 
 def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     """The same derived files into a fresh Orthanc: dcmtk storescu vs the node's DicomSender."""
-    from node.deliver.senders import DicomSender
+    from node.deliver.dicom import DicomSender
+    from node.net.pynetdicom_setup import configure_pynetdicom
+
+    configure_pynetdicom()  # as dicom-node serve does at start-up
 
     def with_orthanc(name: str, send) -> tuple[str, float]:
         with OrthancServer(aet="ORTHANC", workdir=work / f"orthanc-{len(results)}") as orthanc:
@@ -271,7 +274,7 @@ def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     results: list[tuple[str, float]] = []
     for name, send in (
         ("dcmtk storescu (TCP_NODELAY=1)", lambda o: bl.push(o.dicom_port, outputs, called_aet=o.aet)),
-        ("node.deliver.senders.DicomSender, one association (the default)", node_sender(1)),
+        ("node.deliver.dicom.DicomSender, one association (the default)", node_sender(1)),
         ("DicomSender, associations = 2", node_sender(2)),
         ("DicomSender, associations = 4", node_sender(4)),
     ):
