@@ -216,7 +216,7 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     decode = _cum(stats, "iter_frames", "node/imaging/source.py")
     render = _cum(stats, "render", "node/process/render.py")
     render_all = _cum(stats, "render_all", "node/process/render.py")
-    sc_file = "node/outputs/secondary_capture.py"
+    sc_file = "node/outputs/sc/writer.py"
     write_total = _cum(stats, "write", sc_file)  # SecondaryCaptureSeriesWriter.write, frames rendered inside
     file_s = _cum(stats, "_write_instance_file", sc_file)  # atomic output: header bytes, frames, fsync, rename
     full_headers = _cum(stats, "_encode_in_full", sc_file)
