@@ -476,7 +476,7 @@ def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_l
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
-        assert re.search(rf" ERROR node\.cli: {re.escape(str(config))}:{line}: http\.host: \"0\.0\.0\.0\" is not a "
+        assert re.search(rf" ERROR node\.app\.cli: {re.escape(str(config))}:{line}: http\.host: \"0\.0\.0\.0\" is not a "
                          r"loopback address and \[http\] has no auth", lines[0]), lines[0]
         assert result.stdout == ""
     # said on purpose: accepted (config check only: it listens nowhere)
