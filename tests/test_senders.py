@@ -251,6 +251,25 @@ def test_sending_leaves_pynetdicom_switches_to_start_up(tmp_path: Path, monkeypa
     assert _config.STORE_SEND_CHUNKED_DATASET is True
 
 
+def test_the_node_sets_pynetdicom_switches_when_it_starts(tmp_path: Path, monkeypatch) -> None:
+    from pynetdicom import _config
+
+    from node.app.service import NodeService
+    from node.config import load_config
+    from tests.node_process import node_config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(node_config(tmp_path / "var", 0))  # no DICOM listener: HTTP only
+    service = NodeService(load_config(config_path), role="receiver")
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # not when the senders are made
+    service.start()
+    try:
+        assert _config.STORE_SEND_CHUNKED_DATASET is True
+    finally:
+        service.stop()
+
+
 def _received_by_a_peer_accepting(syntax: str, series: Series) -> list[tuple[str, bytes]]:
     """Send *series* to a pynetdicom SCP that accepts CT in *syntax* only: (transfer syntax, data set) received."""
     from pynetdicom import AE, evt
