@@ -549,7 +549,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _print_one_series(jobs: JobStore, series_id: int, max_attempts: int) -> int:
     """Print one series as the page ``/series/{id}`` shows it; 1 with one line when there is no such job."""
-    from node.seriesview import series_text, series_view
+    from node.app.seriesview import series_text, series_view
 
     row = jobs.series(series_id)
     if row is None:

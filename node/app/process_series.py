@@ -2,8 +2,8 @@
 
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
-in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
-from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
+in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`).
+Derived UIDs come from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
 from node.outputs.sc import DerivedImage, DerivedSeries, SecondaryCaptureSeriesWriter, SourceImage
-from node.outputs.uids import derived_uid
+from node.outputs import naming
 
 __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
@@ -54,7 +54,7 @@ class SeriesResult:
 
 def derived_series_uid(series_uid: str, pipeline: Pipeline) -> str:
     """The UID of the series *pipeline* derives from *series_uid* (the same every time)."""
-    return derived_uid(series_uid, "series", pipeline.fingerprint())
+    return naming.derived_series_uid(series_uid, pipeline.fingerprint())
 
 
 def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
@@ -150,10 +150,10 @@ def _process_image(
 ) -> list[Path]:
     renderer = FrameRenderer(pipeline, image, bins)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
-    sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
+    sop_uid = naming.derived_instance_uid(source_sop, pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
-        return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
+        return [_write_sc(image, renderer, sc_writer, folder / naming.output_file_name(sop_uid, dicom=True), sop_uid)]
     return _write_pngs(image, renderer, pipeline, folder, sop_uid)
 
 
@@ -196,7 +196,7 @@ def _write_pngs(
     derivation = pipeline.describe()
     try:
         for index, frame in enumerate(renderer.render_all(), start=1):
-            name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
+            name = naming.output_file_name(sop_uid, dicom=False, frame=index if multi else None)
             text = traceability_text(
                 image.header, pipeline=pipeline.name, derivation=derivation, frame=index if multi else None
             )

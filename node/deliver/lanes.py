@@ -17,7 +17,7 @@ from pathlib import Path
 
 from node.config import DeliverySettings, Destination, StoreSettings
 from node.store.jobstore import Delivery, JobStore
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.deliver.failures import DeliveryError
 from node.deliver.sender import Sender
 
