@@ -73,10 +73,10 @@ def _window_arg(text: str):
 def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process",
-        help="process DICOM files or folders into Secondary Captures or PNGs",
+        help="process DICOM files or folders into Secondary Captures, PNGs or presentation states",
         description="Read DICOM files (folders recursively), group them into series, window or "
-        "equalise them, and write Secondary Capture DICOM or PNG files under --out as "
-        "STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png.",
+        "equalise them, and write Secondary Capture DICOM or PNG files (or presentation states, "
+        "--format gsps) under --out as STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -101,7 +101,9 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grey", action="store_true", help="convert colour images to grey first")
     p.add_argument(
         "--format", choices=[f.value for f in OutputFormat], default="sc",
-        help="sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit (default sc)",
+        help="sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit; gsps: one Grayscale "
+        "Softcopy Presentation State per series showing the source images as the pipeline does, no pixels "
+        "copied (grey images; not with --grey or several --window/--equalise channels) (default sc)",
     )
     p.add_argument(
         "--max-decoded-mb", type=_megabytes, default=DEFAULT_MAX_DECODED_MB, metavar="MB",

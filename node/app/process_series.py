@@ -2,6 +2,7 @@
 
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
+(or, for ``output = "gsps"``, presentation states showing the sources: :mod:`node.outputs.gsps`)
 in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`).
 Derived UIDs come from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.config.pipeline import Pipeline, series_description
+from node.config.pipeline import OutputFormat, Pipeline, series_description
+from node.process.presentation import plan_presentation_states
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
@@ -105,6 +107,8 @@ def process_series(
     started = time.monotonic()
     derived = _derived_series(series, pipeline)
     result = SeriesResult(series.study_uid, series.series_uid, derived.series_instance_uid)
+    if pipeline.output is OutputFormat.GSPS:
+        return _presentation_states(series, pipeline, out_dir, derived, result, now=now, started=started)
     bins, failed = series_bins(pipeline, series.images)
     result.failures.extend(failed)
     failed_paths = {f.path for f in failed}
@@ -137,6 +141,45 @@ def process_series(
             if time.monotonic() - last_report > _PROGRESS_SECONDS:
                 last_report = time.monotonic()
                 log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _presentation_states(
+    series: InputSeries,
+    pipeline: Pipeline,
+    out_dir: Path,
+    derived: DerivedSeries,
+    result: SeriesResult,
+    *,
+    now: datetime.datetime,
+    started: float,
+) -> SeriesResult:
+    """``output = "gsps"``: presentation state(s) showing the series' images instead of new pixels
+    (one per image size and polarity, :mod:`node.process.presentation`)."""
+    from node.outputs.gsps import content_label, write_presentation_state  # highdicom: ~1 s to import
+
+    planned = plan_presentation_states(series, pipeline)
+    result.failures.extend(planned.failures)
+    folder = out_dir / series.study_uid / derived.series_instance_uid
+    for number, plan in enumerate(planned.plans, start=1):
+        sop_uid = naming.presentation_state_uid(series.series_uid, pipeline.fingerprint(), plan.key)
+        try:
+            path = write_presentation_state(
+                folder / naming.output_file_name(sop_uid, dicom=True), plan.images, plan.voi, plan.rescale, derived=derived,
+                sop_instance_uid=sop_uid, instance_number=number, label=content_label(pipeline.name),
+                description=derived.derivation_description, now=now,
+            )
+        except (ValueError, TypeError, AttributeError, OSError) as exc:  # highdicom refusing, or the disk
+            reason = f"no presentation state written for {len(plan.images)} images ({plan.key}): {exc}"
+            result.failures.extend(UnsupportedImage(image.path, reason) for image in plan.images)
+            continue
+        result.outputs.append(path)
+        result.instances += len(plan.images)
+        result.frames += sum(image.number_of_frames for image in plan.images)
+        log.info("series %s: presentation state %s shows %d images", series.series_uid, sop_uid, len(plan.images))
+    for failure in result.failures:
+        log.error("%s", failure)
     result.seconds = time.monotonic() - started
     return result
 

@@ -1906,7 +1906,7 @@ class _Checker:
         if not pipeline.output.is_dicom and destination.kind in ("dicom", "dicomweb"):
             self.fail(path, f"destination {_show(destination.name)} (kind = {_show(destination.kind)}) takes DICOM "
                       f"only, and pipeline {_show(pipeline.name)} writes output = {_show(pipeline.output.value)}: "
-                      "send it to a folder destination, or make the pipeline's output \"sc\" or \"sc16\"")
+                      "send it to a folder destination, or make the pipeline's output \"sc\", \"sc16\" or \"gsps\"")
         if not pipeline.output.is_dicom and isinstance(destination, FolderDestination) and destination.file_names:
             unknown = [f for f in template_fields(destination.file_names) if f not in PNG_FIELDS]
             if unknown:

@@ -23,6 +23,7 @@ __all__ = [
     "Channels",
     "Clip",
     "Equalise",
+    "GSPS_CANNOT",
     "OutputFormat",
     "Pipeline",
     "PipelineError",
@@ -38,12 +39,14 @@ class PipelineError(ValueError):
 
 
 class OutputFormat(str, Enum):
-    """What a pipeline writes: Secondary Capture (8/16-bit) or PNG (8/16-bit)."""
+    """What a pipeline writes: Secondary Capture (8/16-bit), PNG (8/16-bit), or a Grayscale
+    Softcopy Presentation State (``gsps``: the display instructions, referencing the sources)."""
 
     SC = "sc"
     SC16 = "sc16"
     PNG = "png"
     PNG16 = "png16"
+    GSPS = "gsps"
 
     @property
     def bits(self) -> int:
@@ -52,8 +55,19 @@ class OutputFormat(str, Enum):
 
     @property
     def is_dicom(self) -> bool:
-        """Whether the output is a DICOM Secondary Capture."""
-        return self in (OutputFormat.SC, OutputFormat.SC16)
+        """Whether the output is DICOM (a Secondary Capture or a presentation state)."""
+        return self in (OutputFormat.SC, OutputFormat.SC16, OutputFormat.GSPS)
+
+
+#: Steps a Grayscale Softcopy Presentation State cannot express, and why (``output = "gsps"``).
+GSPS_CANNOT: dict[str, str] = {
+    "grey": "output gsps displays the source images themselves, and a Grayscale Softcopy Presentation "
+    "State applies to grey images only: converting colour to grey needs output sc or png",
+    "channels": "channels make an RGB image, and a Grayscale Softcopy Presentation State shows each "
+    "source image in grey: use output sc or png",
+    "colormap": "a colour map makes a colour image, and a Grayscale Softcopy Presentation State shows "
+    "each source image in grey (no Pseudo-Color Presentation State is written): use output sc or png",
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,10 @@ class Pipeline:
             raise PipelineError(
                 f"pipeline {self.name!r}: channels make RGB, which is 8-bit only; use output sc or png"
             )
+        if self.output is OutputFormat.GSPS:
+            for step, present in (("grey", self.grey), ("channels", isinstance(self.display, Channels))):
+                if present:
+                    raise PipelineError(f"pipeline {self.name!r}: {step}: {GSPS_CANNOT[step]}")
 
     @property
     def equalise(self) -> Equalise | None:
@@ -158,7 +176,8 @@ class Pipeline:
             parts.append(self.clip.describe())
         if self.display is not None:
             parts.append(self.display.describe())
-        parts.append(f"{self.output.bits}-bit")
+        if self.output is not OutputFormat.GSPS:  # a presentation state has no pixels of its own
+            parts.append(f"{self.output.bits}-bit")
         return "; ".join(parts)
 
     def fingerprint(self) -> str:
@@ -378,7 +397,8 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
     steps : sequence of mappings
         ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels", ...}``.
     output : str
-        ``sc``, ``sc16``, ``png`` or ``png16``.
+        ``sc``, ``sc16``, ``png``, ``png16`` or ``gsps`` (which refuses the steps of
+        :data:`GSPS_CANNOT`).
 
     Raises
     ------
@@ -399,6 +419,8 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
         if not isinstance(step, Mapping) or "op" not in step:
             raise PipelineError(f"{where}: a step is a table with an op key, got {step!r}")
         op = step["op"]
+        if fmt is OutputFormat.GSPS and op in GSPS_CANNOT:
+            raise PipelineError(f"{where}: {op}: {GSPS_CANNOT[op]}")
         if op in ("grey", "rescale"):
             _no_extra(set(step) - {"op"}, set(), where)
             slot, value = op, True

@@ -5,14 +5,17 @@ each output instance's SOP Instance UID from the source SOP Instance UID and the
 fingerprint (:func:`node.outputs.uids.derived_uid`), so processing the same input again gives
 the same names.  A Secondary Capture is ``<SOPUID>.dcm`` (every frame of its source in one
 file); a PNG output is ``<SOPUID>.png`` for a single-frame source and ``<SOPUID>_<NNNN>.png``
-(the frame number from 1, four digits) for each frame of a multi-frame one.
+(the frame number from 1, four digits) for each frame of a multi-frame one.  A presentation state
+(``output = "gsps"``) is ``<SOPUID>.dcm`` too, its UID from the source series, the fingerprint and
+what its images share (:func:`presentation_state_uid`).
 """
 
 from __future__ import annotations
 
 from node.outputs.uids import derived_uid
 
-__all__ = ["derived_instance_uid", "derived_series_uid", "output_file_name", "outputs_holding_frame"]
+__all__ = ["derived_instance_uid", "derived_series_uid", "output_file_name", "outputs_holding_frame",
+           "presentation_state_uid"]
 
 
 def derived_series_uid(series_uid: str, fingerprint: str) -> str:
@@ -23,6 +26,12 @@ def derived_series_uid(series_uid: str, fingerprint: str) -> str:
 def derived_instance_uid(source_sop_uid: str, fingerprint: str) -> str:
     """The SOP Instance UID of the output a pipeline (its fingerprint) makes from the instance *source_sop_uid*."""
     return derived_uid(source_sop_uid, "instance", fingerprint)
+
+
+def presentation_state_uid(series_uid: str, fingerprint: str, key: str) -> str:
+    """The SOP Instance UID of the presentation state a pipeline (its fingerprint) makes of the images
+    of *series_uid* that share *key* (size and polarity, e.g. ``512x512 MONOCHROME2``)."""
+    return derived_uid(series_uid, "presentation state", fingerprint, key)
 
 
 def output_file_name(sop_uid: str, *, dicom: bool, frame: int | None = None) -> str:
