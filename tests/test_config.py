@@ -481,7 +481,7 @@ steps = "rescale" # <-
 name = "ct"
 steps = [{ op = "rescale" }]
 output = "jpeg" # <-
-""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, gsps, got "jpeg"'),
+""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, gsps, nifti, npz, got "jpeg"'),
     ("duplicate-pipeline", HEAD + TAIL + """\
 [[pipelines]]
 name = "default" # <-

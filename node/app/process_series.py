@@ -3,7 +3,8 @@
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
 (or, for ``output = "gsps"``, presentation states showing the sources: :mod:`node.outputs.gsps`)
-in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`).
+in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`;
+volumes, by :mod:`node.app.volumes`: ``volume[...].nii.gz|.npz`` and ``.json`` there).
 Derived UIDs come from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
 
@@ -28,6 +29,7 @@ from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
 from node.outputs.sc import DerivedImage, DerivedSeries, SecondaryCaptureSeriesWriter, SourceImage
 from node.outputs import naming
+from node.app.volumes import write_series_volumes
 
 __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
@@ -109,6 +111,12 @@ def process_series(
     result = SeriesResult(series.study_uid, series.series_uid, derived.series_instance_uid)
     if pipeline.output is OutputFormat.GSPS:
         return _presentation_states(series, pipeline, out_dir, derived, result, now=now, started=started)
+    if pipeline.output.is_volume:  # a file per volume, not per image
+        volumes = write_series_volumes(series, pipeline, out_dir / series.study_uid / derived.series_instance_uid)
+        result.outputs, result.failures = volumes.outputs, volumes.failures
+        result.instances, result.frames = volumes.instances, volumes.frames
+        result.seconds = time.monotonic() - started
+        return result
     bins, failed = series_bins(pipeline, series.images)
     result.failures.extend(failed)
     failed_paths = {f.path for f in failed}

@@ -7,7 +7,9 @@ the same names.  A Secondary Capture is ``<SOPUID>.dcm`` (every frame of its sou
 file); a PNG output is ``<SOPUID>.png`` for a single-frame source and ``<SOPUID>_<NNNN>.png``
 (the frame number from 1, four digits) for each frame of a multi-frame one.  A presentation state
 (``output = "gsps"``) is ``<SOPUID>.dcm`` too, its UID from the source series, the fingerprint and
-what its images share (:func:`presentation_state_uid`).
+what its images share (:func:`presentation_state_uid`).  A volume output is
+``volume[_<stack>][_part<i>of<n>]`` with ``.nii.gz`` or ``.npz``, and its sidecar the same stem with
+``.json`` (:func:`volume_file_stem`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from node.outputs.uids import derived_uid
 
 __all__ = ["derived_instance_uid", "derived_series_uid", "output_file_name", "outputs_holding_frame",
-           "presentation_state_uid"]
+           "presentation_state_uid", "volume_file_stem"]
 
 
 def derived_series_uid(series_uid: str, fingerprint: str) -> str:
@@ -50,6 +52,20 @@ def output_file_name(sop_uid: str, *, dicom: bool, frame: int | None = None) -> 
     if dicom:
         return f"{sop_uid}.dcm"
     return f"{sop_uid}.png" if frame is None else f"{sop_uid}_{frame:04d}.png"
+
+
+def volume_file_stem(stack: str, part: int, parts: int) -> str:
+    """The stem of a volume output and its sidecar: ``volume``, ``volume_te30``, ``volume_part1of2``...
+
+    Parameters
+    ----------
+    stack : str
+        What tells the volume's stack from the series' others ("" for a series of one stack).
+    part, parts : int
+        The volume's number among the parts its stack was split into (from 1), and how many.
+    """
+    stem = "volume" + (f"_{stack}" if stack else "")
+    return stem + (f"_part{part}of{parts}" if parts > 1 else "")
 
 
 def outputs_holding_frame(source_sop_uid: str, fingerprint: str, frame: int) -> list[tuple[str, int]]:
