@@ -107,7 +107,8 @@ def process_series(
         so one series holds at most one such frame (2.2-3.1 times its size) at once.
     histograms : bool
         Count the value histograms before and after (:mod:`node.process.histograms`) while
-        rendering, into :attr:`SeriesResult.histograms`: about 1 ms a 512 x 512 slice.
+        rendering, into :attr:`SeriesResult.histograms`: 0.5 ms a 512 x 512 slice rendered
+        through a table (a window), 2 ms pixel by pixel (per-image equalisation).
 
     Returns
     -------
