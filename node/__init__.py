@@ -1,7 +1,10 @@
 """dicom-node: a DICOM processing node.
 
 Data flows one way: ingest -> spool -> series assembly -> pipeline -> writers -> senders.
-The imaging library (:mod:`node.imaging`) and the writers (:mod:`node.writers`) can be used on their own.
+The imaging library (:mod:`node.imaging`) and the writers (:mod:`node.outputs`) can be used on their own.
 """
 
 __version__ = "0.1.0"
+
+#: The Manufacturer (and model name) of everything this node writes; the poller skips series carrying it.
+MANUFACTURER = "dicom-node"

@@ -51,7 +51,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``dicom-node`` as a user would (a new process), capturing its output."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

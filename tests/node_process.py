@@ -44,7 +44,7 @@ class NodeProcess:
         env = dict(os.environ, PYTHONPATH=str(self.code_root))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path), *self.args],
+            [sys.executable, "-m", "node", "serve", "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
         )
         log.close()

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.jobstore import JobStore
-from node.poller import backfill_chunks, state_key
-from node.service import NodeService
-from node.spool import Spool
+from node.store.jobstore import JobStore
+from node.receive.poller import backfill_chunks, state_key
+from node.app.service import NodeService
+from node.store.spool import Spool
 from tests.conftest import run_cli
 from tests.node_process import node_config, wait_for
 from tests.peers import OrthancServer
@@ -93,7 +93,7 @@ def test_poll_help_explains_the_backfill() -> None:
 @pytest.mark.peers
 def test_an_old_study_is_found_by_the_backfill_only_once_and_the_watermark_stays(
         orthanc: OrthancServer, spool: Spool, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     old = upload(orthanc, series_files(tmp_path, count=3, date=OLD))
     (recent,) = upload(orthanc, series_files(tmp_path, "MR_small.dcm"))
     study, series, _ = uids(old[0])
@@ -143,7 +143,7 @@ def test_an_old_study_is_found_by_the_backfill_only_once_and_the_watermark_stays
 def test_a_backfill_pages_each_chunk_skips_derived_series_and_sets_no_watermark(
         orthanc: OrthancServer, spool: Spool, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         level: str) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     for number in range(3):
         upload(orthanc, series_files(tmp_path, date="20140310", time_of_day=f"08{number:02d}00"))
     upload(orthanc, series_files(tmp_path, "MR_small.dcm", 2, date="20141102"))
@@ -174,7 +174,7 @@ def test_a_backfill_pages_each_chunk_skips_derived_series_and_sets_no_watermark(
 @pytest.mark.peers
 def test_a_backfill_cut_short_by_the_archive_says_where_to_resume(
         orthanc: OrthancServer, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     march = upload(orthanc, series_files(tmp_path, count=3, date="20140310"))
     may = upload(orthanc, series_files(tmp_path, "MR_small.dcm", 2, date="20140520"))
     spool = SpoolWithFault(tmp_path / "var" / "spool", after=1, fault=lambda: orthanc.stop(grace=0))

@@ -10,9 +10,9 @@ import pytest
 from pydicom.data import get_charset_files
 
 from node.imaging.source import ImageFile
-from node.pipeline import OutputFormat, Pipeline
-from node.process import process_series
-from node.series import group_series
+from node.config.pipeline import OutputFormat, Pipeline
+from node.app.process_series import process_series
+from node.process.series import group_series
 from tests.conftest import bundled, dciodvfy_errors
 
 NAMES = [

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 import node
-from node.jobstore import JobStore, SeriesJob, SeriesState
+from node.store.jobstore import JobStore, SeriesJob, SeriesState
 from tests.conftest import bundled, run_cli
 from tests.peers import free_port, running_orthanc
 from tests.node_process import NodeProcess, folder_route, node_config
@@ -54,7 +54,7 @@ def _cli_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subproc
     """``dicom-node ARGS`` run in *cwd* with *env* added to the environment (no $DICOM_NODE_CONFIG unless given)."""
     full = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
     full.update(env or {}, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=120,
                           env=full, cwd=cwd)
 
 
@@ -255,7 +255,7 @@ def test_config_check_and_serve_refuse_a_config_that_cannot_work(
     check = run_cli("config", "check", str(config), timeout=60)
     lines = [line for line in check.stderr.splitlines() if line.strip()]
     assert check.returncode == 2 and len(lines) == 1 and check.stdout == "", check.stdout + check.stderr
-    assert f" ERROR node.cli: {at}{key}: " in lines[0] and message in lines[0], lines[0]
+    assert f" ERROR node.app.cli: {at}{key}: " in lines[0] and message in lines[0], lines[0]
     serve = run_cli("serve", "--config", str(config), timeout=60)  # refused before anything listens
     assert serve.returncode == 2, serve.stderr
     assert "Traceback" not in serve.stderr and f"{at}{key}: " in serve.stderr, serve.stderr
@@ -276,7 +276,7 @@ def test_a_port_in_use_ends_serve_with_one_line_naming_the_listener(tmp_path: Pa
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and errors[0].endswith(
-        f"ERROR node.cli: {second}: {shared}: {listener} cannot listen on 127.0.0.1:{used}: the port is in use "
+        f"ERROR node.app.cli: {second}: {shared}: {listener} cannot listen on 127.0.0.1:{used}: the port is in use "
         f"(another dicom-node, or another program: `ss -ltnp 'sport = :{used}'` names it); stop it or choose "
         "another port"), result.stderr
 

@@ -228,7 +228,7 @@ def run_cli_env(*args: str, config_variable: str | None = None) -> subprocess.Co
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     if config_variable is not None:
         env["DICOM_NODE_CONFIG"] = config_variable
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=600,
                           env=env)
 
 

@@ -26,7 +26,7 @@ from node.config import (
     Route,
     load_config,
 )
-from node.pipeline import Channels, OutputFormat, WindowSpec
+from node.config.pipeline import Channels, OutputFormat, WindowSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -481,7 +481,7 @@ steps = "rescale" # <-
 name = "ct"
 steps = [{ op = "rescale" }]
 output = "jpeg" # <-
-""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, got "jpeg"'),
+""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, gsps, nifti, npz, got "jpeg"'),
     ("duplicate-pipeline", HEAD + TAIL + """\
 [[pipelines]]
 name = "default" # <-
@@ -1159,7 +1159,7 @@ destinations = [
     "pacs", # <-
 ]
 """, "routes[1].destinations[2]", 'destination "pacs" (kind = "dicom") takes DICOM only, and pipeline "colour" '
-     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc" or "sc16"'),
+     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc", "sc16" or "gsps"'),
     ("png16-to-dicomweb", HEAD + DICOMWEB + """\
 [[pipelines]]
 name = "grey16"
@@ -1277,7 +1277,7 @@ def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([*prefix, sys.executable, "-m", "node.cli", "config", "check", str(config)],
+    return subprocess.run([*prefix, sys.executable, "-m", "node", "config", "check", str(config)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 

@@ -3,7 +3,7 @@
 Against the running node (``dicom-node serve``): held garbage and silent connections
 (:mod:`tests.hostile`) while dcmtk ``echoscu`` checks that senders still get in; the timeout, the
 A-ABORT and close, /metrics and the rate-limited warning. In this process, on a real
-:class:`node.netutil.GuardedAssociationServer` (plain and TLS): the limits, an A-ASSOCIATE-RQ that
+:class:`node.receive.guard.GuardedAssociationServer` (plain and TLS): the limits, an A-ASSOCIATE-RQ that
 arrives in pieces, an association longer than the timeout, shutdown. Loopback only.
 """
 
@@ -31,10 +31,10 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import TlsSettings
-from node.ingest import build_application_entity
-from node.metrics import CONNECTION_REFUSAL_REASONS, Metrics
-from node.netutil import ConnectionGuard, ConnectionLimits, start_guarded_server
-from node.tls import start_tls_server
+from node.receive.scp import build_application_entity
+from node.telemetry.metrics import CONNECTION_REFUSAL_REASONS, Metrics
+from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
+from node.receive.tls_listener import start_tls_server
 from tests.conftest import bundled, tool
 from tests.hostile import GARBAGE, held
 from tests.node_process import NodeProcess, node_config, wait_for
@@ -162,7 +162,7 @@ def test_garbage_is_answered_a_abort_and_closed_at_once_and_counted_and_warned_o
     after = refused_counts(metric_samples(http))
     assert after["invalid_pdu"] - before["invalid_pdu"] == len(GARBAGE) + 1, (before, after)
     # logged once for 127.0.0.1 (this minute), naming the address and why
-    warnings = [line for line in node.log().splitlines() if " WARNING node.netutil: " in line]
+    warnings = [line for line in node.log().splitlines() if " WARNING node.receive.guard: " in line]
     assert len(warnings) == 1, warnings
     assert "connection from 127.0.0.1:" in warnings[0] and "answered A-ABORT" in warnings[0], warnings[0]
     assert node.alive() and echoscu(LOCALHOST, node.port, called_aet="DICOMNODE").returncode == 0
@@ -190,7 +190,7 @@ def test_silent_and_trickling_connections_are_closed_at_the_timeout(timeout_node
     assert received == b"" and 1.8 <= seconds <= 4.0, (received, seconds)
     after = refused_counts(metric_samples(http))
     assert after["timeout"] - before["timeout"] == 2, (before, after)
-    warnings = [line for line in node.log().splitlines() if " WARNING node.netutil: " in line]
+    warnings = [line for line in node.log().splitlines() if " WARNING node.receive.guard: " in line]
     assert len(warnings) == 1, warnings  # the second in the same minute is counted, not logged
     assert "connection from 127.0.0.1:" in warnings[0], warnings[0]
     assert "closed: no complete A-ASSOCIATE-RQ within 2 s (association_timeout_seconds)" in warnings[0], warnings[0]
@@ -333,7 +333,7 @@ def test_warnings_at_most_once_a_minute_per_address(caplog: pytest.LogCaptureFix
     now = [1000.0]
     metrics = Metrics()
     guard = ConnectionGuard(metrics=metrics, clock=lambda: now[0])
-    caplog.set_level(logging.WARNING, logger="node.netutil")
+    caplog.set_level(logging.WARNING, logger="node.receive.guard")
     guard.refused("10.1.2.3", "timeout", "connection from 10.1.2.3:1 closed: first")
     now[0] += 10
     guard.refused("10.1.2.3", "invalid_pdu", "connection from 10.1.2.3:2 closed: second")

@@ -128,7 +128,7 @@ def test_unrouted_keep_is_the_default_beside_a_discard_route(tmp_path: Path) -> 
         wait_for(lambda: all(_jobs(http).get(uid) == state for uid, state in expected.items()), 60,
                  "CT delivered, MR discarded, CR kept unrouted", node.log)
         assert _spooled(tmp_path / "var" / "spool") == series["ct"][1] | series["cr"][1]
-        assert f"WARNING node.workers: series {series['cr'][0]} kept unrouted: no route matches" in node.log()
+        assert f"WARNING node.app.workers: series {series['cr'][0]} kept unrouted: no route matches" in node.log()
         assert _metric(http, "series_discarded_total") == 1
         assert _metric(http, 'queue_depth{state="unrouted"}') == 1
 

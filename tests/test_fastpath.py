@@ -18,10 +18,10 @@ import pytest
 from pynetdicom import AE, _handlers, evt
 from pynetdicom.sop_class import Verification
 
-from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-from node.jobstore import JobStore
+from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+from node.store.jobstore import JobStore
 from node.net import fastpath
-from node.spool import Spool
+from node.store.spool import Spool
 from tests.conftest import bundled
 from tests.node_process import copy_as_series, wait_for
 from tests.peers import _nodelay_env, free_port, storescu

@@ -12,9 +12,10 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from node.config import FolderDestination
-from node.filenames import delivered_names
-from node.senders import COMPLETE_MARKER, FolderSender, sender_for
-from node.writers.png import traceability_text, write_png
+from node.config.file_names import delivered_names
+from node.deliver.folder import COMPLETE_MARKER, FolderSender
+from node.deliver.senders import sender_for
+from node.outputs.png import traceability_text, write_png
 from tests.node_process import NodeProcess, folder_route, node_config, wait_for
 from tests.peers import free_port, store_responses, storescu
 from tests.test_config import HEAD, error_of, load_text, marked_line
@@ -166,9 +167,9 @@ def test_unsafe_values_are_made_safe_and_missing_fields_keep_the_own_name(
     ds.SeriesDescription = "../head: 5/mm*"
     ds.save_as(files[0])
     assert "SeriesDescription" not in pydicom.dcmread(files[1])
-    with caplog.at_level(logging.WARNING, logger="node.filenames"):
+    with caplog.at_level(logging.WARNING, logger="node.config.file_names"):
         assert delivered_names("{SeriesDescription}", files) == ["_head_5_mm_.dcm", "out-1.dcm"]
-    said = [r.getMessage() for r in caplog.records if r.name == "node.filenames"]
+    said = [r.getMessage() for r in caplog.records if r.name == "node.config.file_names"]
     assert said == ["file_names '{SeriesDescription}': 1 of 2 outputs lack a field or a value that fits it: "
                     "they keep their own names"]
     assert delivered_names(None, files) == ["out-0.dcm", "out-1.dcm"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node import fsutil
-from node.fsutil import atomic_output, start_writeback
+from node.store import fsutil
+from node.store.fsutil import atomic_output, start_writeback
 
 
 def test_atomic_output_replaces_in_one_step_and_leaves_nothing_on_error(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_folder_syncs_share_one_fsync_that_began_after_each_caller_asked(tmp_pat
 
 
 def test_adopt_fsyncs_the_new_series_and_study_folders_into_their_parents(tmp_path: Path, monkeypatch) -> None:
-    from node.spool import Spool
+    from node.store.spool import Spool
 
     fsyncs = RecordedFsyncs(monkeypatch)
     spool = Spool(tmp_path / "spool")

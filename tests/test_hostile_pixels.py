@@ -26,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from node.spool import Spool
+from node.store.spool import Spool
 from tests.big_images import write_rle_ct
 from tests.conftest import run_cli
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for

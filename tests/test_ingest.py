@@ -1,8 +1,8 @@
 """Ingest edge cases: duplicates, resends, replacements, invalid UIDs, the disk guard, cut transfers.
 
-Against the running node (``dicom-node serve``), and against :class:`node.ingest.StoreHandler` on
+Against the running node (``dicom-node serve``), and against :class:`node.receive.scp.StoreHandler` on
 a real pynetdicom SCP in this process, once with data sets received in memory and once streamed
-to ``<spool>/.incoming`` (:func:`node.ingest.enable_streamed_receive`).
+to ``<spool>/.incoming`` (:func:`node.receive.scp.enable_streamed_receive`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-from node.jobstore import JobStore
-from node.metrics import Metrics
-from node.spool import INCOMING, Spool
+from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+from node.store.jobstore import JobStore
+from node.telemetry.metrics import Metrics
+from node.store.spool import INCOMING, Spool
 from tests.conftest import bundled
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import STORESCU_BIN, _nodelay_env, echoscu, free_port, store_responses, storescu
@@ -184,7 +184,7 @@ def test_both_ways_of_receiving_spool_the_same_bytes(tmp_path: Path) -> None:
 def test_resend_identical_is_acknowledged_and_different_bytes_replace(
     scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.ingest")
+    caplog.set_level(logging.INFO, logger="node.receive.scp")
     sources = copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "in")
     assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
     first = [p.read_bytes() for p in scp.spooled()]
@@ -272,7 +272,7 @@ def test_invalid_uid_is_refused_and_nothing_is_left(scp: Scp, tmp_path: Path) ->
 def test_disk_guard_refuses_stores_nothing_and_warns_once(
     scp: Scp, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.ingest")
+    caplog.set_level(logging.INFO, logger="node.receive.scp")
     sources = copy_as_series([bundled("CT_small.dcm")] * 5, tmp_path / "in")
     scp.handler.min_free_bytes = shutil.disk_usage(scp.spool.root).free + 2**40
     pushed = storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE", no_halt=True)
@@ -337,7 +337,7 @@ def test_left_over_receive_files_are_removed_at_start_up(tmp_path: Path) -> None
 def test_disk_guard_stops_a_streamed_transfer_while_it_arrives(
     cine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.ingest")
+    caplog.set_level(logging.INFO, logger="node.receive.scp")
     for scp in _scp(tmp_path / "node", streamed=True, min_free_while_receiving=2**60):
         pushed = storescu("127.0.0.1", scp.port, [cine], called_aet="DICOMNODE", no_halt=True)
         assert store_responses(pushed) == ["Refused: OutOfResources"]
@@ -418,7 +418,7 @@ def test_a_header_that_cannot_be_parsed_is_refused_saying_what(
 ) -> None:
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-    caplog.set_level(logging.INFO, logger="node.ingest")
+    caplog.set_level(logging.INFO, logger="node.receive.scp")
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     no_study = pydicom.dcmread(path)
     del no_study.StudyInstanceUID
@@ -444,14 +444,14 @@ def test_a_header_that_cannot_be_parsed_is_refused_saying_what(
 
 
 def test_the_file_meta_of_streamed_files_is_pydicoms_byte_for_byte() -> None:
-    """node.ingest writes the file meta of each streamed data set itself (pydicom took 0.25 ms each)."""
+    """node.receive.scp writes the file meta of each streamed data set itself (pydicom took 0.25 ms each)."""
     import io
 
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import UID, AllTransferSyntaxes
     from pynetdicom.dsutils import create_file_meta
 
-    from node.ingest import _encoded_file_meta, _write_file_meta_info
+    from node.receive.scp import _encoded_file_meta, _write_file_meta_info
 
     for syntax in AllTransferSyntaxes:
         for length in range(20, 65):  # odd and even lengths: padded with NUL

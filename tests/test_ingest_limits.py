@@ -1,4 +1,4 @@
-"""The decode limits at C-STORE, in :class:`node.ingest.StoreHandler` on a real pynetdicom SCP.
+"""The decode limits at C-STORE, in :class:`node.receive.scp.StoreHandler` on a real pynetdicom SCP.
 
 The header is read up to Bits Allocated (0028,0100) before answering: an image whose Rows x
 Columns x Number of Frames x Samples per Pixel x Bits Allocated is above ``[node] max_frame_mb``
@@ -27,10 +27,10 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from node.imaging.source import DecodeLimits
-from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-from node.jobstore import JobStore
-from node.metrics import Metrics
-from node.spool import INCOMING, Spool
+from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+from node.store.jobstore import JobStore
+from node.telemetry.metrics import Metrics
+from node.store.spool import INCOMING, Spool
 from tests.big_images import write_rle_ct
 from tests.conftest import bundled
 from tests.node_process import copy_as_series
@@ -114,7 +114,7 @@ def refusals(scp: Scp) -> int:
 def test_frame_over_the_limit_is_refused_in_every_encoding(
     scp: Scp, tmp_path: Path, syntax: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.ingest")
+    caplog.set_level(logging.INFO, logger="node.receive.scp")
     # 763 MB a frame, 32 KB of Pixel Data sent (big endian: pydicom's MR, it converts no endianness)
     source = "MR_small_bigendian.dcm" if syntax == ExplicitVRBigEndian else "CT_small.dcm"
     ds = ct(tmp_path, source, Rows=20000, Columns=20000)

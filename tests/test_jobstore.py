@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from node.database import DatabaseError
-from node.jobstore import SCHEMA_VERSION, JobStore, JobStoreError, Reconciled, SeriesState, open_job_store
-from node.spool import InvalidUID, Spool
+from node.store.database import DatabaseError
+from node.store.jobstore import SCHEMA_VERSION, JobStore, JobStoreError, Reconciled, SeriesState, open_job_store
+from node.store.spool import InvalidUID, Spool
 from tests.peers import free_port
 
 
@@ -388,7 +388,7 @@ def test_rebuild_sets_the_damaged_store_aside_and_records_the_spool(tmp_path: Pa
 
 
 def test_rebuild_refuses_a_store_in_use_and_a_node_does_not_open_one_being_rebuilt(tmp_path: Path) -> None:
-    from node.jobstore import _FolderLock
+    from node.store.jobstore import _FolderLock
 
     path = tmp_path / "jobs.sqlite"
     jobs = JobStore(path)

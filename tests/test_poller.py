@@ -19,10 +19,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pydicom.uid import generate_uid
 
 from node.config import BasicAuth, DicomWebSource, load_config
-from node.jobstore import JobStore
-from node.poller import DicomWebPoller, PollResult, schedule, state_key
-from node.service import NodeService
-from node.spool import Spool
+from node.store.jobstore import JobStore
+from node.receive.poller import DicomWebPoller, PollResult, schedule, state_key
+from node.app.service import NodeService
+from node.store.spool import Spool
 from tests.conftest import bundled, run_cli
 from tests.node_process import copy_as_series, node_config, wait_for
 from tests.peers import OrthancServer, free_port, running_orthanc
@@ -111,7 +111,7 @@ def counts(result: PollResult) -> tuple[int, int, int, int, int]:
 
 def test_ct_series_is_found_fetched_spooled_and_recorded(
         orthanc: OrthancServer, spool: Spool, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     sources = upload(orthanc, series_files(tmp_path, "CT_small.dcm", 3))
     study, series, _ = uids(sources[0])
     poller = poller_for(archive(orthanc), spool, jobs)
@@ -397,7 +397,7 @@ class SpoolWithFault(Spool):
 
 def test_archive_down_during_a_poll_then_back(
         orthanc: OrthancServer, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     now = [time.time()]
     spool = SpoolWithFault(tmp_path / "var" / "spool", after=3, fault=lambda: orthanc.stop(grace=0))
     poller = poller_for(archive(orthanc), spool, jobs, clock=lambda: now[0])
@@ -493,7 +493,7 @@ def test_basic_auth(spool: Spool, jobs: JobStore, tmp_path: Path, monkeypatch: p
 
 def test_schedule_runs_each_source_and_a_bad_one_stops_nothing(
         orthanc: OrthancServer, spool: Spool, jobs: JobStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.poller")
+    caplog.set_level(logging.INFO, logger="node.receive.poller")
     (path,) = upload(orthanc, series_files(tmp_path))
     nowhere = DicomWebSource(name="nowhere", url=f"http://127.0.0.1:{free_port()}/dicom-web", every_seconds=1.0)
     crashing = poller_for(DicomWebSource(name="crashing", url=orthanc.dicomweb_url, every_seconds=1.0),

@@ -1,12 +1,12 @@
-"""The recorder of received instances (node.recording.PendingRecords) on a real SQLite job store."""
+"""The recorder of received instances (node.store.pending.PendingRecords) on a real SQLite job store."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from node.jobstore import JobStore
-from node.recording import PendingRecords
+from node.store.jobstore import JobStore
+from node.store.pending import PendingRecords
 
 
 def row(series: str, sop: str) -> dict:

@@ -1,6 +1,6 @@
 """`dicom-node serve` recovering from what stops it: a series that kills it, a damaged job store, leftovers.
 
-Against the running node (``python -m node.cli serve``, killed with SIGKILL as the kernel's
+Against the running node (``python -m node serve``, killed with SIGKILL as the kernel's
 out-of-memory killer would), dcmtk ``storescu`` as the sender and a folder destination.
 """
 
@@ -130,7 +130,7 @@ def test_a_damaged_job_store_stops_serve_and_status_with_one_line_and_store_rebu
             assert result.returncode == 3, (how, command, result.stdout, result.stderr)
             errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
             assert len(errors) == 1 and "Traceback" not in result.stderr, (how, command, result.stderr)
-            assert f"ERROR node.cli: {store}: the job store is damaged (" in errors[0]
+            assert f"ERROR node.app.cli: {store}: the job store is damaged (" in errors[0]
             assert f"run `dicom-node store rebuild --config {config}`" in errors[0]
     # pages damaged: the one that opened without complaint before; rebuilt from the spool
     rebuilt = run_cli("store", "rebuild", "--config", config, timeout=120)
@@ -169,7 +169,7 @@ def test_recovery_removes_what_a_killed_writer_left_in_the_outputs(tmp_path: Pat
     other.write_bytes(b"x")
     for target in (outputs / "1.2.3" / "2.25.4" / "1.2.3.4.6.dcm", outputs / ".thumbs" / "7" / "after.png"):
         # a writer killed half-way, as the kernel kills a node: atomic_output's temporary file stays behind
-        code = ("import os, signal, sys\nfrom node.fsutil import atomic_output\n"
+        code = ("import os, signal, sys\nfrom node.store.fsutil import atomic_output\n"
                 "with atomic_output(sys.argv[1]) as out:\n    out.write(b'half')\n    out.flush()\n"
                 "    os.kill(os.getpid(), signal.SIGKILL)\n")
         killed = subprocess.run([sys.executable, "-c", code, str(target)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
@@ -184,7 +184,7 @@ def test_recovery_removes_what_a_killed_writer_left_in_the_outputs(tmp_path: Pat
 
 def test_instances_answered_just_before_a_kill_are_recorded_once_at_the_next_start(tmp_path: Path) -> None:
     """Success is answered once the spool file and its folder entry are fsync'd; the job store row is
-    written a moment later (node.recording). A node killed mid-push records at start-up what it spooled."""
+    written a moment later (node.store.pending). A node killed mid-push records at start-up what it spooled."""
     port = free_port()
     sources = copy_as_series([bundled("CT_small.dcm")] * 40, tmp_path / "in")
     config = node_config(tmp_path / "var", port, settle=3600)

@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-import node.render
+import node.process.render
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.pipeline import Pipeline
-from node.render import FrameRenderer, row_blocks, series_bins
+from node.config.pipeline import Pipeline
+from node.process.render import FrameRenderer, row_blocks, series_bins
 from tests.conftest import bundled
 from tests.test_render_table import BUNDLED, PIPELINES, made_files  # noqa: F401 - the fixture is used below
 
@@ -74,13 +74,13 @@ def test_rows_are_rendered_a_block_at_a_time(monkeypatch: pytest.MonkeyPatch) ->
     image = ImageFile.open(bundled("CT_small.dcm"))
     arr = next(image.iter_frames())
     shapes: list[tuple[int, ...]] = []
-    real = node.render.modality_values
+    real = node.process.render.modality_values
 
     def spy(values: np.ndarray, *args: object) -> np.ndarray:
         shapes.append(values.shape)
         return real(values, *args)
 
-    monkeypatch.setattr(node.render, "modality_values", spy)
+    monkeypatch.setattr(node.process.render, "modality_values", spy)
     FrameRenderer(PIPELINES["equalise image"], image, block_pixels=SMALL_BLOCK).render(arr, 0)
     one_pass = [(7, 128)] * 18 + [(2, 128)]
     assert shapes == one_pass + one_pass
@@ -128,9 +128,9 @@ def test_big_frames_of_a_series_are_processed_one_at_a_time(tmp_path: Path) -> N
 
     from pydicom.uid import generate_uid
 
-    from node.pipeline import parse_steps
-    from node.process import process_series
-    from node.series import group_series, open_images
+    from node.config.pipeline import parse_steps
+    from node.app.process_series import process_series
+    from node.process.series import group_series, open_images
     from tests.big_images import write_rle_ct
 
     study, series = generate_uid(), generate_uid()

@@ -16,11 +16,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-import node.render
+import node.process.render
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.imaging.voi import WINDOWS, VOIFunction, Window, window_scaled
-from node.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, WindowSpec
-from node.render import FrameRenderer, series_bins
+from node.config.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, WindowSpec
+from node.process.render import FrameRenderer, series_bins
 from tests.conftest import bundled
 from tests.peers import TEST_DATA_ENV
 
@@ -260,13 +260,13 @@ def _table_calls(monkeypatch: pytest.MonkeyPatch, path: Path, pipeline: Pipeline
     arr = next(image.iter_frames())
     bins, _ = series_bins(pipeline, [image])
     shapes: list[tuple[int, ...]] = []
-    real = node.render.modality_values
+    real = node.process.render.modality_values
 
     def spy(arr: np.ndarray, *args: object) -> np.ndarray:
         shapes.append(arr.shape)
         return real(arr, *args)
 
-    monkeypatch.setattr(node.render, "modality_values", spy)
+    monkeypatch.setattr(node.process.render, "modality_values", spy)
     FrameRenderer(pipeline, image, bins).render(arr, 0)
     return shapes
 

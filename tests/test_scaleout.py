@@ -242,7 +242,7 @@ def test_serve_without_its_database_says_where_in_one_line(tmp_path: Path) -> No
                       f'[store]\nurl = "postgresql://node@127.0.0.1:{port}/dicomnode"\npassword_env = "TEST_DB_PW"\n')
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TEST_DB_PW="s3cret-pw")
     result = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "node.cli", "serve", "--config", str(config), "--role", "worker"],
+        [__import__("sys").executable, "-m", "node", "serve", "--config", str(config), "--role", "worker"],
         capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 3, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

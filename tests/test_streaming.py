@@ -12,9 +12,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.imaging.source import ImageFile
-from node.pipeline import Equalise, OutputFormat, Pipeline
-from node.process import process_series
-from node.series import group_series
+from node.config.pipeline import Equalise, OutputFormat, Pipeline
+from node.app.process_series import process_series
+from node.process.series import group_series
 from tests.conftest import bundled
 
 FRAMES, ROWS, COLUMNS = 120, 480, 640

@@ -10,7 +10,7 @@ Observed (dcmtk 3.6.7, pynetdicom 3.0.4, OpenSSL 3.0, TLS 1.3 negotiated):
   storescu says "0006:031d TCP I/O Error (Connection reset by peer) occurred in routine:
   sendAssociationRQTCP" or "Peer aborted Association".
 * pynetdicom's own TLS server logs nothing for either (socketserver drops the handshake's
-  exception) and does the handshake in its accept loop: node.tls moves it into the connection's
+  exception) and does the handshake in its accept loop: node.receive.tls_listener moves it into the connection's
   thread, with a time limit, and logs it.
 * DicomSender with a client certificate from another CA: TLS 1.3 completes the client's side of
   the handshake; the server's "unknown ca" alert arrives on the first read -> permanent.
@@ -40,13 +40,23 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import ConfigError, TlsSettings
-from node.senders import DeliveryError, DicomSender, sender_for
-from node.tls import check_certificate_expiry, client_context, server_context, start_tls_server
+from node.deliver.dicom import DicomSender
+from node.deliver.failures import DeliveryError
+from node.deliver.senders import sender_for
+from node.net.pynetdicom_setup import configure_pynetdicom
+from node.net.tls import TlsFileError, check_certificate_expiry, client_context, server_context
+from node.receive.tls_listener import start_tls_server
 from tests.conftest import bundled, tool
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
 from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynetdicom_as_the_node_sets_it() -> None:
+    """pynetdicom's process-wide switches as ``dicom-node serve`` sets them at start-up."""
+    configure_pynetdicom()
 
 LOCALHOST = "127.0.0.1"
 
@@ -124,23 +134,23 @@ def test_contexts_are_tls12_or_later_and_verify(pki: Pki) -> None:
     assert client_context(host=LOCALHOST).check_hostname  # public store: the IP must be in the certificate
 
 
-def test_unusable_files_are_config_errors_naming_the_file(pki: Pki, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=f"private key file {pki.key('client')} does not belong to "
+def test_unusable_files_are_tls_file_errors_naming_the_file(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(TlsFileError, match=f"private key file {pki.key('client')} does not belong to "
                                           f"certificate file {pki.cert('server')}"):
         server_context(TlsSettings(port=1, cert_file=pki.cert("server"), key_file=pki.key("client")))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    with pytest.raises(ConfigError, match=f"certificate file {garbage}: no PEM certificate"):
+    with pytest.raises(TlsFileError, match=f"certificate file {garbage}: no PEM certificate"):
         server_context(TlsSettings(port=1, cert_file=garbage, key_file=pki.key("server")))
-    with pytest.raises(ConfigError, match=f"CA file {garbage}"):
+    with pytest.raises(TlsFileError, match=f"CA file {garbage}"):
         client_context(ca_file=garbage)
     missing = tmp_path / "missing.pem"
-    with pytest.raises(ConfigError, match=f"CA file {missing}: cannot read"):
+    with pytest.raises(TlsFileError, match=f"CA file {missing}: cannot read"):
         server_context(dataclasses.replace(pki.settings(1), ca_file=missing))
     locked = tmp_path / "encrypted.key"
     _openssl("pkey", "-in", str(pki.key("client")), "-aes256", "-passout", "pass:secret", "-out", str(locked),
              cwd=tmp_path)
-    with pytest.raises(ConfigError, match=f"private key file {locked}: the private key is encrypted"):
+    with pytest.raises(TlsFileError, match=f"private key file {locked}: the private key is encrypted"):
         client_context(ca_file=pki.cert("ca"), cert_file=pki.cert("client"), key_file=locked)
 
 
@@ -175,7 +185,7 @@ def test_config_check_reports_unusable_tls_files_at_their_line(pki: Pki, tmp_pat
 
 def test_certificate_expiry_is_warned_about_and_an_expired_one_is_an_error(
         pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node.tls")
+    caplog.set_level(logging.WARNING, logger="node.net.tls")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     found = check_certificate_expiry({"tls.cert_file": pki.cert("server"), "destinations.x.cert_file": garbage})
@@ -308,7 +318,7 @@ def test_refused_handshakes_are_logged_and_the_node_goes_on(tls_node: TlsNode, p
              10, "a client refusing the node's certificate in the log", node.log)
 
     refusals = [line for line in node.log().splitlines() if "TLS connection from 127.0.0.1:" in line and "refused" in line]
-    assert len(refusals) >= 4 and all(" WARNING node.tls: " in line for line in refusals), refusals
+    assert len(refusals) >= 4 and all(" WARNING node.receive.tls_listener: " in line for line in refusals), refusals
     assert node.alive()
     assert not any(path.parent.name == sources[0].parent.name for path in tls_node.out.rglob("*.dcm"))
 
@@ -339,7 +349,7 @@ class TlsOnlyNode(NodeProcess):
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
             )
         try:
@@ -405,7 +415,7 @@ def pynetdicom_scp(context: ssl.SSLContext | None) -> tuple[AE, int, Received]:
 
 @pytest.fixture
 def tls_scp(pki: Pki) -> Iterator[tuple[int, Received]]:
-    """pynetdicom's own TLS server (not node.tls's) requiring client certificates of ``ca``."""
+    """pynetdicom's own TLS server (not node.receive.tls_listener's) requiring client certificates of ``ca``."""
     ae, port, received = pynetdicom_scp(server_context(pki.settings(0)))
     try:
         yield port, received
@@ -549,7 +559,7 @@ def test_start_tls_server_in_process(pki: Pki, caplog: pytest.LogCaptureFixture)
     ae = AE(ae_title="DICOMNODE")
     ae.add_supported_context(Verification)
     port = free_port()
-    with caplog.at_level(logging.INFO, logger="node.tls"):
+    with caplog.at_level(logging.INFO, logger="node.receive.tls_listener"):
         server = start_tls_server(ae, LOCALHOST, pki.settings(port), [], handshake_timeout=1.0)
         try:
             assert tls_echo(port, pki.tls_args("client")).returncode == 0
@@ -609,9 +619,9 @@ def test_stow_over_https_trusts_the_destination_ca_file(https_orthanc: HttpsOrth
 
 def test_poller_over_https_trusts_the_source_ca_file(https_orthanc: HttpsOrthanc, pki: Pki, tmp_path: Path) -> None:
     from node.config import DicomWebSource
-    from node.jobstore import JobStore
-    from node.poller import DicomWebPoller
-    from node.spool import Spool
+    from node.store.jobstore import JobStore
+    from node.receive.poller import DicomWebPoller
+    from node.store.spool import Spool
 
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     https_orthanc.orthanc.upload(path)

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from node.pipeline import parse_steps, series_description
-from node.process import SeriesResult, process_series
-from node.series import group_series, open_images
-from node.writers.png import traceability_text, write_png
+from node.config.pipeline import parse_steps, series_description
+from node.app.process_series import SeriesResult, process_series
+from node.process.series import group_series, open_images
+from node.outputs.png import traceability_text, write_png
 from tests.conftest import bundled, dciodvfy_errors
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)

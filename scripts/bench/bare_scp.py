@@ -8,12 +8,12 @@ instance's ``event.encoded_dataset()`` bytes (preamble, file meta, dataset as re
 A fair floor: everything pynetdicom itself does is set up as the node sets it up, so the
 difference is the node's own work (durable spool, header parse, job store):
 
-* the same maximum PDU the node's AE advertises (``node.ingest.build_application_entity``:
+* the same maximum PDU the node's AE advertises (``node.receive.scp.build_application_entity``:
   0, unlimited). pynetdicom's default is 16382, which makes a sender cut a 512x512 CT slice into
   ~32 PDUs instead of ~4 (the floor of the benchmarks before 2026-12 kept that default, so it did
   ~8x the PDU work of the node);
-* ``TCP_NODELAY`` on each accepted connection, by the node's own ``node.netutil.no_delay``;
-* logging set up by the node's ``node.logsetup.setup_logging`` at the node's default level (INFO,
+* ``TCP_NODELAY`` on each accepted connection, by the node's own ``node.net.sockets.no_delay``;
+* logging set up by the node's ``node.telemetry.logsetup.setup_logging`` at the node's default level (INFO,
   pynetdicom at WARNING), with one INFO line per association as the node writes.
 """
 
@@ -34,9 +34,9 @@ from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
 
-from node.ingest import build_application_entity  # noqa: E402
-from node.logsetup import LogSettings, setup_logging  # noqa: E402
-from node.netutil import no_delay  # noqa: E402
+from node.receive.scp import build_application_entity  # noqa: E402
+from node.telemetry.logsetup import LogSettings, setup_logging  # noqa: E402
+from node.net.sockets import no_delay  # noqa: E402
 
 log = logging.getLogger("bare_scp")
 

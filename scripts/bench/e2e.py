@@ -11,7 +11,7 @@ an Orthanc destination (C-STORE). Measured:
   are in Orthanc, minus the settle time; slices/s from that;
 * the node's own log: settle/queue, open (headers), ``process_series`` ("N outputs in X s"),
   wait for the delivery loop, send ("delivered ... in X s"), Orthanc visibility;
-* a cProfile run of ``node.process.process_series`` on the spooled series, in this process,
+* a cProfile run of ``node.app.process_series.process_series`` on the spooled series, in this process,
   summarised by phase (decode, render, SC header, encode/write, fsync), and the unprofiled time;
 * the send alone: the 300 derived files into a fresh Orthanc with dcmtk ``storescu`` and with the
   node's ``DicomSender`` over 1, 2 and 4 associations (the ``associations`` destination setting).
@@ -145,7 +145,7 @@ def _threads_kw(threads: int) -> dict:
     """``threads=`` for process_series when this version of the node has it."""
     import inspect
 
-    from node.process import process_series
+    from node.app.process_series import process_series
     return {"threads": threads} if "threads" in inspect.signature(process_series).parameters else {}
 
 
@@ -154,8 +154,8 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     import os
 
     from node.config import load_config
-    from node.process import process_series
-    from node.series import InputSeries, instance_order, open_images
+    from node.app.process_series import process_series
+    from node.process.series import InputSeries, instance_order, open_images
 
     paths = sorted(spool.rglob("*.dcm"))
     pipeline = load_config(config_path).pipelines["ct-brain"]
@@ -180,7 +180,7 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     # that runs node.process._process_image gets its own profiler, merged afterwards.
     import threading
 
-    import node.process
+    import node.app.process_series
 
     profiler = cProfile.Profile()
     workers: list[cProfile.Profile] = []
@@ -212,11 +212,11 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     stats = pstats.Stats(profiler)
     for worker in workers:
         stats.add(worker)
-    total = _cum(stats, "process_series", "node/process.py")
+    total = _cum(stats, "process_series", "node/app/process_series.py")
     decode = _cum(stats, "iter_frames", "node/imaging/source.py")
-    render = _cum(stats, "render", "node/render.py")
-    render_all = _cum(stats, "render_all", "node/render.py")
-    sc_file = "node/writers/secondary_capture.py"
+    render = _cum(stats, "render", "node/process/render.py")
+    render_all = _cum(stats, "render_all", "node/process/render.py")
+    sc_file = "node/outputs/sc/writer.py"
     write_total = _cum(stats, "write", sc_file)  # SecondaryCaptureSeriesWriter.write, frames rendered inside
     file_s = _cum(stats, "_write_instance_file", sc_file)  # atomic output: header bytes, frames, fsync, rename
     full_headers = _cum(stats, "_encode_in_full", sc_file)
@@ -247,7 +247,10 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
 
 def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     """The same derived files into a fresh Orthanc: dcmtk storescu vs the node's DicomSender."""
-    from node.senders import DicomSender
+    from node.deliver.dicom import DicomSender
+    from node.net.pynetdicom_setup import configure_pynetdicom
+
+    configure_pynetdicom()  # as dicom-node serve does at start-up
 
     def with_orthanc(name: str, send) -> tuple[str, float]:
         with OrthancServer(aet="ORTHANC", workdir=work / f"orthanc-{len(results)}") as orthanc:
@@ -271,7 +274,7 @@ def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     results: list[tuple[str, float]] = []
     for name, send in (
         ("dcmtk storescu (TCP_NODELAY=1)", lambda o: bl.push(o.dicom_port, outputs, called_aet=o.aet)),
-        ("node.senders.DicomSender, one association (the default)", node_sender(1)),
+        ("node.deliver.dicom.DicomSender, one association (the default)", node_sender(1)),
         ("DicomSender, associations = 2", node_sender(2)),
         ("DicomSender, associations = 4", node_sender(4)),
     ):

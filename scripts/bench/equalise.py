@@ -182,7 +182,7 @@ def main() -> int:
         ["per-series equalisation (the node's way)", "seconds", "slices/s"],
         [("FrequencyHistogram.add x 300 slices + bins(100), in memory", series_bins_s, N / series_bins_s),
          ("hist_scaled x 300 slices with the series bins", scale_s, N / scale_s),
-         ("node.render.series_bins from the 300 files (decode + rescale + count)", from_files_s, N / from_files_s)],
+         ("node.process.render.series_bins from the 300 files (decode + rescale + count)", from_files_s, N / from_files_s)],
         title=f"Per-series equalisation (edges equal to the whole-volume edges: {'yes' if ok else 'NO'})",
     )
     print(f"\n(fastai subprocess wall time incl. torch import and loading the volume: {fastai_wall:.1f} s)")
@@ -191,9 +191,9 @@ def main() -> int:
 
 
 def _series_bins_from_files(files: list[Path]) -> np.ndarray:
-    from node.pipeline import Equalise, OutputFormat, Pipeline
-    from node.render import series_bins
-    from node.series import open_images
+    from node.config.pipeline import Equalise, OutputFormat, Pipeline
+    from node.process.render import series_bins
+    from node.process.series import open_images
 
     images, failures = open_images(files)
     assert not failures, failures[:3]

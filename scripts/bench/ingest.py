@@ -24,7 +24,7 @@ repetitions. Reported per receiver: median images/s and the spread, and the rati
 time to the bare SCP's time in the same repetition (median over the repetitions: the target is
 node <= 1.15; the moonshot is the node's images/s at or above Orthanc's).
 
-With ``--profile``, an in-process harness then runs ``node.ingest.StoreHandler`` as ``dicom-node
+With ``--profile``, an in-process harness then runs ``node.receive.scp.StoreHandler`` as ``dicom-node
 serve`` does (streamed receive, max PDU unlimited, disk guard) against a bare handler (also
 with the fsyncs made no-ops, and receiving in memory; 5 runs each, interleaved), times each step
 and runs cProfile over ``on_store``.
@@ -201,7 +201,7 @@ def _bare_ae():
     from pynetdicom import AE
     from pynetdicom.presentation import AllStoragePresentationContexts
 
-    from node.ingest import build_application_entity
+    from node.receive.scp import build_application_entity
 
     ae = AE(ae_title="BARE")
     ae.maximum_pdu_size = build_application_entity("BARE").maximum_pdu_size  # as bare_scp.py: the node's
@@ -237,13 +237,13 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
     """
     import logging
 
-    import node.fsutil
-    import node.ingest
-    import node.spool
-    from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-    from node.jobstore import JobStore
-    from node.netutil import no_delay
-    from node.spool import Spool
+    import node.receive.scp
+    import node.store.fsutil
+    import node.store.spool
+    from node.net.sockets import no_delay
+    from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
+    from node.store.jobstore import JobStore
+    from node.store.spool import Spool
     from pynetdicom import evt
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -277,17 +277,17 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
         if profiler:
             handler.on_store = _profiled(profiler, handler.on_store)
         if not fsync:
-            patches.set(node.spool.os, "fsync", lambda fd: None)
-            patches.set(node.fsutil, "fsync_dir", lambda folder: None)
+            patches.set(node.store.spool.os, "fsync", lambda fd: None)
+            patches.set(node.store.fsutil, "fsync_dir", lambda folder: None)
         if timers:
             handler.on_store = timers.wrap("on_store", handler.on_store)
             jobs.record_instance = timers.wrap("record_instance", jobs.record_instance)
             spool.adopt = timers.wrap("adopt", spool.adopt)
-            patches.wrap(node.ingest, "_read_file_header", timers, "read_header")
-            patches.wrap(node.ingest.StoreHandler, "_disk_guard", timers, "disk_guard")
-            patches.wrap(node.spool.os, "fsync", timers, "fsync")
-            patches.wrap(node.fsutil, "fsync_dir", timers, "fsync_dir")
-            patches.wrap(node.ingest._IncomingFile, "_write", timers, "receive_write")
+            patches.wrap(node.receive.scp, "_read_file_header", timers, "read_header")
+            patches.wrap(node.receive.scp.StoreHandler, "_disk_guard", timers, "disk_guard")
+            patches.wrap(node.store.spool.os, "fsync", timers, "fsync")
+            patches.wrap(node.store.fsutil, "fsync_dir", timers, "fsync_dir")
+            patches.wrap(node.receive.scp._IncomingFile, "_write", timers, "receive_write")
         try:
             return _serve_in_process(files, handler.handlers(), build_application_entity("DICOMNODE"))
         finally:
@@ -311,7 +311,7 @@ def profile_ingest(files: list[Path], work: Path, reps: int) -> None:
          "median association s", "median images/s", "time / bare"],
         [(name, bl.median([s for s, _ in r]), bl.median([t for _, t in r]), N / bl.median([s for s, _ in r]),
           bl.median([s for s, _ in r]) / bare_median) for name, r in results.items()],
-        title=f"In-process harness: node.ingest.StoreHandler vs a bare handler ({reps} runs each, interleaved)",
+        title=f"In-process harness: node.receive.scp.StoreHandler vs a bare handler ({reps} runs each, interleaved)",
     )
 
     timers = _Timers()

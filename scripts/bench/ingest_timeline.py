@@ -7,7 +7,7 @@ Run from the checkout::
 In this one process, the same 300-slice CT push (dcmtk ``/usr/bin/storescu``, one association,
 ``TCP_NODELAY=1``) goes alternately into
 
-* ``node``: ``node.ingest.StoreHandler`` as ``dicom-node serve`` runs it (the node's AE from
+* ``node``: ``node.receive.scp.StoreHandler`` as ``dicom-node serve`` runs it (the node's AE from
   ``build_application_entity``, its guarded listener, streamed receive into the spool's
   ``.incoming``, the disk guard, a SQLite job store), and
 * ``bare``: the fair floor of ``bare_scp.py`` (the node's max PDU and TCP_NODELAY; the handler
@@ -42,12 +42,32 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
 
 N = 300
 PHASES = ("sender", "receive", "hand-over", "handler", "respond")
+
+
+def node_modules() -> SimpleNamespace:
+    """The node's modules: the stage layout, or the flat one of an older node (``--code-root``)."""
+    try:
+        from node.net import sockets
+        from node.receive import guard, scp
+        from node.store import fsutil, jobstore, spool
+        from node.telemetry import logsetup
+    except ImportError:
+        import node.fsutil as fsutil
+        import node.ingest as scp
+        import node.jobstore as jobstore
+        import node.logsetup as logsetup
+        import node.netutil as guard
+        import node.spool as spool
+        sockets = guard
+    return SimpleNamespace(scp=scp, fsutil=fsutil, jobstore=jobstore, spool=spool, guard=guard, sockets=sockets,
+                           logsetup=logsetup)
 
 
 class Stamps:
@@ -106,8 +126,8 @@ def serve(files: list[Path], ae, handlers: list[tuple], *, guarded: bool) -> flo
     """One storescu push into *ae* served in this process; returns the push's seconds."""
     port = bl.free_port()
     if guarded:
-        from node.netutil import ConnectionGuard, start_guarded_server
-        server = start_guarded_server(ae, ("127.0.0.1", port), handlers, ConnectionGuard())
+        guard = node_modules().guard
+        server = guard.start_guarded_server(ae, ("127.0.0.1", port), handlers, guard.ConnectionGuard())
     else:
         server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     try:
@@ -122,8 +142,9 @@ def bare_run(files: list[Path], folder: Path, stamps: Stamps) -> float:
     from pynetdicom import AE, evt
     from pynetdicom.presentation import AllStoragePresentationContexts
 
-    from node.ingest import build_application_entity, disable_streamed_receive
-    from node.netutil import no_delay
+    m = node_modules()
+    build_application_entity, disable_streamed_receive = m.scp.build_application_entity, m.scp.disable_streamed_receive
+    no_delay = m.sockets.no_delay
 
     disable_streamed_receive()
     folder.mkdir(parents=True)
@@ -146,12 +167,11 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
              writeback: bool = True, wake: bool = True, fast: bool = True, record_later: bool = True) -> float:
     from pynetdicom import evt
 
-    import node.ingest
-    import node.fsutil
-    import node.spool
-    from node.ingest import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-    from node.jobstore import JobStore
-    from node.spool import Spool
+    m = node_modules()
+    scp, fsutil, spool_module = m.scp, m.fsutil, m.spool
+    StoreHandler, build_application_entity = scp.StoreHandler, scp.build_application_entity
+    disable_streamed_receive, enable_streamed_receive = scp.disable_streamed_receive, scp.enable_streamed_receive
+    JobStore, Spool = m.jobstore.JobStore, spool_module.Spool
 
     try:
         from node.net import fastpath
@@ -193,15 +213,15 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
         saved.append((fastpath, "attach", fastpath.attach))
         fastpath.attach = lambda assoc: False
     if not writeback:
-        saved.append((node.ingest, "start_writeback", node.ingest.start_writeback))
-        node.ingest.start_writeback = lambda fd, offset, length: None
-    timed(node.ingest, "_read_file_header", "header")
-    timed(node.ingest, "_read_header", "header")
-    timed(node.ingest._IncomingFile, "write", "receive writes")
-    timed(node.ingest.StoreHandler, "_disk_guard", "disk guard")
-    timed(node.spool.os, "fsync", "fsync (file + folder)")
-    timed(node.fsutil, "fsync_dir", "folder fsync")
-    timed(node.spool, "fsync_dir", "folder fsync")  # nodes that imported it into node.spool
+        saved.append((scp, "start_writeback", scp.start_writeback))
+        scp.start_writeback = lambda fd, offset, length: None
+    timed(scp, "_read_file_header", "header")
+    timed(scp, "_read_header", "header")
+    timed(scp._IncomingFile, "write", "receive writes")
+    timed(scp.StoreHandler, "_disk_guard", "disk guard")
+    timed(spool_module.os, "fsync", "fsync (file + folder)")
+    timed(fsutil, "fsync_dir", "folder fsync")
+    timed(spool_module, "fsync_dir", "folder fsync")  # nodes that imported it into their spool module
     timed(spool, "store", "adopt")
     timed(spool, "adopt", "adopt")
     timed(jobs, "record_instance", "job store")
@@ -246,9 +266,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.code_root:
         sys.path.insert(0, str(args.code_root.resolve()))
-    from node.logsetup import LogSettings, setup_logging
-
-    setup_logging(LogSettings())  # the node's default: INFO, pynetdicom at WARNING
+    logsetup = node_modules().logsetup
+    logsetup.setup_logging(logsetup.LogSettings())  # the node's default: INFO, pynetdicom at WARNING
     print(f"# ingest timeline (in-process)\n{bl.machine_info()}")
     files = bl.ct_series(N)
     bl.warm_cache(files)

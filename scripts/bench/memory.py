@@ -8,17 +8,17 @@ Input (made once, kept in the cache folder): a 1,000-frame 640x480 8-bit MONOCHR
 Multi-frame Image (pydicom's bundled CT_small.dcm header made into US; 307.2 MB of pixel data,
 Explicit VR Little Endian), and the 300-slice CT series of the other benchmarks.
 
-Each run is the CLI as a child process (``python -m node.cli process ...``) under
+Each run is the CLI as a child process (``python -m node process ...``) under
 ``/usr/bin/time -v`` (its "Maximum resident set size"); without /usr/bin/time the child's
 ``ru_maxrss`` from ``getrusage(RUSAGE_CHILDREN)`` is used instead. Targets:
 
 * (i)   1,000 frames -> PNG frames: peak RSS under 200 MB
 * (ii)  1,000 frames -> one multi-frame Secondary Capture: under 2.5 x the output pixel data (768 MB)
 * (iii) 300-slice CT, ``--equalise --per series``: reported (no target)
-* (iv)  the SC of (ii) (307 MB) sent to a fresh Orthanc with ``node.senders.DicomSender``: reported
+* (iv)  the SC of (ii) (307 MB) sent to a fresh Orthanc with ``node.deliver.dicom.DicomSender``: reported
         (no target; the file goes as its bytes in chunks, so it should stay near the baseline)
 
-For context: the RSS of ``python -c "import node.cli"`` and of importing the processing modules.
+For context: the RSS of ``python -c "import node.app.cli"`` and of importing the processing modules.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def peak_rss(args: list[str]) -> tuple[float, float, str]:
 _SEND = """
 import sys
 from pathlib import Path
-from node.senders import DicomSender
+from node.deliver.dicom import DicomSender
+from node.net.pynetdicom_setup import configure_pynetdicom
+configure_pynetdicom()  # as dicom-node serve does at start-up
 port, aet, path = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 DicomSender(host="127.0.0.1", port=port, called_ae=aet, calling_ae="DICOMNODE").send([path], study_uid="", series_uid="")
 """
@@ -129,12 +131,12 @@ def main() -> int:
     print(f"inputs: {big.name} {big.stat().st_size / MB:.0f} MB ({FRAMES} x {COLUMNS}x{ROWS} 8-bit); "
           f"CT series {len(series)} files in {series[0].parent}")
     python = sys.executable
-    cli = [python, "-m", "node.cli"]
+    cli = [python, "-m", "node"]
     rows = []
     failures = []
     for name, args in (
-        ("baseline: python -c 'import node.cli'", [python, "-c", "import node.cli"]),
-        ("baseline: import node.process (numpy, pydicom, writers)", [python, "-c", "import node.process"]),
+        ("baseline: python -c 'import node.app.cli'", [python, "-c", "import node.app.cli"]),
+        ("baseline: import node.app.process_series (numpy, pydicom, writers)", [python, "-c", "import node.app.process_series"]),
     ):
         rss, seconds, _ = peak_rss(args)
         rows.append((name, rss, seconds, "-", "-", "-"))

@@ -1,5 +1,5 @@
 """What the disk costs one spooled instance: the receive writes, the file's fsync, the rename and the
-folder's fsync, with and without the writeback head start (``node.fsutil.start_writeback``).
+folder's fsync, with and without the writeback head start (``node.store.fsutil.start_writeback``).
 
 Run from the checkout::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from node.fsutil import fsync_dir, start_writeback  # noqa: E402
+from node.store.fsutil import fsync_dir, start_writeback  # noqa: E402
 
 PDU = 131060  # what storescu sends a receiver that accepts unlimited PDUs
 

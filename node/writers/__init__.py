@@ -1,1 +1,0 @@
-"""Writers for the node's outputs (derived DICOM Secondary Captures, ...)."""
