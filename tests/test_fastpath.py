@@ -54,9 +54,12 @@ class Scp:
         self.port = free_port()
         self.seen: list[dict] = []
         self.handler = StoreHandler(self.spool, self.jobs)
+        self.also_when_established: list = []  # more to do in EVT_ESTABLISHED (a test's own bindings)
 
     def established(self, event: evt.Event) -> None:
         assoc = event.assoc
+        for extra in self.also_when_established:
+            extra(event)
         self.seen.append({
             "waits": getattr(assoc, fastpath._WAIT, None) is not None and getattr(assoc.dul, fastpath._WAIT, None)
             is not None,
@@ -133,3 +136,41 @@ def test_associations_not_attached_run_as_pynetdicom_made_them(scp: Scp) -> None
     finally:
         assoc.release()
     assert scp.seen[0]["waits"]  # the acceptor side is the node's: attached
+
+
+def test_store_responses_are_pynetdicoms_bytes() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    cases = 0
+    for status in (0x0000, 0xB000, 0xA700, 0xC000, 0xC210, 0xC211, 0x0124):
+        for comment in (None, "", "x", "disk low: 10 MB free, min 16 MB", "A" * 64):
+            for length in (20, 21, 63, 64):
+                rsp = C_STORE()
+                rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
+                rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+                rsp.AffectedSOPInstanceUID = ("1.2.826.0.1." + "4" * 64)[:length]
+                rsp.Status = status
+                if comment is not None:
+                    rsp.ErrorComment = comment
+                message = C_STORE_RSP()
+                message.primitive_to_message(rsp)
+                assert fastpath.encoded_store_response(rsp) == encode(message.command_set, True, True)
+                cases += 1
+    assert cases == 140
+    odd = C_STORE()
+    odd.MessageIDBeingRespondedTo, odd.Status, odd.ErrorComment = 1, 0xA700, "d\u00e9j\u00e0 vu"
+    assert fastpath.encoded_store_response(odd) is None  # not plain ASCII: pynetdicom encodes it
+    request = C_STORE()
+    request.MessageID = 1
+    assert fastpath.encoded_store_response(request) is None  # a request, not an answer
+
+
+def test_a_bound_dimse_sent_handler_still_sees_every_answer(scp: Scp, tmp_path: Path) -> None:
+    sent = []
+    scp.also_when_established.append(
+        lambda event: event.assoc.bind(evt.EVT_DIMSE_SENT, lambda e: sent.append(type(e.message).__name__)))
+    sources = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / "in")
+    assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
+    assert sent == ["C_STORE_RSP"] * 3
