@@ -164,7 +164,8 @@ def bare_run(files: list[Path], folder: Path, stamps: Stamps) -> float:
 
 
 def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, float], *, streamed: bool = True,
-             writeback: bool = True, wake: bool = True, fast: bool = True, record_later: bool = True) -> float:
+             writeback: bool = True, wake: bool = True, fast: bool = True, record_later: bool = True,
+             encode_answers: bool = True) -> float:
     from pynetdicom import evt
 
     m = node_modules()
@@ -209,6 +210,9 @@ def node_run(files: list[Path], folder: Path, stamps: Stamps, steps: dict[str, f
                 steps[label] += time.perf_counter() - started
         setattr(owner, name, wrapped)
 
+    if not encode_answers and fastpath is not None:
+        saved.append((fastpath, "encoded_store_response", fastpath.encoded_store_response))
+        fastpath.encoded_store_response = lambda primitive: None  # every answer through pynetdicom
     if not fast and fastpath is not None:
         saved.append((fastpath, "attach", fastpath.attach))
         fastpath.attach = lambda assoc: False
@@ -251,6 +255,7 @@ VARIANTS: dict[str, Callable[..., float]] = {
     "node-polling": lambda *a: node_run(*a, wake=False),
     "node-pynetdicom": lambda *a: node_run(*a, fast=False),
     "node-record-first": lambda *a: node_run(*a, record_later=False),
+    "node-pynetdicom-answers": lambda *a: node_run(*a, encode_answers=False),
     "node-before": lambda *a: node_run(*a, fast=False, record_later=False),
 }
 
