@@ -174,3 +174,40 @@ def test_a_bound_dimse_sent_handler_still_sees_every_answer(scp: Scp, tmp_path: 
     sources = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / "in")
     assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
     assert sent == ["C_STORE_RSP"] * 3
+
+
+def test_each_association_gets_the_listeners_contexts_without_a_deep_copy(tmp_path: Path) -> None:
+    """pynetdicom deep-copies the supported contexts per association (60-70 ms for the node's); the
+    node's listener hands them over as they are, and negotiation still accepts what it should."""
+    import copy
+
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    from node.receive.guard import ConnectionGuard, SharedContexts, start_guarded_server
+
+    ae = build_application_entity("DICOMNODE")
+    accepted: list[list[tuple[str, str]]] = []
+
+    def established(event: evt.Event) -> None:
+        accepted.append(sorted((cx.abstract_syntax, cx.transfer_syntax[0]) for cx in event.assoc.accepted_contexts))
+
+    port = free_port()
+    server = start_guarded_server(ae, ("127.0.0.1", port), [(evt.EVT_ESTABLISHED, established)], ConnectionGuard())
+    try:
+        assert isinstance(server.contexts, SharedContexts)
+        copied = copy.deepcopy(server.contexts)
+        assert copied == server.contexts and all(a is b for a, b in zip(copied, server.contexts))
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        scu.add_requested_context(MRImageStorage, ["1.2.840.10008.1.2.4.50"])
+        scu.add_requested_context("1.2.3.4.5.6")  # not a storage class: rejected
+        for _ in range(2):
+            assoc = scu.associate("127.0.0.1", port, ae_title="DICOMNODE")
+            assert assoc.is_established
+            assoc.release()
+        wait_for(lambda: len(accepted) == 2, 10, "two associations")
+        assert accepted[0] == accepted[1]  # the second association negotiated as the first
+        assert [abstract for abstract, _ in accepted[0]] == sorted([CTImageStorage, MRImageStorage])
+        assert dict(accepted[0])[MRImageStorage] == "1.2.840.10008.1.2.4.50"
+    finally:
+        server.shutdown()

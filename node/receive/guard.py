@@ -450,6 +450,21 @@ class Negotiation:
     peer: str
 
 
+class SharedContexts(list):
+    """The server's supported presentation contexts, handed to each association as they are.
+
+    pynetdicom deep-copies them for every association (``RequestHandler._create_association``):
+    for the node's ~150 storage SOP classes in every transfer syntax that is some 6,000 pydicom UIDs
+    made and validated again, 60-70 ms of CPU for each association, measured with storescu - most
+    of what ten associations at once cost beyond their instances.  Negotiation only reads them
+    (``negotiate_as_acceptor`` builds the accepted contexts anew) and the node never changes them
+    once the listener runs, so a copy of the list holding the same contexts does.
+    """
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return list(self)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server, with each connection's negotiation bounded.
 
@@ -477,6 +492,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._negotiations_lock = threading.Lock()
         self._closing = False
         super().__init__(*args, **kwargs)
+        contexts = getattr(self, "contexts", None)
+        if isinstance(contexts, list):
+            self.contexts = SharedContexts(contexts)
 
     @property
     def closing(self) -> bool:
