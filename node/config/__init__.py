@@ -126,6 +126,9 @@ class NodeSettings:
         Quiet time after the last instance of a series before the series is processed.
     workers : int
         Processing worker processes (:mod:`node.app.workers`).
+    receivers : int
+        Processes receiving on ``port`` (``SO_REUSEPORT``, :mod:`node.app.receivers`): 1 is the
+        service alone; each process has its own ``max_associations`` and connection limits.
     retention_hours : float
         Delivered, unrouted and discarded series (spool files, outputs, records) are removed this
         long after their last change; 0: kept for ever.
@@ -180,6 +183,7 @@ class NodeSettings:
     max_frame_mb: int = 256
     unrouted: str = "keep"
     failed_retention_hours: float = 0.0
+    receivers: int = 1
 
     @property
     def shared(self) -> Path:
@@ -908,7 +912,7 @@ _NODE_KEYS = (
     "settle_seconds", "workers", "min_free_disk_mb", "retention_hours", "study_settle_seconds",
     "force_complete_seconds", "max_processing_attempts", "processing_timeout_seconds", "shared_dir",
     "association_timeout_seconds", "max_negotiating_connections", "max_connections_per_address",
-    "max_decoded_mb", "max_frame_mb", "unrouted", "failed_retention_hours",
+    "max_decoded_mb", "max_frame_mb", "unrouted", "failed_retention_hours", "receivers",
 )
 _UNROUTED_CHOICES = ("keep", "discard")
 _ROUTE_ACTIONS = ("process", "discard")
@@ -1523,7 +1527,19 @@ class _Checker:
             max_frame_mb=self.integer(table, path, "max_frame_mb", 1, default=256),
             unrouted=self.choice(table, path, "unrouted", _UNROUTED_CHOICES, "keep"),
             failed_retention_hours=self.duration(table, path, "failed_retention_hours", 0.0),
+            receivers=self.receivers(table, path, port),
         )
+
+    def receivers(self, table: Mapping[str, Any], path: _KeyPath, port: int) -> int:
+        """``[node] receivers`` (1-16): more than 1 needs ``SO_REUSEPORT`` and the plain listener."""
+        count = self.integer(table, path, "receivers", 1, 16, default=1)
+        if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            self.fail(path + ("receivers",), f"{count} receiving processes need SO_REUSEPORT, which this platform "
+                      "has not: set 1")
+        elif count > 1 and not port:
+            self.fail(path + ("receivers",), f"{count} receiving processes share the plain listener's port, and "
+                      "port = 0 turns it off: set 1, or a port")
+        return count
 
     def choice(self, table: Mapping[str, Any], path: _KeyPath, key: str, choices: Sequence[str], default: str) -> str:
         """The value of *key*, one of *choices* (*default* when absent)."""
