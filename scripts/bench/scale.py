@@ -12,6 +12,8 @@ Scenarios, each with a fresh receiver, 300 CT slices in all (the real GE head sl
 * ``bare 10x30, 10 series``     the fair bare pynetdicom SCP (bare_scp.py), same push
 * ``node 10x30, 10 series, processing on``: settle 1 s and a folder route, so workers, the job
   store and delivery run while instances still arrive; timed until all 300 outputs are delivered
+* ``node receivers=N: ...``    the node with ``[node] receivers = N`` (``--receivers``, default 2):
+  N processes on the port (node/app/receivers.py), 1x300 and 10x30
 
 The node runs with settle 3600 s (no processing) except in the last scenario, and is given the
 time its worker processes take to start before the push. Every run checks that all storescu
@@ -81,12 +83,13 @@ def _recorded(data: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 
 
-def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False, code_root: Path = bl.ROOT
-             ) -> tuple[float, str]:
+def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False, code_root: Path = bl.ROOT,
+             receivers: int = 1) -> tuple[float, str]:
     port = bl.free_port()
     data = work / "var"
     out = work / "out"
-    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out))
+    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out),
+                         node_extra=f"receivers = {receivers}" if receivers > 1 else "")
     node = NodeProcess(config, work, port=port, code_root=code_root)
     try:
         node.start()
@@ -130,6 +133,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--before", metavar="REV", help="also run the node of this git revision (a worktree), same run")
+    parser.add_argument("--receivers", type=int, default=2,
+                        help="also run the node with [node] receivers = N (default 2; 1: not)")
     parser.add_argument("--skip-processing", action="store_true", help="leave out the scenario with processing on")
     args = parser.parse_args()
     print(f"# concurrent ingest benchmark\n{bl.machine_info()}")
@@ -149,6 +154,10 @@ def main() -> int:
     }
     if args.skip_processing:
         del scenarios["node 10x30, 10 series, processing on"]
+    if args.receivers > 1:
+        more = args.receivers
+        scenarios[f"node receivers={more}: 1x300"] = lambda w: run_node([one_series], w, receivers=more)
+        scenarios[f"node receivers={more}: 10x30, 10 series"] = lambda w: run_node(by_series, w, receivers=more)
     if args.before:
         root = bl.checkout(args.before)
         scenarios[f"before {args.before}: 1x300"] = lambda w: run_node([one_series], w, code_root=root)
