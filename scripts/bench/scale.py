@@ -186,6 +186,18 @@ def main() -> int:
     paired = [one / ten for one, ten in zip(times["node 1x300"], times["node 10x30, 1 series"])]
     print(f"node 10x30 (1 series) images/s / node 1x300 images/s, median of {len(paired)} runs: "
           f"{bl.median(paired):.2f} (runs {', '.join(f'{r:.2f}' for r in paired)})")
+    if args.receivers > 1:
+        one = times[f"node receivers={args.receivers}: 1x300"]
+        ten = times[f"node receivers={args.receivers}: 10x30, 10 series"]
+        for label, base in (("its own 1x300", one), ("the default node's 1x300", times["node 1x300"])):
+            paired = [a / b for a, b in zip(base, ten)]
+            print(f"node receivers={args.receivers}: 10x30 (10 series) images/s / {label}, median of {len(paired)} "
+                  f"runs: {bl.median(paired):.2f} (runs {', '.join(f'{r:.2f}' for r in paired)}); target >= 1.0")
+    if args.before:
+        one, ten = times[f"before {args.before}: 1x300"], times[f"before {args.before}: 10x30, 10 series"]
+        paired = [a / b for a, b in zip(one, ten)]
+        print(f"before {args.before}: 10x30 (10 series) / 1x300 images/s, median of {len(paired)} runs: "
+              f"{bl.median(paired):.2f} (runs {', '.join(f'{r:.2f}' for r in paired)})")
     print("\nnode log checks: no 'database is locked', no 'Traceback', no ERROR line, 300 spooled, 300 rows in the "
           "job store's instances table and the series' counts summing to 300 in every node run: PASS")
     print(f"\nat the end: {bl.load_average()}")
