@@ -27,6 +27,7 @@ from node.config import (
     load_config,
 )
 from node.config.pipeline import Channels, OutputFormat, WindowSpec
+from node.process.routing import matches, route_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +111,7 @@ def test_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert pipeline.output is OutputFormat.SC
     assert dict(config.destinations) == {"folder": FolderDestination("folder", tmp_path / "var" / "out")}
     assert config.routes == (Route(match=(), pipeline="default", destinations=("folder",)),)
-    assert config.route_for(Dataset()) is config.routes[0]
+    assert route_for(config, Dataset()) is config.routes[0]
 
 
 def test_config_is_read_only() -> None:
@@ -148,7 +149,7 @@ def test_shipped_orthanc_toml() -> None:
     assert config.destinations["orthanc"] == DicomDestination("orthanc", "127.0.0.1", 4242, "ORTHANC", "DICOMNODE")
     ct, mr = Dataset(), Dataset()
     ct.Modality, mr.Modality = "CT", "MR"
-    ct_route, other = config.route_for(ct), config.route_for(mr)
+    ct_route, other = route_for(config, ct), route_for(config, mr)
     assert ct_route is not None and other is not None
     assert (ct_route.pipeline, ct_route.destinations) == ("ct-soft", ("orthanc",))
     assert (other.pipeline, other.destinations) == ("default", ("folder",))
@@ -246,7 +247,7 @@ def test_no_routes_is_valid(tmp_path: Path) -> None:
     """A node without routes receives and spools; nothing is processed."""
     config = load_text(tmp_path, HEAD)
     assert config.routes == () and not config.pipelines and not config.destinations
-    assert config.route_for(Dataset()) is None
+    assert route_for(config, Dataset()) is None
 
 
 def test_delivery_delay_doubles_up_to_the_ceiling() -> None:
@@ -645,56 +646,56 @@ def dataset(**elements: object) -> Dataset:
 
 def test_route_glob(tmp_path: Path) -> None:
     r = route({"SeriesDescription": "*HEAD*"}, tmp_path)
-    assert r.matches(dataset(SeriesDescription="CT HEAD W/O"))
-    assert not r.matches(dataset(SeriesDescription="ct head"))  # case-sensitive
-    assert not r.matches(dataset(SeriesDescription="CHEST"))
+    assert matches(r, dataset(SeriesDescription="CT HEAD W/O"))
+    assert not matches(r, dataset(SeriesDescription="ct head"))  # case-sensitive
+    assert not matches(r, dataset(SeriesDescription="CHEST"))
 
 
 def test_route_list_is_any_and_keywords_are_all(tmp_path: Path) -> None:
     r = route({"Modality": ["CT", "PT"], "BodyPartExamined": "HEAD"}, tmp_path)
-    assert r.matches(dataset(Modality="PT", BodyPartExamined="HEAD"))
-    assert r.matches(dataset(Modality="CT", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="MR", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="CT", BodyPartExamined="CHEST"))
+    assert matches(r, dataset(Modality="PT", BodyPartExamined="HEAD"))
+    assert matches(r, dataset(Modality="CT", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="MR", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="CT", BodyPartExamined="CHEST"))
 
 
 def test_route_missing_attribute_matches_only_empty_pattern(tmp_path: Path) -> None:
-    assert not route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(Modality="CT"))
+    assert not matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(Modality="CT"))
     optional = route({"BodyPartExamined": ["HEAD", ""]}, tmp_path)
-    assert optional.matches(dataset(Modality="CT"))
-    assert optional.matches(dataset(BodyPartExamined="HEAD"))
-    assert not optional.matches(dataset(BodyPartExamined="CHEST"))
+    assert matches(optional, dataset(Modality="CT"))
+    assert matches(optional, dataset(BodyPartExamined="HEAD"))
+    assert not matches(optional, dataset(BodyPartExamined="CHEST"))
     # present but empty is the empty text, which "*" matches
-    assert route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(BodyPartExamined=""))
+    assert matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(BodyPartExamined=""))
 
 
 def test_route_multi_valued(tmp_path: Path) -> None:
     ds = dataset(ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
-    assert route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path).matches(ds)
-    assert route({"ImageType": "*\\AXIAL"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "DERIVED*"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "ORIGINAL"}, tmp_path).matches(ds)
+    assert matches(route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path), ds)
+    assert matches(route({"ImageType": "*\\AXIAL"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "DERIVED*"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "ORIGINAL"}, tmp_path), ds)
 
 
 def test_route_numbers_and_names(tmp_path: Path) -> None:
-    assert route({"EchoNumbers": 2}, tmp_path).matches(dataset(EchoNumbers=2))
-    assert route({"PatientName": "Doe^*"}, tmp_path).matches(dataset(PatientName="Doe^John"))
-    assert route({"SliceThickness": "0.625"}, tmp_path).matches(dataset(SliceThickness="0.625"))
+    assert matches(route({"EchoNumbers": 2}, tmp_path), dataset(EchoNumbers=2))
+    assert matches(route({"PatientName": "Doe^*"}, tmp_path), dataset(PatientName="Doe^John"))
+    assert matches(route({"SliceThickness": "0.625"}, tmp_path), dataset(SliceThickness="0.625"))
 
 
 def test_empty_match_takes_everything_and_first_route_wins(tmp_path: Path) -> None:
     text = HEAD + TAIL.replace("[[routes]]", '[[routes]]\nmatch = { Modality = "CT" }\npipeline = "default"\n'
                                'destinations = []\n[[routes]]')
     config = load_text(tmp_path, text)
-    ct, mr = config.route_for(dataset(Modality="CT")), config.route_for(dataset(Modality="MR"))
+    ct, mr = route_for(config, dataset(Modality="CT")), route_for(config, dataset(Modality="MR"))
     assert ct is config.routes[0] and ct.destinations == ()
     assert mr is config.routes[1] and mr.destinations == ("folder",)
-    assert config.route_for(Dataset()) is config.routes[1]
+    assert route_for(config, Dataset()) is config.routes[1]
 
 
 def test_no_route_matches(tmp_path: Path) -> None:
     config = load_text(tmp_path, HEAD + TAIL.replace("match = {}", 'match = { Modality = "CT" }'))
-    assert config.route_for(dataset(Modality="MR")) is None
+    assert route_for(config, dataset(Modality="MR")) is None
 
 
 # --------------------------------------------------------------------------- secrets

@@ -49,7 +49,6 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -57,9 +56,7 @@ from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 from apscheduler.triggers.cron import CronTrigger
-from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
-from pydicom.multival import MultiValue
 
 from node.net.tls import TlsFileError, client_context, https_server_context, server_context
 from node.config.file_names import PNG_FIELDS, template_fields, template_problem
@@ -547,19 +544,10 @@ class DicomWebSource:
         return f"every {self.every_seconds:g} s" if self.every_seconds is not None else f"cron {self.cron!r}"
 
 
-def element_text(value: Any) -> str:
-    """The text a route's ``match`` patterns are compared with: a data element's value as a string
-    (multiple values joined with backslashes, as DICOM writes them; None as empty)."""
-    if value is None:
-        return ""
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join("" if v is None else str(v) for v in value)
-    return str(value)
-
-
 @dataclass(frozen=True)
 class Route:
-    """Which series go through which pipeline to which destinations.
+    """Which series go through which pipeline to which destinations (the routing itself:
+    :mod:`node.process.routing`).
 
     Attributes
     ----------
@@ -588,33 +576,6 @@ class Route:
     def discards(self) -> bool:
         """Whether the series this route matches are dropped instead of processed."""
         return self.action == "discard"
-
-    def matches(self, ds: Dataset) -> bool:
-        """Whether *ds* (any instance of the series) is taken by this route.
-
-        Each element's ``str(value)`` (values of a multi-valued element joined with ``\\``) is
-        compared case-sensitively with the glob patterns; an attribute that is absent matches
-        only the pattern ``""``.
-
-        Parameters
-        ----------
-        ds : pydicom.Dataset
-            The dataset to test.
-
-        Returns
-        -------
-        bool
-            True when every keyword matches one of its patterns.
-        """
-        for keyword, patterns in self.match:
-            if keyword not in ds:
-                if "" not in patterns:
-                    return False
-                continue
-            text = element_text(ds[keyword].value)
-            if not any(fnmatchcase(text, pattern) for pattern in patterns):
-                return False
-        return True
 
 
 @dataclass(frozen=True)
@@ -660,24 +621,6 @@ class Config:
         """Pickle support (read-only mappings become dicts and back): worker processes get the config."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return _config_from_fields, ({k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in fields.items()},)
-
-    def route_for(self, ds: Dataset) -> Route | None:
-        """The first route that matches *ds*, or None.
-
-        Parameters
-        ----------
-        ds : pydicom.Dataset
-            The dataset to route.
-
-        Returns
-        -------
-        Route or None
-            The route, or None when no route matches.
-        """
-        for route in self.routes:
-            if route.matches(ds):
-                return route
-        return None
 
 
 def _config_from_fields(fields: dict[str, Any]) -> Config:
