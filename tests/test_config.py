@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,10 @@ from node.config import (
     FolderDestination,
     NodeSettings,
     Route,
+    RouteAction,
+    SourceLevel,
+    Trigger,
+    Unrouted,
     load_config,
 )
 from node.config.pipeline import Channels, OutputFormat, WindowSpec
@@ -248,6 +255,47 @@ def test_no_routes_is_valid(tmp_path: Path) -> None:
     config = load_text(tmp_path, HEAD)
     assert config.routes == () and not config.pipelines and not config.destinations
     assert route_for(config, Dataset()) is None
+
+
+def test_defaults_have_one_place(tmp_path: Path) -> None:
+    """node/config/default.toml holds every default of [node], [http] and [delivery] (workers aside: the
+    machine's); a file that leaves them out gets exactly those; config/node.toml documents the same."""
+    embedded = tomllib.loads((ROOT / "node" / "config" / "default.toml").read_text(encoding="utf-8"))
+    documented = tomllib.loads((ROOT / "config" / "node.toml").read_text(encoding="utf-8"))
+    empty = load_text(tmp_path, "")
+    optional = {"workers", "shared_dir", "auth", "cert_file", "key_file"}  # no value by default, or the CPUs
+    for table in ("node", "http", "delivery"):
+        settings = getattr(empty, table)
+        keys = [f.name for f in dataclasses.fields(settings) if f.name not in optional]
+        assert sorted(embedded[table]) == sorted(keys), table
+        for key in keys:
+            default = embedded[table][key]
+            expected = tmp_path / default if key == "data_dir" else tuple(default) if isinstance(default, list) \
+                else default
+            assert getattr(settings, key) == expected, (table, key)
+            assert documented[table].get(key, default) == default, (table, key)
+    assert empty.node.workers == min(4, os.cpu_count() or 1) and empty.node.shared_dir is None
+
+
+def test_config_pickles_and_its_parts_hash(tmp_path: Path) -> None:
+    """Worker processes get the Config by pickle (spawn); states are StrEnum members that still equal the
+    file's strings."""
+    config = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nunrouted = "discard"')
+                       + TAIL.replace('destinations = ["folder"]', 'destinations = ["folder"]\ntrigger = "study"')
+                       + '[[routes]]\nmatch = { Modality = "SR" }\naction = "discard"\n'
+                       + '[[sources]]\nname = "a"\nkind = "dicomweb"\nurl = "http://127.0.0.1/d"\nevery_seconds = 60\n'
+                       + 'level = "study"\nauth = { kind = "bearer", token_env = "T" }\n')
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and again.sources["a"].auth.where == config.sources["a"].auth.where != ""
+    with pytest.raises(TypeError):
+        again.destinations["x"] = again.destinations["folder"]  # type: ignore[index]
+    for part in (config.node, config.http, config.delivery, *config.destinations.values(), *config.sources.values(),
+                 *config.routes, config.store):
+        assert hash(part) == hash(pickle.loads(pickle.dumps(part)))
+    process, discard = config.routes
+    assert process.trigger is Trigger.STUDY and process.trigger == "study" and f"{process.trigger}" == "study"
+    assert process.action is RouteAction.PROCESS and discard.action is RouteAction.DISCARD and discard.discards
+    assert config.node.unrouted is Unrouted.DISCARD and config.sources["a"].level is SourceLevel.STUDY
 
 
 def test_delivery_delay_doubles_up_to_the_ceiling() -> None:
@@ -1309,20 +1357,20 @@ def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
 
 
 def test_host_lookup_is_bounded_in_time() -> None:
-    from node.config import _resolve_hosts
+    from node.config.machine import resolve_hosts
 
     release = threading.Event()
     try:
         started = time.monotonic()
-        found = _resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
-                               resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
+        found = resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
+                              resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
         elapsed = time.monotonic() - started
     finally:
         release.set()
     assert elapsed < 3, elapsed
     assert found["slow.example"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
     assert found["127.0.0.1"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
-    assert _resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
+    assert resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
         "127.0.0.1": ("127.0.0.1",), "::1": ("::1",), NO_SUCH_HOST: "Name or service not known"}
 
 
