@@ -26,7 +26,7 @@ from pynetdicom import AE
 
 from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
 from node.store.jobstore import JobStore
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.store.spool import INCOMING, Spool
 from tests.conftest import bundled
 from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for

@@ -29,7 +29,7 @@ from pynetdicom import AE
 from node.imaging.source import DecodeLimits
 from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
 from node.store.jobstore import JobStore
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.store.spool import INCOMING, Spool
 from tests.big_images import write_rle_ct
 from tests.conftest import bundled

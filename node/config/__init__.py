@@ -13,8 +13,8 @@ valid: the node then receives and spools, but processes nothing. Unknown keys ar
 typo is never silently ignored.
 
 Every time setting has a range (:data:`node.config.check.TIME_SPANS`: the refusal says why), two
-listeners may not share a port on overlapping addresses, and a route may not send PNG output to a
-DICOM or DICOMweb destination. ``load_config(path, check_machine=True)`` (``serve``, ``config check``)
+listeners may not share a port on overlapping addresses, and a route may not send PNG or volume
+(NIfTI, NumPy) output to a DICOM or DICOMweb destination. ``load_config(path, check_machine=True)`` (``serve``, ``config check``)
 also checks what only the machine can tell: host names, listener addresses, ``data_dir``, secrets.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see

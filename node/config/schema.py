@@ -16,6 +16,7 @@ every refusal; the loader reports the first. Checks across items and tables:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, ValidationInfo, model_validator
 
 from node.config.check import (
-    ITEM_NAME, Built, OneOf, Refusal, Steps, Table, TablesArray, UniqueNames, file_context, refuse,
+    FLAG, ITEM_NAME, Built, OneOf, Refusal, Steps, Table, TablesArray, UniqueNames, file_context, refuse,
 )
 from node.config.file_names import PNG_FIELDS, template_fields
 from node.config.lines import KeyPath, Locator, show
@@ -46,13 +47,20 @@ class PipelineTable(Table):
     name: Annotated[str, ITEM_NAME]
     steps: Annotated[tuple[Any, ...], Steps()]
     output: Annotated[OutputFormat, OneOf(OutputFormat)] = OutputFormat.SC
+    keep_patient: Annotated[bool, FLAG] = False
 
 
 def _pipeline(table: PipelineTable) -> Pipeline:
     try:
-        return parse_steps(table.name, table.steps, table.output.value)
+        pipeline = parse_steps(table.name, table.steps, table.output.value)
     except PipelineError as exc:
         refuse(str(exc), "steps")
+    if not table.keep_patient:
+        return pipeline
+    if not pipeline.output.is_volume:
+        refuse(f"is for volume outputs (nifti, npz) only; pipeline {show(table.name)} writes output = "
+               f"{show(table.output.value)}", "keep_patient")
+    return dataclasses.replace(pipeline, keep_patient=True)
 
 
 def _calling_ae_titles(table: dict[str, Any]) -> dict[str, Any]:
@@ -115,10 +123,14 @@ def output_problem(pipeline: Pipeline, destination: Destination) -> str | None:
     """
     output = pipeline.output
     if not output.is_dicom and destination.kind in ("dicom", "dicomweb"):
-        dicom = " or ".join(show(f.value) for f in OutputFormat if f.is_dicom)
+        dicom = [show(f.value) for f in OutputFormat if f.is_dicom]
         return (f"destination {show(destination.name)} (kind = {show(destination.kind)}) takes DICOM only, and "
                 f"pipeline {show(pipeline.name)} writes output = {show(output.value)}: send it to a folder "
-                f"destination, or make the pipeline's output {dicom}")
+                f"destination, or make the pipeline's output {', '.join(dicom[:-1])} or {dicom[-1]}")
+    if output.is_volume and isinstance(destination, FolderDestination) and destination.file_names:
+        return (f"destination {show(destination.name)} names files with file_names, and pipeline "
+                f"{show(pipeline.name)} writes volumes (output = {show(output.value)}), which keep their own "
+                "names (volume.nii.gz and volume.json): remove file_names or send them elsewhere")
     if not output.is_dicom and isinstance(destination, FolderDestination) and destination.file_names:
         unknown = [f for f in template_fields(destination.file_names) if f not in PNG_FIELDS]
         if unknown:
