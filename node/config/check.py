@@ -574,7 +574,9 @@ class Table:
     first, for tables that have them); a key it does not know is refused before any value.
 
     Subclasses may refine the table as written (:meth:`file_form`) and name keys the file must give
-    although the model has a default (:attr:`file_requires`).
+    although the model has a default (:attr:`file_requires`). Not pydantic's ``extra="forbid"``: its
+    refusal comes after those of the table's values (a misspelt key is first reported as a missing
+    one) and names no key it meant.
     """
 
     file_requires: ClassVar[tuple[str, ...]] = ()

@@ -8,6 +8,15 @@ of field names and item indices, plus, for the union of kinds, the tag ``kind=<k
     ('destinations', 1, 'kind=dicom', 'port')  ->  node.toml:31: destinations[2] (name "pacs").port
 
 Of several refusals, the first in the order of the file's tables and keys is reported.
+
+Cost of pydantic, measured against the hand-written checker it replaced (main d5216d5; CPU time,
+medians of 11-21 runs on the 2-core test machine): importing the package 57 -> 98 ms (pydantic's
+own import), the first load of a process 0.7 -> 26 ms (pydantic builds the validator then; later
+loads 0.22 -> 0.30 ms), so a process that loads a configuration starts ~0.1 s later:
+``python -c "from node.config import load_config; load_config(None)"`` 360 -> 460 ms,
+``dicom-node config check config/node.toml`` 420 -> 480 ms. Accepted: once per process, in place
+of a thousand lines of checks by hand. Worker processes import the package to unpickle their
+Config but never build the validator.
 """
 
 from __future__ import annotations
