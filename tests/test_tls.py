@@ -40,7 +40,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import ConfigError, TlsSettings
-from node.deliver.senders import DeliveryError, DicomSender, sender_for
+from node.deliver.dicom import DicomSender
+from node.deliver.failures import DeliveryError
+from node.deliver.senders import sender_for
+from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import TlsFileError, check_certificate_expiry, client_context, server_context
 from node.receive.tls_listener import start_tls_server
 from tests.conftest import bundled, tool
@@ -48,6 +51,12 @@ from tests.node_process import NodeProcess, copy_as_series, folder_route, node_c
 from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynetdicom_as_the_node_sets_it() -> None:
+    """pynetdicom's process-wide switches as ``dicom-node serve`` sets them at start-up."""
+    configure_pynetdicom()
 
 LOCALHOST = "127.0.0.1"
 
