@@ -53,8 +53,9 @@ class PipelineTable(Table):
 def _pipeline(table: PipelineTable) -> Pipeline:
     try:
         pipeline = parse_steps(table.name, table.steps, table.output.value)
-    except PipelineError as exc:
-        refuse(str(exc), "steps")
+    except PipelineError as exc:  # at the step's key when the error names one (a colour map's name)
+        at = ("steps",) if exc.step is None else ("steps", exc.step) + ((exc.key,) if exc.key else ())
+        refuse(str(exc), *at)
     if not table.keep_patient:
         return pipeline
     if not pipeline.output.is_volume:
