@@ -9,12 +9,12 @@ of field names and item indices, plus, for the union of kinds, the tag ``kind=<k
 
 Of several refusals, the first in the order of the file's tables and keys is reported.
 
-Cost of pydantic, measured against the hand-written checker it replaced (main d5216d5; CPU time,
-medians of 11-21 runs on the 2-core test machine): importing the package 57 -> 98 ms (pydantic's
-own import), the first load of a process 0.7 -> 26 ms (pydantic builds the validator then; later
-loads 0.22 -> 0.30 ms), so a process that loads a configuration starts ~0.1 s later:
-``python -c "from node.config import load_config; load_config(None)"`` 360 -> 460 ms,
-``dicom-node config check config/node.toml`` 420 -> 480 ms. Accepted: once per process, in place
+Cost of pydantic, measured against the hand-written checker it replaced (main 652e770; CPU time,
+medians of 11-21 runs on the 2-core test machine): importing the package 58 -> 101 ms (pydantic's
+own import), the first load of a process 0.7 -> 27 ms (pydantic builds the validator then; later
+loads 0.24 -> 0.30 ms), so a process that loads a configuration starts ~0.1 s later:
+``python -c "from node.config import load_config; load_config(None)"`` 360 -> 480 ms,
+``dicom-node config check config/node.toml`` 510 -> 580 ms. Accepted: once per process, in place
 of a thousand lines of checks by hand. Worker processes import the package to unpickle their
 Config but never build the validator.
 """
