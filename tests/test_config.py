@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,9 +27,14 @@ from node.config import (
     FolderDestination,
     NodeSettings,
     Route,
+    RouteAction,
+    SourceLevel,
+    Trigger,
+    Unrouted,
     load_config,
 )
 from node.config.pipeline import Channels, OutputFormat, WindowSpec
+from node.process.routing import matches, route_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +118,7 @@ def test_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert pipeline.output is OutputFormat.SC
     assert dict(config.destinations) == {"folder": FolderDestination("folder", tmp_path / "var" / "out")}
     assert config.routes == (Route(match=(), pipeline="default", destinations=("folder",)),)
-    assert config.route_for(Dataset()) is config.routes[0]
+    assert route_for(config, Dataset()) is config.routes[0]
 
 
 def test_config_is_read_only() -> None:
@@ -148,7 +156,7 @@ def test_shipped_orthanc_toml() -> None:
     assert config.destinations["orthanc"] == DicomDestination("orthanc", "127.0.0.1", 4242, "ORTHANC", "DICOMNODE")
     ct, mr = Dataset(), Dataset()
     ct.Modality, mr.Modality = "CT", "MR"
-    ct_route, other = config.route_for(ct), config.route_for(mr)
+    ct_route, other = route_for(config, ct), route_for(config, mr)
     assert ct_route is not None and other is not None
     assert (ct_route.pipeline, ct_route.destinations) == ("ct-soft", ("orthanc",))
     assert (other.pipeline, other.destinations) == ("default", ("folder",))
@@ -246,7 +254,48 @@ def test_no_routes_is_valid(tmp_path: Path) -> None:
     """A node without routes receives and spools; nothing is processed."""
     config = load_text(tmp_path, HEAD)
     assert config.routes == () and not config.pipelines and not config.destinations
-    assert config.route_for(Dataset()) is None
+    assert route_for(config, Dataset()) is None
+
+
+def test_defaults_have_one_place(tmp_path: Path) -> None:
+    """node/config/default.toml holds every default of [node], [http] and [delivery] (workers aside: the
+    machine's); a file that leaves them out gets exactly those; config/node.toml documents the same."""
+    embedded = tomllib.loads((ROOT / "node" / "config" / "default.toml").read_text(encoding="utf-8"))
+    documented = tomllib.loads((ROOT / "config" / "node.toml").read_text(encoding="utf-8"))
+    empty = load_text(tmp_path, "")
+    optional = {"workers", "shared_dir", "auth", "cert_file", "key_file"}  # no value by default, or the CPUs
+    for table in ("node", "http", "delivery"):
+        settings = getattr(empty, table)
+        keys = [f.name for f in dataclasses.fields(settings) if f.name not in optional]
+        assert sorted(embedded[table]) == sorted(keys), table
+        for key in keys:
+            default = embedded[table][key]
+            expected = tmp_path / default if key == "data_dir" else tuple(default) if isinstance(default, list) \
+                else default
+            assert getattr(settings, key) == expected, (table, key)
+            assert documented[table].get(key, default) == default, (table, key)
+    assert empty.node.workers == min(4, os.cpu_count() or 1) and empty.node.shared_dir is None
+
+
+def test_config_pickles_and_its_parts_hash(tmp_path: Path) -> None:
+    """Worker processes get the Config by pickle (spawn); states are StrEnum members that still equal the
+    file's strings."""
+    config = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nunrouted = "discard"')
+                       + TAIL.replace('destinations = ["folder"]', 'destinations = ["folder"]\ntrigger = "study"')
+                       + '[[routes]]\nmatch = { Modality = "SR" }\naction = "discard"\n'
+                       + '[[sources]]\nname = "a"\nkind = "dicomweb"\nurl = "http://127.0.0.1/d"\nevery_seconds = 60\n'
+                       + 'level = "study"\nauth = { kind = "bearer", token_env = "T" }\n')
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and again.sources["a"].auth.where == config.sources["a"].auth.where != ""
+    with pytest.raises(TypeError):
+        again.destinations["x"] = again.destinations["folder"]  # type: ignore[index]
+    for part in (config.node, config.http, config.delivery, *config.destinations.values(), *config.sources.values(),
+                 *config.routes, config.store):
+        assert hash(part) == hash(pickle.loads(pickle.dumps(part)))
+    process, discard = config.routes
+    assert process.trigger is Trigger.STUDY and process.trigger == "study" and f"{process.trigger}" == "study"
+    assert process.action is RouteAction.PROCESS and discard.action is RouteAction.DISCARD and discard.discards
+    assert config.node.unrouted is Unrouted.DISCARD and config.sources["a"].level is SourceLevel.STUDY
 
 
 def test_delivery_delay_doubles_up_to_the_ceiling() -> None:
@@ -645,56 +694,56 @@ def dataset(**elements: object) -> Dataset:
 
 def test_route_glob(tmp_path: Path) -> None:
     r = route({"SeriesDescription": "*HEAD*"}, tmp_path)
-    assert r.matches(dataset(SeriesDescription="CT HEAD W/O"))
-    assert not r.matches(dataset(SeriesDescription="ct head"))  # case-sensitive
-    assert not r.matches(dataset(SeriesDescription="CHEST"))
+    assert matches(r, dataset(SeriesDescription="CT HEAD W/O"))
+    assert not matches(r, dataset(SeriesDescription="ct head"))  # case-sensitive
+    assert not matches(r, dataset(SeriesDescription="CHEST"))
 
 
 def test_route_list_is_any_and_keywords_are_all(tmp_path: Path) -> None:
     r = route({"Modality": ["CT", "PT"], "BodyPartExamined": "HEAD"}, tmp_path)
-    assert r.matches(dataset(Modality="PT", BodyPartExamined="HEAD"))
-    assert r.matches(dataset(Modality="CT", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="MR", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="CT", BodyPartExamined="CHEST"))
+    assert matches(r, dataset(Modality="PT", BodyPartExamined="HEAD"))
+    assert matches(r, dataset(Modality="CT", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="MR", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="CT", BodyPartExamined="CHEST"))
 
 
 def test_route_missing_attribute_matches_only_empty_pattern(tmp_path: Path) -> None:
-    assert not route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(Modality="CT"))
+    assert not matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(Modality="CT"))
     optional = route({"BodyPartExamined": ["HEAD", ""]}, tmp_path)
-    assert optional.matches(dataset(Modality="CT"))
-    assert optional.matches(dataset(BodyPartExamined="HEAD"))
-    assert not optional.matches(dataset(BodyPartExamined="CHEST"))
+    assert matches(optional, dataset(Modality="CT"))
+    assert matches(optional, dataset(BodyPartExamined="HEAD"))
+    assert not matches(optional, dataset(BodyPartExamined="CHEST"))
     # present but empty is the empty text, which "*" matches
-    assert route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(BodyPartExamined=""))
+    assert matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(BodyPartExamined=""))
 
 
 def test_route_multi_valued(tmp_path: Path) -> None:
     ds = dataset(ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
-    assert route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path).matches(ds)
-    assert route({"ImageType": "*\\AXIAL"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "DERIVED*"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "ORIGINAL"}, tmp_path).matches(ds)
+    assert matches(route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path), ds)
+    assert matches(route({"ImageType": "*\\AXIAL"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "DERIVED*"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "ORIGINAL"}, tmp_path), ds)
 
 
 def test_route_numbers_and_names(tmp_path: Path) -> None:
-    assert route({"EchoNumbers": 2}, tmp_path).matches(dataset(EchoNumbers=2))
-    assert route({"PatientName": "Doe^*"}, tmp_path).matches(dataset(PatientName="Doe^John"))
-    assert route({"SliceThickness": "0.625"}, tmp_path).matches(dataset(SliceThickness="0.625"))
+    assert matches(route({"EchoNumbers": 2}, tmp_path), dataset(EchoNumbers=2))
+    assert matches(route({"PatientName": "Doe^*"}, tmp_path), dataset(PatientName="Doe^John"))
+    assert matches(route({"SliceThickness": "0.625"}, tmp_path), dataset(SliceThickness="0.625"))
 
 
 def test_empty_match_takes_everything_and_first_route_wins(tmp_path: Path) -> None:
     text = HEAD + TAIL.replace("[[routes]]", '[[routes]]\nmatch = { Modality = "CT" }\npipeline = "default"\n'
                                'destinations = []\n[[routes]]')
     config = load_text(tmp_path, text)
-    ct, mr = config.route_for(dataset(Modality="CT")), config.route_for(dataset(Modality="MR"))
+    ct, mr = route_for(config, dataset(Modality="CT")), route_for(config, dataset(Modality="MR"))
     assert ct is config.routes[0] and ct.destinations == ()
     assert mr is config.routes[1] and mr.destinations == ("folder",)
-    assert config.route_for(Dataset()) is config.routes[1]
+    assert route_for(config, Dataset()) is config.routes[1]
 
 
 def test_no_route_matches(tmp_path: Path) -> None:
     config = load_text(tmp_path, HEAD + TAIL.replace("match = {}", 'match = { Modality = "CT" }'))
-    assert config.route_for(dataset(Modality="MR")) is None
+    assert route_for(config, dataset(Modality="MR")) is None
 
 
 # --------------------------------------------------------------------------- secrets
@@ -1308,20 +1357,20 @@ def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
 
 
 def test_host_lookup_is_bounded_in_time() -> None:
-    from node.config import _resolve_hosts
+    from node.config.machine import resolve_hosts
 
     release = threading.Event()
     try:
         started = time.monotonic()
-        found = _resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
-                               resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
+        found = resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
+                              resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
         elapsed = time.monotonic() - started
     finally:
         release.set()
     assert elapsed < 3, elapsed
     assert found["slow.example"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
     assert found["127.0.0.1"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
-    assert _resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
+    assert resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
         "127.0.0.1": ("127.0.0.1",), "::1": ("::1",), NO_SUCH_HOST: "Name or service not known"}
 
 
