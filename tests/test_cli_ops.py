@@ -14,9 +14,7 @@ import pytest
 
 import node
 from node.store.jobstore import JobStore, SeriesJob, SeriesState
-from tests.conftest import bundled, run_cli
-from tests.peers import free_port, running_orthanc
-from tests.node_process import NodeProcess, folder_route, node_config
+from tests.support import NodeProcess, bundled, folder_route, free_port, node_config, run_cli, running_orthanc
 from tests.test_config import NO_SUCH_HOST, marked_line
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from node.imaging import WINDOWS, to_hu
 from node.imaging.voi import window_scaled
-from tests.conftest import bundled, dciodvfy_errors, run_cli, tool
+from tests.support import bundled, dciodvfy_errors, run_cli, tool
 
 
 def outputs(folder: Path, suffix: str) -> list[Path]:

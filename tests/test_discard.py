@@ -10,9 +10,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import NodeProcess, bundled, copy_as_series, free_port, node_config, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 

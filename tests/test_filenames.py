@@ -15,8 +15,7 @@ from node.config import FolderDestination
 from node.config.file_names import delivered_names
 from node.deliver.senders import COMPLETE_MARKER, FolderSender, sender_for
 from node.outputs.png import traceability_text, write_png
-from tests.node_process import NodeProcess, folder_route, node_config, wait_for
-from tests.peers import free_port, store_responses, storescu
+from tests.support import NodeProcess, folder_route, free_port, node_config, store_responses, storescu, wait_for
 from tests.test_config import HEAD, error_of, load_text, marked_line
 
 PIPELINE = """\

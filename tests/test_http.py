@@ -37,9 +37,9 @@ from node.app.process_series import process_series
 from node.process.series import InputSeries, instance_order, open_images
 from node.store.spool import Spool
 from node.outputs.uids import derived_uid
-from tests.conftest import bundled, run_cli, tool
-from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import (
+    ROOT, NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, run_cli, storescu, tool, wait_for,
+)
 
 CT = bundled("CT_small.dcm")
 _HEADER = pydicom.dcmread(CT, stop_before_pixels=True)

@@ -32,9 +32,7 @@ from node.store.jobstore import JobStore
 from node.metrics import Metrics
 from node.store.spool import Spool
 from node.net.tls import https_server_context
-from tests.conftest import tool
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config
-from tests.peers import free_port
+from tests.support import NodeProcess, copy_as_series, folder_route, free_port, node_config, tool
 from tests.test_http import CT, PIPELINES, SC_PIPELINE, Node, _claim, _process, _receive, _shifted, png
 from tests.test_tls import Pki
 

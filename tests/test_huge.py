@@ -18,9 +18,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, node_config, wait_for
-from tests.peers import free_port, store_responses, storescu
+from tests.support import NodeProcess, bundled, free_port, node_config, store_responses, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 

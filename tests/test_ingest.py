@@ -28,9 +28,10 @@ from node.receive.scp import StoreHandler, build_application_entity, disable_str
 from node.store.jobstore import JobStore
 from node.metrics import Metrics
 from node.store.spool import INCOMING, Spool
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import STORESCU_BIN, _nodelay_env, echoscu, free_port, store_responses, storescu
+from tests.support import (
+    STORESCU_BIN, NodeProcess, bundled, copy_as_series, echoscu, folder_route, free_port, node_config, nodelay_env,
+    store_responses, storescu, wait_for,
+)
 from tests.test_huge import write_cine
 
 pytestmark = pytest.mark.peers
@@ -308,7 +309,7 @@ def test_transfer_cut_short_leaves_nothing(long_cine: Path, tmp_path: Path) -> N
     for scp in _scp(tmp_path / "node", streamed=True):
         sender = subprocess.Popen(
             [STORESCU_BIN, "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), str(long_cine)],
-            env=_nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_for(lambda: any(p.stat().st_size > 5e6 for p in scp.incoming), 60, "the transfer under way")

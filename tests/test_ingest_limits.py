@@ -31,10 +31,7 @@ from node.receive.scp import StoreHandler, build_application_entity, disable_str
 from node.store.jobstore import JobStore
 from node.metrics import Metrics
 from node.store.spool import INCOMING, Spool
-from tests.big_images import write_rle_ct
-from tests.conftest import bundled
-from tests.node_process import copy_as_series
-from tests.peers import free_port
+from tests.support import bundled, copy_as_series, free_port, write_rle_ct
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on big-endian conversion
 

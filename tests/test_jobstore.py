@@ -10,7 +10,7 @@ import pytest
 from node.store.database import DatabaseError
 from node.store.jobstore import SCHEMA_VERSION, JobStore, JobStoreError, Reconciled, SeriesState, open_job_store
 from node.store.spool import InvalidUID, Spool
-from tests.peers import free_port
+from tests.support import free_port
 
 
 class Clock:

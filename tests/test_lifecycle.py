@@ -9,9 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 

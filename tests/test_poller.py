@@ -23,9 +23,9 @@ from node.store.jobstore import JobStore
 from node.receive.poller import DicomWebPoller, PollResult, schedule, state_key
 from node.app.service import NodeService
 from node.store.spool import Spool
-from tests.conftest import bundled, run_cli
-from tests.node_process import copy_as_series, node_config, wait_for
-from tests.peers import OrthancServer, free_port, running_orthanc
+from tests.support import (
+    OrthancServer, bundled, copy_as_series, free_port, node_config, run_cli, running_orthanc, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 

@@ -17,9 +17,9 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import bundled, run_cli
-from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import (
+    ROOT, NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, run_cli, storescu, wait_for,
+)
 from tests.test_huge import write_cine
 
 pytestmark = pytest.mark.peers

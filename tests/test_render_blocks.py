@@ -21,7 +21,7 @@ import node.process.render
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.config.pipeline import Pipeline
 from node.process.render import FrameRenderer, row_blocks, series_bins
-from tests.conftest import bundled
+from tests.support import bundled
 from tests.test_render_table import BUNDLED, PIPELINES, made_files  # noqa: F401 - the fixture is used below
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -131,7 +131,7 @@ def test_big_frames_of_a_series_are_processed_one_at_a_time(tmp_path: Path) -> N
     from node.config.pipeline import parse_steps
     from node.app.process_series import process_series
     from node.process.series import group_series, open_images
-    from tests.big_images import write_rle_ct
+    from tests.support import write_rle_ct
 
     study, series = generate_uid(), generate_uid()
     paths = [write_rle_ct(tmp_path / f"{n}.dcm", 4096, 8192, value=100 * n, study_uid=study, series_uid=series)

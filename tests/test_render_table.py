@@ -21,8 +21,7 @@ from node.imaging.source import ImageFile, UnsupportedImage
 from node.imaging.voi import WINDOWS, VOIFunction, Window, window_scaled
 from node.config.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, WindowSpec
 from node.process.render import FrameRenderer, series_bins
-from tests.conftest import bundled
-from tests.peers import TEST_DATA_ENV
+from tests.support import TEST_DATA_ENV, bundled
 
 # pydicom warns about applying a VOI LUT to float values (as the node always has)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -32,7 +32,7 @@ from node.outputs.secondary_capture import (
     write_secondary_capture,
 )
 from node.outputs.uids import derived_uid
-from tests.conftest import bundled
+from tests.support import bundled
 
 CONTENT_DATETIME = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000)
 SERIES = DerivedSeries(

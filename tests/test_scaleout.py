@@ -16,10 +16,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, wait_for
-from tests.peers import OrthancServer, free_port, running_orthanc, storescu
-from tests.postgres import PostgresServer
+from tests.support import (
+    NodeProcess, OrthancServer, PostgresServer, bundled, copy_as_series, free_port, running_orthanc, storescu, wait_for,
+)
 from tests.test_huge import write_cine
 
 pytestmark = pytest.mark.peers

@@ -3,7 +3,7 @@
 Observed peer answers the classification relies on (asserted below):
 
 * Orthanc 1.10 refusing a SOP class (Lua ``ReceivedInstanceFilter`` error, see
-  ``tests/peers.py``): association accepted, C-STORE status 0xA700 (Refused:
+  ``tests/support/peers.py``): association accepted, C-STORE status 0xA700 (Refused:
   Out of Resources) -> transient.  Its STOW-RS answers HTTP 200 with empty
   Referenced/Failed SOP Sequences -> transient (nothing referenced).
 * A pynetdicom SCP supporting only Verification + MR accepts the association
@@ -44,8 +44,7 @@ from node.deliver.senders import (
     classify_http_status,
     classify_store_status,
 )
-from tests.conftest import bundled
-from tests.peers import REJECTED_SOP_CLASS_STATUS, free_port, orthanc_fixture
+from tests.support import REJECTED_SOP_CLASS_STATUS, bundled, free_port, orthanc_fixture
 
 
 PATIENT_NAME = "CompressedSamples^CT1"  # in CT_small.dcm: must never reach the logs
@@ -329,7 +328,7 @@ def test_dicom_sender_closed_port_is_transient(tmp_path: Path, caplog) -> None:
 
 def test_dicom_sender_orthanc_out_of_resources_is_transient(rejecting_orthanc, tmp_path: Path) -> None:
     # Orthanc 1.10 cannot refuse a known SOP class at negotiation; its Lua filter error
-    # makes it answer 0xA700 "Refused: Out of Resources" per instance (tests/peers.py).
+    # makes it answer 0xA700 "Refused: Out of Resources" per instance (tests/support/peers.py).
     series = Series(tmp_path / "ct", 2)
     exc = send_error(dicom_sender(rejecting_orthanc.dicom_port, rejecting_orthanc.aet), series)
     assert not exc.permanent

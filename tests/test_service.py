@@ -14,9 +14,10 @@ import requests
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.conftest import bundled, run_cli
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import OrthancServer, echoscu, free_port, running_orthanc, store_responses, storescu
+from tests.support import (
+    NodeProcess, OrthancServer, bundled, copy_as_series, echoscu, free_port, node_config, run_cli, running_orthanc,
+    store_responses, storescu, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 

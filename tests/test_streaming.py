@@ -15,7 +15,7 @@ from node.imaging.source import ImageFile
 from node.config.pipeline import Equalise, OutputFormat, Pipeline
 from node.app.process_series import process_series
 from node.process.series import group_series
-from tests.conftest import bundled
+from tests.support import bundled
 
 FRAMES, ROWS, COLUMNS = 120, 480, 640
 

@@ -43,9 +43,10 @@ from node.config import ConfigError, TlsSettings
 from node.deliver.senders import DeliveryError, DicomSender, sender_for
 from node.net.tls import TlsFileError, check_certificate_expiry, client_context, server_context
 from node.receive.tls_listener import start_tls_server
-from tests.conftest import bundled, tool
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
+from tests.support import (
+    NodeProcess, OrthancServer, StoreSCP, TlsFront, bundled, copy_as_series, echoscu, folder_route, free_port,
+    node_config, storescu, tool, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 

@@ -21,9 +21,9 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import echoscu, free_port, storescu
+from tests.support import (
+    NodeProcess, bundled, copy_as_series, echoscu, folder_route, free_port, node_config, storescu, wait_for,
+)
 from tests.test_huge import write_cine
 
 pytestmark = pytest.mark.peers

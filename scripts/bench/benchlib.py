@@ -1,7 +1,7 @@
 """Shared helpers for the benchmarks in ``scripts/bench/`` (not part of the test suite).
 
 Everything here talks to 127.0.0.1 only, and every server a benchmark starts is stopped in a
-``finally`` (the peers from ``tests/peers.py`` also kill their process groups at exit).
+``finally`` (the peers from ``tests/support/peers.py`` also kill their process groups at exit).
 
 Generated inputs are made once and kept in ``$DICOM_NODE_BENCH_CACHE`` (default
 ``/tmp/dicom-node-bench``): a 300-slice 512x512 CT series built from the real GE head CT slice
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.peers import LOCALHOST, _kill_group, _nodelay_env, free_port  # noqa: E402
+from tests.support import LOCALHOST, free_port, kill_group, nodelay_env  # noqa: E402
 
 CACHE = Path(os.environ.get("DICOM_NODE_BENCH_CACHE", "/tmp/dicom-node-bench"))
 DATA = Path(os.environ.get("DICOM_NODE_TEST_DATA", ROOT.parent / "shared" / "data" / "dicom"))
@@ -135,7 +135,7 @@ def push(port: int, paths: Sequence[Path], *, called_aet: str, calling_aet: str 
     args = [STORESCU, "-aet", calling_aet, "-aec", called_aet, "-to", "60", LOCALHOST, str(port),
             *map(str, paths)]
     started = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, env=_nodelay_env(), timeout=timeout,
+    result = subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout,
                             stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -149,13 +149,13 @@ def push_started(port: int, paths: Sequence[Path], *, called_aet: str, calling_a
     args = [STORESCU, "-aet", calling_aet, "-aec", called_aet, "-to", "60", LOCALHOST, str(port),
             *map(str, paths)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_nodelay_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+                            env=nodelay_env(), stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def echo(port: int, called_aet: str) -> bool:
     """True when a dcmtk C-ECHO to 127.0.0.1:*port* succeeds."""
     result = subprocess.run([ECHOSCU, "-aec", called_aet, "-to", "5", LOCALHOST, str(port)],
-                            capture_output=True, env=_nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
+                            capture_output=True, env=nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
     return result.returncode == 0
 
 
@@ -174,7 +174,7 @@ class Background:
     def start(self, timeout: float = 30) -> Background:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env or _nodelay_env(), cwd=self.cwd, start_new_session=True)
+                                         env=self.env or nodelay_env(), cwd=self.cwd, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -194,12 +194,12 @@ class Background:
         if proc is None:
             return
         if proc.poll() is None:
-            _kill_group(proc, signal.SIGTERM)
+            kill_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
-        _kill_group(proc, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 

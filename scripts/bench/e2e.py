@@ -31,8 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
-from tests.peers import OrthancServer  # noqa: E402
+from tests.support import NodeProcess, OrthancServer, node_config  # noqa: E402
 
 N = 300
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")

@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, wait_for  # noqa: E402
-from tests.peers import store_responses, storescu  # noqa: E402
+from tests.support import NodeProcess, store_responses, storescu, wait_for  # noqa: E402
 from tests.test_huge import COLUMNS, ROWS, peak_rss, pixel_data_span, png_config, same_bytes, write_cine  # noqa: E402
 
 TARGET = 400 * 2**20

@@ -108,7 +108,7 @@ DicomSender(host="127.0.0.1", port=port, called_ae=aet, calling_ae="DICOMNODE").
 
 def send_case(python: str, sc_file: Path, work: Path) -> tuple:
     """(iv): peak RSS of a child process sending *sc_file* to a fresh Orthanc with DicomSender."""
-    from tests.peers import OrthancServer
+    from tests.support import OrthancServer
 
     with OrthancServer(aet="ORTHANC", workdir=work / "orthanc") as orthanc:
         bl.sync_disks()

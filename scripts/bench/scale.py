@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.support import NodeProcess, node_config  # noqa: E402
 
 N, ASSOCIATIONS = 300, 10
 

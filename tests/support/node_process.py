@@ -13,9 +13,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.peers import echoscu, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.peers import echoscu, free_port
+from tests.support.tools import ROOT, node_env
 
 
 class NodeProcess:
@@ -41,11 +40,11 @@ class NodeProcess:
 
     def start_without_echo(self, ready: Callable[[], bool], timeout: float = 30, what: str = "get ready") -> NodeProcess:
         """Start and wait until *ready()* (a node without a DICOM listener: a worker)."""
-        env = dict(os.environ, PYTHONPATH=str(self.code_root))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "serve", "--config", str(self.config_path), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
+            stdout=log, stderr=subprocess.STDOUT, env=node_env(code_root=self.code_root), start_new_session=True,
+            cwd=self.workdir,
         )
         log.close()
         deadline = time.monotonic() + timeout

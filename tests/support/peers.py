@@ -81,7 +81,7 @@ def _port_open(port: int, host: str = LOCALHOST, timeout: float = 0.5) -> bool:
         return False
 
 
-def _nodelay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def nodelay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for dcmtk-based processes.
 
     ``TCP_NODELAY=1`` makes dcmtk disable Nagle's algorithm; without it dcmtk
@@ -107,7 +107,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
     """Send ``sig`` to the process group led by ``proc`` (started with
     ``start_new_session=True``), ignoring already-gone groups."""
     try:
@@ -120,13 +120,13 @@ def _stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL it
     (``grace <= 0``: SIGKILL at once)."""
     if proc.poll() is None and grace > 0:
-        _kill_group(proc, signal.SIGTERM)
+        kill_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
     # Kill whatever is left of the group (also children of an exited leader).
-    _kill_group(proc, signal.SIGKILL)
+    kill_group(proc, signal.SIGKILL)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:  # pragma: no cover - should not happen
@@ -369,7 +369,7 @@ class OrthancServer:
             stdin=subprocess.DEVNULL,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
-            env=_nodelay_env(),
+            env=nodelay_env(),
             start_new_session=True,  # own process group -> killpg
         )
         with _LIVE_LOCK:
@@ -654,13 +654,13 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_nodelay_env(),
+        env=nodelay_env(),
         start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        _kill_group(proc, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
@@ -718,7 +718,7 @@ class StoreSCP:
         self._log_handle = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log_handle,
-            stderr=subprocess.STDOUT, env=_nodelay_env(), start_new_session=True,
+            stderr=subprocess.STDOUT, env=nodelay_env(), start_new_session=True,
         )
         with _LIVE_LOCK:
             _LIVE_PROCS.add(self._proc)

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from tests.conftest import bundled
+from tests.support.tools import bundled
 
 __all__ = ["write_rle_ct"]
 
