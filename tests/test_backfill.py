@@ -19,7 +19,7 @@ from node.receive.poller import backfill_chunks, state_key
 from node.app.service import NodeService
 from node.store.spool import Spool
 from tests.support import OrthancServer, node_config, run_cli, wait_for
-from tests.test_poller import (  # noqa: F401  (orthanc, jobs, spool are fixtures)
+from tests.support.archive import (  # noqa: F401 - orthanc, jobs and spool are fixtures
     SpoolWithFault, archive, counts, day, jobs, orthanc, poller_for, round_trip_tables, series_files, spool, spooled,
     uids, upload,
 )

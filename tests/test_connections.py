@@ -135,7 +135,7 @@ def timeout_node(tmp_path: Path) -> Iterator[tuple[NodeProcess, int]]:
     """A node with association_timeout_seconds = 2, and its HTTP port."""
     work = tmp_path
     port, http = free_port(), free_port()
-    config = node_config(work / "var", port, http_port=http, node_extra="association_timeout_seconds = 2")
+    config = node_config(work / "var", port, http_port=http, association_timeout_seconds=2)
     with NodeProcess(config, work, port=port) as node:
         yield node, http
 

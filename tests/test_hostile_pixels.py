@@ -123,7 +123,7 @@ def test_hostile_file_got_in_otherwise_fails_its_series_and_is_never_decoded(
     data = tmp_path / "var"
     # 1. a higher frame limit and a long settle time: accepted, not processed yet
     higher = node_config(data, port, http_port=http, settle=3600, extra=folder_route(out),
-                         node_extra="max_frame_mb = 1024")
+                         max_frame_mb=1024)
     with NodeProcess(higher, tmp_path, port=port):
         pushed = storescu("127.0.0.1", port, [hostile], called_aet="DICOMNODE", timeout=120, extra_args=["-xr"])
         assert store_responses(pushed) == ["Success"], pushed.stderr[-2000:]

@@ -16,7 +16,6 @@ import datetime
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import LOCALHOST, free_port, kill_group, nodelay_env  # noqa: E402
+from tests.support import BRAIN, LOCALHOST, folder_route, free_port, nodelay_env, stop_process_group  # noqa: E402
 
 CACHE = Path(os.environ.get("DICOM_NODE_BENCH_CACHE", "/tmp/dicom-node-bench"))
 DATA = Path(os.environ.get("DICOM_NODE_TEST_DATA", ROOT.parent / "shared" / "data" / "dicom"))
@@ -50,23 +49,13 @@ __all__ = [
 # --------------------------------------------------------------------------- inputs
 
 
-#: Pipeline steps (TOML) of the processing benchmarks: rescale, then fastai's equalisation per image.
-RESCALE_EQUALISE = '{ op = "rescale" }, { op = "equalise", per = "image" }'
+#: Pipeline steps of the processing benchmarks: rescale, then fastai's equalisation per image.
+RESCALE_EQUALISE = [{"op": "rescale"}, {"op": "equalise", "per": "image"}]
 
-# Config tables for the node in the ingest/scale benchmarks: CT through a brain window to a folder.
-CT_FOLDER_ROUTE = """
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["out"]
-"""
+
+def ct_folder_route(out: Path) -> str:
+    """Config tables for the node in the ingest/scale benchmarks: CT through a brain window to folder *out*."""
+    return folder_route(out, None, name="ct-brain", steps=BRAIN, output=None, match={"Modality": "CT"})
 
 
 def ct_series(count: int = 300, *, series: int = 1) -> list[Path]:
@@ -191,17 +180,8 @@ class Background:
 
     def stop(self, grace: float = 10) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            kill_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_group(proc, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process_group(proc, grace)
 
     def __enter__(self) -> Background:
         return self.start()

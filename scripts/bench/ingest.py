@@ -51,7 +51,7 @@ N = 300
 def run_node(files: list[Path], work: Path) -> float:
     port = bl.free_port()
     data = work / "var"
-    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.CT_FOLDER_ROUTE.format(out=work / "out")),
+    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.ct_folder_route(work / "out")),
                        work, port=port)
     try:
         node.start()

@@ -73,7 +73,7 @@ def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False) 
     port = bl.free_port()
     data = work / "var"
     out = work / "out"
-    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out))
+    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.ct_folder_route(out))
     node = NodeProcess(config, work, port=port)
     try:
         node.start()

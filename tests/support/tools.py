@@ -4,7 +4,7 @@
   ``PYTHONPATH``: :func:`node_env`).
 * :func:`bundled` - a file of pydicom's own test data (never downloaded).
 * :func:`tool` / :func:`dciodvfy_errors` - a required external program; dicom3tools' verdict on a file.
-* :func:`run_cli` - ``python -m node ARGS`` as a user would run it (a new process).
+* :func:`run_cli` - ``python -m node ARGS`` as a user would run it (a new process); :func:`env_without_config`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-__all__ = ["ROOT", "bundled", "dciodvfy_errors", "node_env", "run_cli", "tool"]
+__all__ = ["ROOT", "bundled", "dciodvfy_errors", "env_without_config", "node_env", "run_cli", "tool"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,12 @@ def node_env(base: Mapping[str, str] | None = None, *, code_root: Path = ROOT) -
         The checkout whose ``node`` package the child imports (``PYTHONPATH``).
     """
     return dict(os.environ if base is None else base, PYTHONPATH=str(code_root))
+
+
+def env_without_config(**more: str) -> dict[str, str]:
+    """This process's environment without ``$DICOM_NODE_CONFIG`` (the config a test names is the one used),
+    with *more* variables."""
+    return {**{k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}, **more}
 
 
 def run_cli(*args: str, timeout: float = 600, env: Mapping[str, str] | None = None,
