@@ -439,7 +439,7 @@ steps = "rescale" # <-
 name = "ct"
 steps = [{ op = "rescale" }]
 output = "jpeg" # <-
-""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, got "jpeg"'),
+""" + TAIL, 'pipelines[1] (name "ct").output', 'must be one of sc, sc16, png, png16, gsps, nifti, npz, got "jpeg"'),
     ("duplicate-pipeline", HEAD + TAIL + """\
 [[pipelines]]
 name = "default" # <-
@@ -1117,7 +1117,7 @@ destinations = [
     "pacs", # <-
 ]
 """, "routes[1].destinations[2]", 'destination "pacs" (kind = "dicom") takes DICOM only, and pipeline "colour" '
-     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc" or "sc16"'),
+     'writes output = "png": send it to a folder destination, or make the pipeline\'s output "sc", "sc16" or "gsps"'),
     ("png16-to-dicomweb", HEAD + DICOMWEB + """\
 [[pipelines]]
 name = "grey16"

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import TlsSettings
 from node.receive.scp import build_application_entity
-from node.metrics import CONNECTION_REFUSAL_REASONS, Metrics
+from node.telemetry.metrics import CONNECTION_REFUSAL_REASONS, Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.receive.tls_listener import start_tls_server
 from tests.support import GARBAGE, NodeProcess, bundled, echoscu, free_port, held, node_config, tool, wait_for

@@ -20,16 +20,20 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pydicom
 import pytest
 import requests
 from PIL import Image
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.http import THUMBNAIL_SIZE, StatusServer
+from node.app.http.pages import series_context
+from node.app.http.server import StatusServer
+from node.app.http.thumbnails import THUMBNAIL_SIZE
 from node.store.jobstore import SeriesState
-from node.metrics import REFUSAL_REASONS, Metrics
+from node.telemetry.metrics import REFUSAL_REASONS, Metrics
 from node.outputs.uids import derived_uid
 from tests.support import (
     ROOT, NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, run_cli, storescu, tool, wait_for,
@@ -41,6 +45,8 @@ _HEADER = pydicom.dcmread(CT, stop_before_pixels=True)
 PATIENT_NAME = str(_HEADER.PatientName)
 PATIENT_ID = str(_HEADER.PatientID)
 HOSTILE = "<script>alert('pwned')</script> & \"quoted\""
+#: HOSTILE as the pages show it: Jinja2's autoescape (markupsafe) writes ' and " as &#39; and &#34;.
+ESCAPED = "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt; &amp; &#34;quoted&#34;"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -176,6 +182,7 @@ def test_metrics_parse_as_prometheus_text(node: JobRows, server: StatusServer) -
         "discarded": 0,
     }
     assert depth == {**dict.fromkeys(depth, 0), **node.jobs.counts()}
+    assert list(depth) == [state.value for state in SeriesState]  # every state of the job store, in its order
 
     histogram = families["dicomnode_processing_seconds"]
     assert histogram.type == "histogram"
@@ -214,7 +221,37 @@ def test_metrics_count_exactly_from_many_threads_and_never_raise() -> None:
         1 for n in range(2000) if n % 70 <= 60) + 1
     assert samples[("dicomnode_queue_depth", (("state", "queued"),))] == 3
     assert samples[("dicomnode_queue_depth", (("state", "odd"),))] == 1
-    assert samples[("dicomnode_queue_depth", (("state", "delivered"),))] == 0
+    # only the states given are written: the server gives every state of the job store (the test above)
+    assert not any(labels == (("state", "delivered"),) for _, labels in samples)
+
+
+def test_metrics_of_two_nodes_count_apart_in_their_own_registries() -> None:
+    """Each Metrics has its own registry: nothing in prometheus_client's global one, no ``_created`` series."""
+    first, second = Metrics(["pacs"]), Metrics()
+    first.instance_received(3)
+    first.delivery("pacs", "delivered")
+    second.instance_refused("too_large")
+
+    def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(metrics.render({"queued": 2})) for s in f.samples}
+
+    one, two = samples(first), samples(second)
+    assert one[("dicomnode_instances_received_total", ())] == 3 and two[("dicomnode_instances_received_total", ())] == 0
+    assert one[("dicomnode_deliveries_total", (("destination", "pacs"), ("outcome", "delivered")))] == 1
+    assert not any(name == "dicomnode_deliveries_total" for name, _ in two)
+    assert one[("dicomnode_instances_refused_total", (("reason", "too_large"),))] == 0
+    assert two[("dicomnode_instances_refused_total", (("reason", "too_large"),))] == 1
+    assert {name for name, _ in one} == {
+        "dicomnode_instances_received_total", "dicomnode_instances_refused_total",
+        "dicomnode_connections_refused_total", "dicomnode_series_processed_total", "dicomnode_series_failed_total",
+        "dicomnode_series_discarded_total", "dicomnode_deliveries_total", "dicomnode_queue_depth",
+        "dicomnode_processing_seconds_bucket", "dicomnode_processing_seconds_sum",
+        "dicomnode_processing_seconds_count",
+    }
+    assert "_created" not in first.render()
+    assert one[("dicomnode_queue_depth", (("state", "queued"),))] == 2
+    assert REGISTRY.get_sample_value("dicomnode_instances_received_total") is None
 
 
 # --------------------------------------------------------------------------- the job API
@@ -380,7 +417,9 @@ def test_status_page(node: JobRows, server: StatusServer) -> None:
     page = response.text
     assert '<meta http-equiv="refresh" content="10">' in page
     assert "<script" not in page.lower()
-    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in page
+    assert html.unescape(ESCAPED) == HOSTILE
+    hostile = f"no processable instance: {ESCAPED}"  # the error cell and its tooltip, both escaped
+    assert f'<div class="error" title="{hostile}">{hostile}</div>' in page
     assert PATIENT_NAME not in page and PATIENT_NAME.split("^")[0] not in page and PATIENT_ID not in page
     for name, series_id in node.ids.items():
         assert f'href="/api/jobs/{series_id}"' in page, name
@@ -487,7 +526,7 @@ def test_series_page_of_a_delivered_series(node: JobRows, server: StatusServer) 
 
 def test_series_page_shows_the_peers_reason_escaped(node: JobRows, server: StatusServer) -> None:
     page = get(server, f"/series/{node.ids['png']}").text
-    escaped = "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;"
+    escaped = ESCAPED
     assert "<script" not in page.lower() and HOSTILE not in page
     assert (f'<td><span class="state st-failed">failed</span></td><td class="num">2/3</td><td>-</td><td>-</td>'
             f'<td><div class="error">{escaped}</div></td>') in page
@@ -554,6 +593,28 @@ def test_series_page_in_a_browser(node: JobRows, server: StatusServer, tmp_path:
     assert red.sum() > 50, "the failed state badge is drawn"
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "series-page.png")
+
+
+def test_pages_are_autoescaped_templates_each_server_loads_once(node: JobRows, server: StatusServer) -> None:
+    """The templates are package files, loaded by each server; a page extending the series page is escaped too."""
+    environment = server.pages.environment
+    other = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
+                         spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True)
+    assert other.pages.environment is not environment  # one per server, none global
+    assert environment.autoescape is True and isinstance(environment.loader, jinja2.PackageLoader)
+    shipped = sorted(p.name for p in (ROOT / "node" / "app" / "http" / "templates").iterdir())
+    assert sorted(environment.list_templates()) == shipped
+    assert "pictures" in environment.get_template("series.html.j2").blocks
+    # what the histogram of a later change would do: add a picture to the block, its caption escaped
+    child = environment.from_string(
+        '{% extends "series.html.j2" %}{% block pictures %}{{ super() }}<h2>More</h2><p id="more">{{ caption }}</p>'
+        "{% endblock %}")
+    row = node.jobs.series(node.ids["png"])
+    page = child.render(series_context(row, max_attempts=3, now=0.0), caption=HOSTILE)
+    assert f'<p id="more">{ESCAPED}</p>' in page and HOSTILE not in page
+    before_after, more = page.index("<h2>Outputs: before / after</h2>"), page.index('<p id="more">')
+    assert before_after < more < page.index("<h2>Deliveries</h2>")
+    assert f'src="/thumbs/{row["id"]}/output.png?v=' in page
 
 
 def _assert_drawn(screen: np.ndarray, row: np.ndarray, what: str) -> None:

@@ -25,8 +25,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.config import BasicAuth, BearerAuth, ConfigError, HttpSettings, load_config
-from node.http import StatusServer
-from node.httpauth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
+from node.app.http.server import StatusServer
+from node.app.http.auth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
 from node.net.tls import https_server_context
 from tests.support import NodeProcess, Pki, folder_route, free_port, node_config, run_cli, tool
 from tests.support.status_rows import SC_PIPELINE, JobRows, png_image
@@ -213,7 +213,7 @@ def test_429_after_the_tenth_failure_and_the_log_never_holds_the_password(
     server.start()
     tried = [f"guess-{n}-{os.urandom(4).hex()}" for n in range(MAX_FAILURES)]
     try:
-        with caplog.at_level(logging.DEBUG, logger="node.httpauth"):
+        with caplog.at_level(logging.DEBUG, logger="node.app.http.auth"):
             for _ in range(3):  # no credentials at all is no attempt
                 assert get(server, "/").status_code == 401
             for n, guess in enumerate(tried, start=1):
@@ -264,7 +264,7 @@ def test_the_log_line_of_wrong_credentials_says_how_many_were_held_back(
     now = [0.0]
     guard = HttpGuard(BearerAuth(TOKEN_ENV), failures=FailedLogins(limit=1000, clock=lambda: now[0]))
     monkeypatch.setattr(guard._log_throttle, "_clock", lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="node.httpauth"):
+    with caplog.at_level(logging.WARNING, logger="node.app.http.auth"):
         for _ in range(5):
             assert guard.refusal("/metrics", "Bearer nope", "198.51.100.7").status == 401
         now[0] += 61
@@ -352,7 +352,7 @@ def test_basic_auth_over_plain_http_on_another_address_is_warned_about(
     node: JobRows, basic: StatusServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The check takes the bound address; a documentation address stands for "another machine's"."""
-    with caplog.at_level(logging.WARNING, logger="node.http"):
+    with caplog.at_level(logging.WARNING, logger="node.app.http.server"):
         basic._warn_if_exposed("127.0.0.1")
         basic._warn_if_exposed("::1")
         assert not caplog.records
@@ -457,7 +457,7 @@ def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_l
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
-        assert re.search(rf" ERROR node\.cli: {re.escape(str(config))}:{line}: http\.host: \"0\.0\.0\.0\" is not a "
+        assert re.search(rf" ERROR node\.app\.cli: {re.escape(str(config))}:{line}: http\.host: \"0\.0\.0\.0\" is not a "
                          r"loopback address and \[http\] has no auth", lines[0]), lines[0]
         assert result.stdout == ""
     # said on purpose: accepted (config check only: it listens nowhere)

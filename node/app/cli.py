@@ -73,10 +73,11 @@ def _window_arg(text: str):
 def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process",
-        help="process DICOM files or folders into Secondary Captures or PNGs",
+        help="process DICOM files or folders into Secondary Captures, PNGs, presentation states or volumes",
         description="Read DICOM files (folders recursively), group them into series, window or "
-        "equalise them, and write Secondary Capture DICOM or PNG files under --out as "
-        "STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png.",
+        "equalise them, and write Secondary Capture DICOM or PNG files (or presentation states, "
+        "--format gsps) under --out as STUDY_UID/DERIVED_SERIES_UID/SOP_UID.dcm|png, or volumes "
+        "(--format nifti|npz) as STUDY_UID/DERIVED_SERIES_UID/volume.nii.gz|npz with volume.json.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -87,6 +88,17 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
                    "under --out, never delivered")
     p.add_argument("--pipeline", metavar="NAME",
                    help="with --config: run this configured pipeline on every series, whatever the routes say")
+    add_pipeline_options(p, [f.value for f in OutputFormat], "sc",
+                         "sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit; gsps: one Grayscale "
+                         "Softcopy Presentation State per series showing the source images as the pipeline does, "
+                         "no pixels copied (grey images; not with --grey or several --window/--equalise channels); "
+                         "nifti / npz: one volume per series (.nii.gz / .npz, with a .json sidecar) (default sc)")
+    p.set_defaults(func=_run_process, parser=p)
+
+
+def add_pipeline_options(p: argparse.ArgumentParser, formats: Sequence[str], default_format: str,
+                         format_help: str) -> None:
+    """The options that make a pipeline (and the decode limits), shared by ``process`` and ``export``."""
     p.add_argument(
         "--window", action="append", type=_window_arg, default=[], metavar="PRESET|C,W|file",
         help="window: a preset (brain, subdural, stroke, brain_bone, brain_soft, lungs, mediastinum, "
@@ -99,10 +111,9 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=_parse_clip, metavar="MIN,MAX", help="clamp modality values first")
     p.add_argument("--no-rescale", action="store_true", help="skip the Modality LUT (rescale) step")
     p.add_argument("--grey", action="store_true", help="convert colour images to grey first")
-    p.add_argument(
-        "--format", choices=[f.value for f in OutputFormat], default="sc",
-        help="sc / sc16: Secondary Capture 8/16-bit; png / png16: PNG 8/16-bit (default sc)",
-    )
+    p.add_argument("--format", choices=list(formats), default=default_format, help=format_help)
+    p.add_argument("--keep-patient", action="store_true",
+                   help="volume outputs: write the patient's name and ID into the JSON sidecar (default: never)")
     p.add_argument(
         "--max-decoded-mb", type=_megabytes, default=DEFAULT_MAX_DECODED_MB, metavar="MB",
         help="refuse a file whose pixels decode to more than this many MB in all "
@@ -113,7 +124,41 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
         help="refuse a file one of whose frames decodes to more than this many MB "
         f"(as [node] max_frame_mb; default {DEFAULT_MAX_FRAME_MB})",
     )
-    p.set_defaults(func=_run_process, parser=p)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a folder tree of series as a dataset of volumes (NIfTI or NumPy) with index.csv",
+        description="Read DICOM files (folders recursively), group them into series and write one volume per "
+        "series (per stack; parts where the spacing changes) as OUT/STUDY_UID/SERIES_UID/volume.nii.gz|npz with a "
+        "volume.json sidecar, and OUT/index.csv listing every volume. Series already exported into OUT with the "
+        "same pipeline are skipped, so a run that was stopped can be run again.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
+    p.add_argument("--out", required=True, type=Path, help="dataset folder")
+    add_pipeline_options(p, [f.value for f in OutputFormat if f.is_volume], OutputFormat.NIFTI.value,
+                         "nifti: .nii.gz; npz: NumPy .npz (volume, affine, spacing); each with a .json sidecar "
+                         "(default nifti)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="series exported at once, each in its own process (default 1)")
+    p.set_defaults(func=_run_export, parser=p)
+
+
+def _workers(text: str) -> int:
+    """``--workers``: a whole number from 1 to 64."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of processes from 1 to 64")
+    return int(text)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from node.app.export import export
+    from node.imaging.source import DecodeLimits
+
+    pipeline = _pipeline_from_args(args)
+    limits = DecodeLimits.from_mb(args.max_decoded_mb, args.max_frame_mb,
+                                  decoded_setting="--max-decoded-mb", frame_setting="--max-frame-mb")
+    return export(args.inputs, args.out, pipeline, limits=limits, workers=args.workers, log_settings=args.log_settings)
 
 
 def _megabytes(text: str) -> int:
@@ -143,13 +188,14 @@ def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
         rescale=not args.no_rescale,
         clip=args.clip,
         display=display,
+        keep_patient=args.keep_patient,
     )
 
 
 #: ``process`` options that make a pipeline (or set its decode limits): a configured run takes
 #: both from the config, so these are refused beside ``--config``/``--pipeline``.
 _PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "no_rescale", "grey", "format",
-                     "max_decoded_mb", "max_frame_mb")
+                     "keep_patient", "max_decoded_mb", "max_frame_mb")
 
 
 def _pipeline_options_given(args: argparse.Namespace) -> list[str]:
@@ -549,7 +595,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _print_one_series(jobs: JobStore, series_id: int, max_attempts: int) -> int:
     """Print one series as the page ``/series/{id}`` shows it; 1 with one line when there is no such job."""
-    from node.seriesview import series_text, series_view
+    from node.app.seriesview import series_text, series_view
 
     row = jobs.series(series_id)
     if row is None:
@@ -707,6 +753,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_process_parser(sub)
+    _add_export_parser(sub)
     _add_route_parser(sub)
     _add_service_parsers(sub)
     _add_operator_parsers(sub)

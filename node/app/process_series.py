@@ -2,8 +2,10 @@
 
 This is the whole offline path (``dicom-node process``) and the worker step of the service: it
 reads the source images, renders them (:mod:`node.process.render`), and writes Secondary Captures or PNGs
-in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png``.  Derived UIDs come
-from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
+(or, for ``output = "gsps"``, presentation states showing the sources: :mod:`node.outputs.gsps`)
+in the folder layout ``<out>/<StudyUID>/<DerivedSeriesUID>/<SOPUID>.dcm|.png`` (:mod:`node.outputs.naming`;
+volumes, by :mod:`node.app.volumes`: ``volume[...].nii.gz|.npz`` and ``.json`` there).
+Derived UIDs come from the source UIDs and the pipeline, so processing the same input again replaces the outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.config.pipeline import Pipeline, series_description
+from node.config.pipeline import OutputFormat, Pipeline, series_description
+from node.process.presentation import plan_presentation_states
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
@@ -29,7 +32,8 @@ from node.outputs.secondary_capture import (
     SecondaryCaptureSeriesWriter,
     SourceImage,
 )
-from node.outputs.uids import derived_uid
+from node.outputs import naming
+from node.app.volumes import write_series_volumes
 
 __all__ = ["SeriesResult", "derived_series_uid", "process_series"]
 
@@ -58,7 +62,7 @@ class SeriesResult:
 
 def derived_series_uid(series_uid: str, pipeline: Pipeline) -> str:
     """The UID of the series *pipeline* derives from *series_uid* (the same every time)."""
-    return derived_uid(series_uid, "series", pipeline.fingerprint())
+    return naming.derived_series_uid(series_uid, pipeline.fingerprint())
 
 
 def _derived_series(series: InputSeries, pipeline: Pipeline) -> DerivedSeries:
@@ -109,6 +113,14 @@ def process_series(
     started = time.monotonic()
     derived = _derived_series(series, pipeline)
     result = SeriesResult(series.study_uid, series.series_uid, derived.series_instance_uid)
+    if pipeline.output is OutputFormat.GSPS:
+        return _presentation_states(series, pipeline, out_dir, derived, result, now=now, started=started)
+    if pipeline.output.is_volume:  # a file per volume, not per image
+        volumes = write_series_volumes(series, pipeline, out_dir / series.study_uid / derived.series_instance_uid)
+        result.outputs, result.failures = volumes.outputs, volumes.failures
+        result.instances, result.frames = volumes.instances, volumes.frames
+        result.seconds = time.monotonic() - started
+        return result
     bins, failed = series_bins(pipeline, series.images)
     result.failures.extend(failed)
     failed_paths = {f.path for f in failed}
@@ -145,6 +157,45 @@ def process_series(
     return result
 
 
+def _presentation_states(
+    series: InputSeries,
+    pipeline: Pipeline,
+    out_dir: Path,
+    derived: DerivedSeries,
+    result: SeriesResult,
+    *,
+    now: datetime.datetime,
+    started: float,
+) -> SeriesResult:
+    """``output = "gsps"``: presentation state(s) showing the series' images instead of new pixels
+    (one per image size and polarity, :mod:`node.process.presentation`)."""
+    from node.outputs.gsps import content_label, write_presentation_state  # highdicom: ~1 s to import
+
+    planned = plan_presentation_states(series, pipeline)
+    result.failures.extend(planned.failures)
+    folder = out_dir / series.study_uid / derived.series_instance_uid
+    for number, plan in enumerate(planned.plans, start=1):
+        sop_uid = naming.presentation_state_uid(series.series_uid, pipeline.fingerprint(), plan.key)
+        try:
+            path = write_presentation_state(
+                folder / naming.output_file_name(sop_uid, dicom=True), plan.images, plan.voi, plan.rescale, derived=derived,
+                sop_instance_uid=sop_uid, instance_number=number, label=content_label(pipeline.name),
+                description=derived.derivation_description, now=now,
+            )
+        except (ValueError, TypeError, AttributeError, OSError) as exc:  # highdicom refusing, or the disk
+            reason = f"no presentation state written for {len(plan.images)} images ({plan.key}): {exc}"
+            result.failures.extend(UnsupportedImage(image.path, reason) for image in plan.images)
+            continue
+        result.outputs.append(path)
+        result.instances += len(plan.images)
+        result.frames += sum(image.number_of_frames for image in plan.images)
+        log.info("series %s: presentation state %s shows %d images", series.series_uid, sop_uid, len(plan.images))
+    for failure in result.failures:
+        log.error("%s", failure)
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def _process_image(
     image: ImageFile,
     pipeline: Pipeline,
@@ -154,10 +205,10 @@ def _process_image(
 ) -> list[Path]:
     renderer = FrameRenderer(pipeline, image, bins)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
-    sop_uid = derived_uid(source_sop, "instance", pipeline.fingerprint())
+    sop_uid = naming.derived_instance_uid(source_sop, pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)
     if pipeline.output.is_dicom:
-        return [_write_sc(image, renderer, sc_writer, folder / f"{sop_uid}.dcm", sop_uid)]
+        return [_write_sc(image, renderer, sc_writer, folder / naming.output_file_name(sop_uid, dicom=True), sop_uid)]
     return _write_pngs(image, renderer, pipeline, folder, sop_uid)
 
 
@@ -202,7 +253,7 @@ def _write_pngs(
     derivation = pipeline.describe()
     try:
         for index, frame in enumerate(renderer.render_all(), start=1):
-            name = f"{sop_uid}_{index:04d}.png" if multi else f"{sop_uid}.png"
+            name = naming.output_file_name(sop_uid, dicom=False, frame=index if multi else None)
             text = traceability_text(
                 image.header, pipeline=pipeline.name, derivation=derivation, frame=index if multi else None
             )

@@ -40,13 +40,13 @@ from node.config import Config, FolderDestination
 from node.store.database import unavailable
 from node.deliver.lanes import DeliveryLanes, DispatchedDeliveries
 from node.store.fsutil import remove_empty_parents, remove_temporaries
-from node.http import StatusServer
-from node.httpauth import HttpGuard
+from node.app.http.server import StatusServer
+from node.app.http.auth import HttpGuard
 from node.imaging.source import DecodeLimits
 from node.receive.scp import StoreHandler, build_application_entity, enable_streamed_receive
 from node.store.jobstore import job_store_for
 from node.telemetry.logsetup import LogSettings, Throttle, first_line
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.receive.poller import DicomWebPoller, schedule
 from node.store.pending import PendingRecords

@@ -17,8 +17,8 @@ valid: the node then receives and spools, but processes nothing. Unknown keys ar
 typo is never silently ignored.
 
 Every time setting has a range (:data:`_TIME_SPANS`: the refusal says why), two listeners may not
-share a port on overlapping addresses, and a route may not send PNG output to a DICOM or DICOMweb
-destination. ``load_config(path, check_machine=True)`` (``serve``, ``config check``) also checks
+share a port on overlapping addresses, and a route may not send PNG or volume (NIfTI, NumPy) output to a
+DICOM or DICOMweb destination. ``load_config(path, check_machine=True)`` (``serve``, ``config check``) also checks
 what only the machine can tell: host names, listener addresses, ``data_dir``, secrets.
 
 ``[[sources]]`` are DICOMweb archives the node polls (QIDO-RS, then WADO-RS; see
@@ -1681,7 +1681,7 @@ class _Checker:
         formats = [f.value for f in OutputFormat]
         for index, table in enumerate(self.tables_array("pipelines")):
             path: _KeyPath = ("pipelines", index)
-            self.keys(table, path, ("name", "steps", "output"), ("name", "steps"))
+            self.keys(table, path, ("name", "steps", "output", "keep_patient"), ("name", "steps"))
             name = self.name(table, path, seen)
             steps = table["steps"]
             if not isinstance(steps, list):
@@ -1693,6 +1693,11 @@ class _Checker:
                 out[name] = parse_steps(name, steps, output)
             except PipelineError as exc:
                 self.fail(path + ("steps",), str(exc))
+            if self.boolean(table, path, "keep_patient", False):
+                if not out[name].output.is_volume:
+                    self.fail(path + ("keep_patient",), f"is for volume outputs (nifti, npz) only; pipeline "
+                              f"{_show(name)} writes output = {_show(output)}")
+                out[name] = dataclasses.replace(out[name], keep_patient=True)
         return out
 
     def destinations(self, node: NodeSettings) -> dict[str, Destination]:
@@ -1906,7 +1911,11 @@ class _Checker:
         if not pipeline.output.is_dicom and destination.kind in ("dicom", "dicomweb"):
             self.fail(path, f"destination {_show(destination.name)} (kind = {_show(destination.kind)}) takes DICOM "
                       f"only, and pipeline {_show(pipeline.name)} writes output = {_show(pipeline.output.value)}: "
-                      "send it to a folder destination, or make the pipeline's output \"sc\" or \"sc16\"")
+                      "send it to a folder destination, or make the pipeline's output \"sc\", \"sc16\" or \"gsps\"")
+        if pipeline.output.is_volume and isinstance(destination, FolderDestination) and destination.file_names:
+            self.fail(path, f"destination {_show(destination.name)} names files with file_names, and pipeline "
+                      f"{_show(pipeline.name)} writes volumes (output = {_show(pipeline.output.value)}), which keep "
+                      "their own names (volume.nii.gz and volume.json): remove file_names or send them elsewhere")
         if not pipeline.output.is_dicom and isinstance(destination, FolderDestination) and destination.file_names:
             unknown = [f for f in template_fields(destination.file_names) if f not in PNG_FIELDS]
             if unknown:

@@ -23,6 +23,7 @@ __all__ = [
     "Channels",
     "Clip",
     "Equalise",
+    "GSPS_CANNOT",
     "OutputFormat",
     "Pipeline",
     "PipelineError",
@@ -38,12 +39,17 @@ class PipelineError(ValueError):
 
 
 class OutputFormat(str, Enum):
-    """What a pipeline writes: Secondary Capture (8/16-bit) or PNG (8/16-bit)."""
+    """What a pipeline writes: Secondary Capture (8/16-bit), PNG (8/16-bit), a Grayscale Softcopy
+    Presentation State (``gsps``: the display instructions, referencing the sources), or a volume per
+    series (NIfTI ``.nii.gz`` or NumPy ``.npz``, :mod:`node.outputs.volume`)."""
 
     SC = "sc"
     SC16 = "sc16"
     PNG = "png"
     PNG16 = "png16"
+    GSPS = "gsps"
+    NIFTI = "nifti"
+    NPZ = "npz"
 
     @property
     def bits(self) -> int:
@@ -52,8 +58,24 @@ class OutputFormat(str, Enum):
 
     @property
     def is_dicom(self) -> bool:
-        """Whether the output is a DICOM Secondary Capture."""
-        return self in (OutputFormat.SC, OutputFormat.SC16)
+        """Whether the output is DICOM (a Secondary Capture or a presentation state)."""
+        return self in (OutputFormat.SC, OutputFormat.SC16, OutputFormat.GSPS)
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the output is one volume file per series (or per stack) with a JSON sidecar."""
+        return self in (OutputFormat.NIFTI, OutputFormat.NPZ)
+
+
+#: Steps a Grayscale Softcopy Presentation State cannot express, and why (``output = "gsps"``).
+GSPS_CANNOT: dict[str, str] = {
+    "grey": "output gsps displays the source images themselves, and a Grayscale Softcopy Presentation "
+    "State applies to grey images only: converting colour to grey needs output sc or png",
+    "channels": "channels make an RGB image, and a Grayscale Softcopy Presentation State shows each "
+    "source image in grey: use output sc or png",
+    "colormap": "a colour map makes a colour image, and a Grayscale Softcopy Presentation State shows "
+    "each source image in grey (no Pseudo-Color Presentation State is written): use output sc or png",
+}
 
 
 @dataclass(frozen=True)
@@ -131,12 +153,21 @@ class Pipeline:
     clip: Clip | None = None
     display: Display | None = None
     steps: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False)
+    #: Volume outputs only: write the patient's name and ID into the JSON sidecar (default: never).
+    keep_patient: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.display, Channels) and self.output.bits == 16:
             raise PipelineError(
                 f"pipeline {self.name!r}: channels make RGB, which is 8-bit only; use output sc or png"
             )
+        if self.output is OutputFormat.GSPS:
+            for step, present in (("grey", self.grey), ("channels", isinstance(self.display, Channels))):
+                if present:
+                    raise PipelineError(f"pipeline {self.name!r}: {step}: {GSPS_CANNOT[step]}")
+        if self.keep_patient and not self.output.is_volume:
+            raise PipelineError(f"pipeline {self.name!r}: keep_patient is for volume outputs (nifti, npz); "
+                                f"output {self.output.value} keeps what its format keeps")
 
     @property
     def equalise(self) -> Equalise | None:
@@ -158,12 +189,17 @@ class Pipeline:
             parts.append(self.clip.describe())
         if self.display is not None:
             parts.append(self.display.describe())
-        parts.append(f"{self.output.bits}-bit")
+        if self.output.is_volume and self.display is None:
+            parts.append("modality values volume" if self.rescale else "stored values volume")
+        elif self.output.is_volume:
+            parts.append(f"{self.output.bits}-bit volume")
+        elif self.output is not OutputFormat.GSPS:  # a presentation state has no pixels of its own
+            parts.append(f"{self.output.bits}-bit")
         return "; ".join(parts)
 
     def fingerprint(self) -> str:
         """A short stable hash of what the pipeline does (not its name): part of derived UIDs."""
-        text = f"{self.describe()}|{self.output.value}"
+        text = f"{self.describe()}|{self.output.value}" + ("|keep_patient" if self.keep_patient else "")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -378,7 +414,8 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
     steps : sequence of mappings
         ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels", ...}``.
     output : str
-        ``sc``, ``sc16``, ``png`` or ``png16``.
+        ``sc``, ``sc16``, ``png``, ``png16``, ``gsps`` (which refuses the steps of
+        :data:`GSPS_CANNOT`), ``nifti`` or ``npz``.
 
     Raises
     ------
@@ -399,6 +436,8 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
         if not isinstance(step, Mapping) or "op" not in step:
             raise PipelineError(f"{where}: a step is a table with an op key, got {step!r}")
         op = step["op"]
+        if fmt is OutputFormat.GSPS and op in GSPS_CANNOT:
+            raise PipelineError(f"{where}: {op}: {GSPS_CANNOT[op]}")
         if op in ("grey", "rescale"):
             _no_extra(set(step) - {"op"}, set(), where)
             slot, value = op, True

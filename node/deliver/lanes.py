@@ -17,7 +17,7 @@ from pathlib import Path
 
 from node.config import DeliverySettings, Destination, StoreSettings
 from node.store.jobstore import Delivery, JobStore
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.deliver.senders import DeliveryError, Sender
 
 __all__ = ["DeliveryLanes", "DispatchedDeliveries"]

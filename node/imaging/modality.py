@@ -8,11 +8,36 @@ module only finds the right attributes for a frame.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-__all__ = ["modality_lut_dataset", "rescale_frame", "to_hu"]
+__all__ = ["IDENTITY", "Rescale", "frame_rescale", "modality_lut_dataset", "rescale_frame", "to_hu"]
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """A linear Modality LUT: Rescale Slope, Intercept and Type (PS3.3 C.11.1.1.2)."""
+
+    slope: float
+    intercept: float
+    type: str = "US"
+
+    @property
+    def integral(self) -> bool:
+        """Whether integral stored values give integral modality values (a table can index them)."""
+        return float(self.slope).is_integer() and float(self.intercept).is_integer()
+
+    def range_of(self, low: int, high: int) -> tuple[int, int]:
+        """The (lowest, highest) modality value the stored values ``low..high`` become, rounded."""
+        ends = (self.slope * low + self.intercept, self.slope * high + self.intercept)
+        return int(round(min(ends))), int(round(max(ends)))
+
+
+#: The identity Modality LUT (stored values are the modality values).
+IDENTITY = Rescale(1.0, 0.0, "US")
 
 
 def _functional_group_item(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
@@ -52,6 +77,25 @@ def modality_lut_dataset(ds: Dataset, frame: int = 0) -> Dataset:
         return ds
     item = _functional_group_item(ds, "PixelValueTransformationSequence", frame)
     return item if item is not None else ds
+
+
+def frame_rescale(ds: Dataset, frame: int = 0) -> Rescale | None:
+    """The linear Modality LUT that applies to *frame*, as :func:`rescale_frame` applies it.
+
+    Returns
+    -------
+    Rescale or None
+        :data:`IDENTITY` without Rescale Slope/Intercept; None for a Modality LUT Sequence (a
+        table, not a line).  Rescale Type is the file's, else ``HU`` for CT, else ``US``.
+    """
+    item = modality_lut_dataset(ds, frame)
+    if item.get("ModalityLUTSequence"):
+        return None
+    slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+    if slope in (None, "") or intercept in (None, ""):
+        return IDENTITY
+    kind = str(item.get("RescaleType") or ("HU" if ds.get("Modality") == "CT" else "US"))
+    return Rescale(float(slope), float(intercept), kind)
 
 
 def rescale_frame(arr: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarray:

@@ -25,6 +25,8 @@ from node.imaging.modality import _functional_group_item
 __all__ = [
     "WINDOWS",
     "VOIFunction",
+    "VOITable",
+    "VOIWindow",
     "Window",
     "apply_voi_lut_sequence",
     "as_voi_function",
@@ -54,6 +56,41 @@ class Window:
     def describe(self) -> str:
         """Short text for DerivationDescription and logs, e.g. ``window C=40 W=80 LINEAR``."""
         return f"window C={self.center:g} W={self.width:g} {self.function.value}"
+
+
+@dataclass(frozen=True)
+class VOIWindow:
+    """A VOI LUT stage given as a window, with what it is (a Window Center & Width Explanation)."""
+
+    window: Window
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class VOITable:
+    """A VOI LUT stage given as a table (PS3.3 C.11.2.1.1): input value ``first + i`` shows as entry
+    ``i``; inputs below ``first`` as the first entry, above the last as the last.
+
+    Attributes
+    ----------
+    first : int
+        The input value mapped to the first entry (may be negative: CT values in HU).
+    data : bytes
+        The entries, 16-bit unsigned little endian (0..65535: black..white).
+    explanation : str
+        What the table does (LUT Explanation).
+    """
+
+    first: int
+    data: bytes
+    explanation: str = ""
+
+    BITS = 16
+
+    @property
+    def entries(self) -> np.ndarray:
+        """The entries as ``uint16``."""
+        return np.frombuffer(self.data, dtype="<u2").astype(np.uint16)
 
 
 # fastai's ``dicom_windows`` (fastai.medical.imaging, from radiopaedia's "windowing (CT)"): fastai

@@ -79,7 +79,9 @@ __all__ = [
     "MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE",
     "SourceImage",
     "DerivedSeries",
+    "complete_deidentification",
     "derived_burned_in_annotation",
+    "derived_series_laterality",
     "SecondaryCaptureSeriesWriter",
     "secondary_capture_header",
     "write_secondary_capture",
@@ -767,7 +769,7 @@ def secondary_capture_header(
             setattr(ds, keyword, "")
     for keyword in _PATIENT_OPTIONAL:
         _copy_attribute(source, ds, keyword)
-    _complete_deidentification(ds)
+    complete_deidentification(ds)
 
     # General Study, Clinical Trial Study, Patient Study
     ds.StudyInstanceUID = study_uid
@@ -790,13 +792,9 @@ def secondary_capture_header(
     ds.SeriesDate = _da(when)
     ds.SeriesTime = _tm(when)
     _copy_attribute(source, ds, "BodyPartExamined")
-    laterality = _source_laterality(source)
+    laterality = derived_series_laterality(source)
     if laterality is not None:
         ds.Laterality = laterality
-    elif _source_value(source, "BodyPartExamined") not in _UNPAIRED_BODY_PARTS:
-        # Type 2C: a possibly paired (or unknown) body part needs Laterality;
-        # empty means unknown.
-        ds.Laterality = ""
 
     # General Equipment, SC Equipment
     version = _software_version()
@@ -882,7 +880,23 @@ def _parse_utc_offset(text: str) -> datetime.timedelta | None:
     return -delta if text[0] == "-" else delta
 
 
-def _complete_deidentification(ds: Dataset) -> None:
+def derived_series_laterality(source: Dataset) -> str | None:
+    """General Series Laterality (0020,0060) of a new series made from ``source``.
+
+    ``"R"``/``"L"`` when the source names the side (see :func:`_source_laterality`); None (leave it
+    out) when Body Part Examined is an unpaired structure (e.g. ``HEAD``); else ``""``: type 2C, a
+    possibly paired (or unknown) body part needs Laterality, and empty means unknown (dciodvfy
+    warns about the empty value, but leaving it out is an error).
+    """
+    laterality = _source_laterality(source)
+    if laterality is not None:
+        return laterality
+    if _source_value(source, "BodyPartExamined") in _UNPAIRED_BODY_PARTS:
+        return None
+    return ""
+
+
+def complete_deidentification(ds: Dataset) -> None:
     """Keep Patient Identity Removed YES valid when the source omits how.
 
     De-identified sources often say YES without De-identification Method or

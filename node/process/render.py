@@ -187,6 +187,32 @@ class FrameRenderer:
             y = invert(y, levels)
         return floor_levels(y, self.bits)
 
+    def display_values(
+        self, values: np.ndarray, frame: int = 0, *, low: float, high: float, bins: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The display step alone, without the MONOCHROME1 inversion: for a table of the display.
+
+        Parameters
+        ----------
+        values : numpy.ndarray
+            Modality values, already clipped as the pipeline says (any values: a table's inputs).
+        frame : int
+            0-based frame the values belong to (per-frame file windows of enhanced objects).
+        low, high : float
+            The smallest and largest (clipped) modality value of the frame itself, which the
+            default display reads when the file has no usable window.
+        bins : numpy.ndarray, optional
+            The frame's own equalisation edges, for per-image equalisation.
+
+        Returns
+        -------
+        numpy.ndarray
+            Display values on the output scale (0..255 or 0..65535), float64, not yet floored:
+            what :meth:`render` floors (and inverts for MONOCHROME1) into output pixels.
+        """
+        statistics = _FrameStatistics(low=low, high=high, bins=bins)
+        return self._display(values, frame, output_levels(self.bits), statistics)
+
     def _display(
         self, values: np.ndarray, frame: int, levels: int, statistics: _FrameStatistics | None = None
     ) -> np.ndarray:

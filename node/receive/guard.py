@@ -80,7 +80,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.net.sockets import close_connection, peer_text
 
 __all__ = [
@@ -370,7 +370,7 @@ class ConnectionGuard:
         host : str
             The peer's address.
         reason : str
-            A :data:`node.metrics.CONNECTION_REFUSAL_REASONS` entry.
+            A :data:`node.telemetry.metrics.CONNECTION_REFUSAL_REASONS` entry.
         message : str
             The warning, naming the peer and why.
         topic : hashable

@@ -188,6 +188,19 @@ class PollResult:
         """True when nothing went wrong."""
         return not self.errors
 
+    def log(self, what: str, advice: str = "") -> None:
+        """Log this result in one line: INFO when complete, WARNING with the first error otherwise.
+
+        *what* says which run it was (``poll since StudyDate 20260101``); *advice* is appended.
+        """
+        log.log(
+            logging.INFO if self.ok else logging.WARNING,
+            "source %s: %s: %d series found, %d fetched (%d instances), %d skipped as known, %d skipped as "
+            "derived, %d errors%s%s", self.source, what, self.series_found, self.series_fetched,
+            self.instances_fetched, self.skipped_known, self.skipped_derived, len(self.errors),
+            f": {self.errors[0]}" if self.errors else "", advice,
+        )
+
 
 class _SourceFailure(Exception):
     """Ends this poll of the source (the archive is unreachable, refuses us, or our disk failed)."""
@@ -351,13 +364,7 @@ class DicomWebPoller:
                 except Exception as exc:
                     log.error("source %s: cannot save the watermark: %s", self.source.name, exc)
                     result.errors.append(f"cannot save the watermark: {exc}")
-            level = logging.INFO if result.ok else logging.WARNING
-            log.log(
-                level, "source %s: poll since StudyDate %s: %d series found, %d fetched (%d instances), "
-                "%d skipped as known, %d skipped as derived, %d errors%s", self.source.name, result.since,
-                result.series_found, result.series_fetched, result.instances_fetched, result.skipped_known,
-                result.skipped_derived, len(result.errors), f": {result.errors[0]}" if result.errors else "",
-            )
+            result.log(f"poll since StudyDate {result.since}")
             return result
 
     def _poll(self, state: dict[str, Any], started: datetime.datetime, result: PollResult) -> None:
@@ -481,15 +488,9 @@ class DicomWebPoller:
             except Exception as exc:  # a bug: reported as this backfill's error, like a poll's
                 log.exception("source %s: backfill crashed", self.source.name)
                 result.errors.append(f"backfill crashed: {type(exc).__name__}: {exc}")
-            level = logging.INFO if result.ok else logging.WARNING
-            log.log(
-                level, "source %s: backfill of StudyDate %s-%s: %d series found, %d fetched (%d instances), "
-                "%d skipped as known, %d skipped as derived, %d errors%s", self.source.name, result.since,
-                result.until, result.series_found, result.series_fetched, result.instances_fetched,
-                result.skipped_known, result.skipped_derived, len(result.errors),
-                "" if resume is None else
-                f"; run it again from --since {resume:%Y-%m-%d} (what was fetched is skipped as known)",
-            )
+            result.log(f"backfill of StudyDate {result.since}-{result.until}",
+                       "" if resume is None else
+                       f"; run it again from --since {resume:%Y-%m-%d} (what was fetched is skipped as known)")
             return result
 
     def _backfill(self, chunks: list[tuple[datetime.date, datetime.date]], result: PollResult) -> datetime.date | None:

@@ -53,7 +53,7 @@ from pynetdicom.sop_class import Verification
 from node.store.fsutil import start_writeback
 from node.imaging.source import DecodeLimits, OverLimit
 from node.store.jobstore import JobStore
-from node.metrics import Metrics
+from node.telemetry.metrics import Metrics
 from node.store.pending import PendingRecords
 from node.net.sockets import no_delay
 from node.store.spool import INCOMING, InvalidUID, Spool
@@ -637,7 +637,7 @@ class StoreHandler:
         return self.decode_limits.check(**dimensions, photometric=str(pixels.get("photometric", "")))
 
     def _refusal(self, reason: str, comment: str) -> Dataset:
-        """The failure reply for *reason* (a :data:`node.metrics.REFUSAL_REASONS` entry), counted."""
+        """The failure reply for *reason* (a :data:`node.telemetry.metrics.REFUSAL_REASONS` entry), counted."""
         if self.metrics is not None:
             self.metrics.instance_refused(reason)
         return _failure(_REFUSAL_STATUS[reason], comment)

@@ -74,6 +74,7 @@ def setup_logging(settings: LogSettings) -> None:
         logging.getLogger("retrying").setLevel(logging.ERROR)  # a traceback per failed request otherwise
         logging.getLogger("procrastinate").setLevel(logging.WARNING)  # a line per job; ours say what matters
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # a line per reconnection try; ours say it once
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per module copied into a presentation state
     # pydicom both logs and warns about damaged files; its log line is the one we keep.
     warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 

@@ -21,6 +21,8 @@ The harnesses of one area are imported from their module (their names are only c
 * :mod:`tests.support.status_rows` - a job store filled as the service fills it, for the status server.
 * :mod:`tests.support.archive` - a DICOMweb archive (Orthanc) for the poller and backfill, and its fixtures.
 * :mod:`tests.support.render_cases` - the pipelines and files every renderer path must render alike.
+* :mod:`tests.support.in_process_scp` - the node's C-STORE handler on a pynetdicom SCP in the test's process.
+* :mod:`tests.support.volume_series` - CT series for the volume outputs, and what a volume's slices say.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ import pydicom
 from pynetdicom import AE
 
 from node.imaging.source import DecodeLimits
-from node.metrics import Metrics
 from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
 from node.store.jobstore import JobStore
 from node.store.spool import INCOMING, Spool
+from node.telemetry.metrics import Metrics
 from tests.support.peers import LOCALHOST, free_port
 
 __all__ = ["Scp", "c_store", "running_scp"]

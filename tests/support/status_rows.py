@@ -20,11 +20,11 @@ from PIL import Image
 
 from node.app.process_series import process_series
 from node.config.pipeline import Pipeline, parse_steps
-from node.http import StatusServer
-from node.metrics import Metrics
+from node.app.http.server import StatusServer
 from node.process.series import InputSeries, instance_order, open_images
 from node.store.jobstore import JobStore, SeriesJob
 from node.store.spool import Spool
+from node.telemetry.metrics import Metrics
 from tests.support.node_process import copy_as_series
 from tests.support.peers import LOCALHOST
 from tests.support.tools import bundled
