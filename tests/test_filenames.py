@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 
 from node.config import FolderDestination
 from node.config.file_names import delivered_names
-from node.deliver.senders import COMPLETE_MARKER, FolderSender, sender_for
+from node.deliver.folder import COMPLETE_MARKER, FolderSender
+from node.deliver.senders import sender_for
 from node.outputs.png import traceability_text, write_png
 from tests.support import (
     HEAD, NodeProcess, error_of, folder_route, free_port, load_text, marked_line, node_config, store_responses,

@@ -19,7 +19,9 @@ from PIL import Image
 
 from node.app.process_series import SeriesResult, process_series
 from node.config.pipeline import parse_steps
-from node.deliver.senders import DicomSender, DicomWebSender
+from node.deliver.dicom import DicomSender
+from node.deliver.dicomweb import DicomWebSender
+from node.net.pynetdicom_setup import configure_pynetdicom
 from node.outputs.gsps import GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
 from node.outputs.uids import derived_uid
 from node.process.series import InputSeries, group_series, open_images
@@ -34,6 +36,12 @@ NOW = datetime.datetime(2026, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
 BRAIN = [{"op": "rescale"}, {"op": "window", "preset": "brain"}]
 EQUALISE = [{"op": "rescale"}, {"op": "equalise", "per": "series"}]
 NODE_PORT = free_port()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynetdicom_as_the_node_sets_it() -> None:
+    """pynetdicom's process-wide switches as ``dicom-node serve`` sets them at start-up."""
+    configure_pynetdicom()
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,15 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.outputs import secondary_capture as sc_module
-from node.outputs.secondary_capture import (
+from node.outputs.sc import (
+    DerivedImage,
     DerivedSeries,
     SecondaryCaptureSeriesWriter,
     SourceImage,
     secondary_capture_header,
     write_secondary_capture,
 )
+from node.outputs.sc.attributes import HEADER_SOURCE_KEYWORDS
 from node.outputs.uids import derived_uid
 from tests.support import bundled
 
@@ -97,10 +98,10 @@ class SeriesCase:
         frames = _frames(int(arguments["number_of_frames"]), shape, dtype, self.written)
         self.written += 1
         fast = self.writer.write(
-            self.folder / f"fast-{self.written}.dcm", source, frames=iter(frames), **arguments
+            self.folder / f"fast-{self.written}.dcm", source, DerivedImage(**arguments), frames=iter(frames)
         )
         header = secondary_capture_header(
-            source, series=SERIES, content_datetime=CONTENT_DATETIME, **arguments
+            source, DerivedImage(**arguments), series=SERIES, content_datetime=CONTENT_DATETIME
         )
         slow = write_secondary_capture(
             self.folder / f"slow-{self.written}.dcm", header, iter(frames)
@@ -252,13 +253,13 @@ def test_every_source_attribute_removed_in_one_instance(case: SeriesCase) -> Non
         arguments = case.arguments(instance, rows=4, columns=5)
         try:
             secondary_capture_header(
-                instance, series=SERIES, content_datetime=CONTENT_DATETIME, **arguments
+                instance, DerivedImage(**arguments), series=SERIES, content_datetime=CONTENT_DATETIME
             )
         except ValueError as exc:  # e.g. no Study Instance UID: the writer refuses it too
             with pytest.raises(ValueError, match=re.escape(str(exc))):
                 case.writer.write(
-                    case.folder / "refused.dcm", instance,
-                    frames=[np.zeros((4, 5), np.uint8)], **arguments,
+                    case.folder / "refused.dcm", instance, DerivedImage(**arguments),
+                    frames=[np.zeros((4, 5), np.uint8)],
                 )
             continue
         case.assert_identical(instance, rows=4, columns=5)
@@ -279,8 +280,8 @@ def test_key_names_every_source_attribute_the_header_reads() -> None:
     hold, instances differing in it would reuse each other's header: this fails first.
     """
     kept = {
-        *sc_module._HEADER_SOURCE_KEYWORDS,
-        "Laterality", "ImageLaterality", "SharedFunctionalGroupsSequence",  # _source_laterality
+        *HEADER_SOURCE_KEYWORDS,
+        "Laterality", "ImageLaterality", "SharedFunctionalGroupsSequence",  # source_laterality
         "SOPInstanceUID", "SeriesInstanceUID",  # checks and per-instance references only
     }
     rich = _ct_small()
@@ -302,14 +303,14 @@ def test_key_names_every_source_attribute_the_header_reads() -> None:
             if element.keyword in kept:
                 cut.add(copy.deepcopy(element))
         cut.file_meta = copy.deepcopy(source.file_meta)
-        arguments = dict(
+        image = DerivedImage(
             rows=4, columns=5, number_of_frames=1, samples_per_pixel=1, bits_allocated=8,
-            series=SERIES, sop_instance_uid=derived_uid("cut"), instance_number=1,
+            sop_instance_uid=derived_uid("cut"), instance_number=1,
             source_images=[SourceImage(str(source.SOPClassUID), str(source.SOPInstanceUID))],
-            content_datetime=CONTENT_DATETIME,
         )
-        full = _encoded(secondary_capture_header(source, **arguments))
-        assert _encoded(secondary_capture_header(cut, **arguments)) == full, source.filename
+        arguments = dict(series=SERIES, content_datetime=CONTENT_DATETIME)
+        full = _encoded(secondary_capture_header(source, image, **arguments))
+        assert _encoded(secondary_capture_header(cut, image, **arguments)) == full, source.filename
 
 
 def test_threads_writing_at_once(case: SeriesCase) -> None:
@@ -322,7 +323,7 @@ def test_threads_writing_at_once(case: SeriesCase) -> None:
         arguments = case.arguments(instance)
         frames = _frames(1, (128, 128), np.uint8, int(instance.InstanceNumber))
         path = case.folder / f"threaded-{instance.InstanceNumber}.dcm"
-        return case.writer.write(path, instance, frames=iter(frames), **arguments)
+        return case.writer.write(path, instance, DerivedImage(**arguments), frames=iter(frames))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         paths = list(pool.map(fast, instances))
@@ -330,7 +331,7 @@ def test_threads_writing_at_once(case: SeriesCase) -> None:
         arguments = case.arguments(instance)
         frames = _frames(1, (128, 128), np.uint8, int(instance.InstanceNumber))
         header = secondary_capture_header(
-            instance, series=SERIES, content_datetime=CONTENT_DATETIME, **arguments
+            instance, DerivedImage(**arguments), series=SERIES, content_datetime=CONTENT_DATETIME
         )
         slow = write_secondary_capture(case.folder / "slow.dcm", header, iter(frames))
         assert path.read_bytes() == slow.read_bytes()
@@ -360,8 +361,8 @@ def test_bad_frames_are_refused_and_leave_nothing(
         instance = _copy_of(source, number)
         with pytest.raises(ValueError, match=message):
             case.writer.write(
-                case.folder / "out.dcm", instance, frames=iter(frames),
-                **case.arguments(instance, **size),
+                case.folder / "out.dcm", instance, DerivedImage(**case.arguments(instance, **size)),
+                frames=iter(frames),
             )
     assert list(case.folder.iterdir()) == []
     assert case.counts() == (1, 1)
@@ -371,7 +372,7 @@ def test_bad_arguments_are_refused_as_by_the_header(case: SeriesCase) -> None:
     source = _ct_small()
     frames = [np.zeros((4, 5), np.uint8)]
     arguments = case.arguments(source, rows=4, columns=5)
-    case.writer.write(case.folder / "a.dcm", source, frames=frames, **arguments)
+    case.writer.write(case.folder / "a.dcm", source, DerivedImage(**arguments), frames=frames)
     bad = [
         (dict(samples_per_pixel=3, bits_allocated=16), ValueError),
         (dict(sop_instance_uid=str(source.SOPInstanceUID)), ValueError),
@@ -383,10 +384,10 @@ def test_bad_arguments_are_refused_as_by_the_header(case: SeriesCase) -> None:
         arguments = case.arguments(source, **{"rows": 4, "columns": 5, **overrides})
         with pytest.raises(error):
             secondary_capture_header(
-                source, series=SERIES, content_datetime=CONTENT_DATETIME, **arguments
+                source, DerivedImage(**arguments), series=SERIES, content_datetime=CONTENT_DATETIME
             )
         with pytest.raises(error):
-            case.writer.write(case.folder / "b.dcm", source, frames=frames, **arguments)
+            case.writer.write(case.folder / "b.dcm", source, DerivedImage(**arguments), frames=frames)
     assert {p.name for p in case.folder.iterdir()} == {"a.dcm"}
 
 
@@ -406,7 +407,7 @@ def test_spliced_instance_streams_one_frame_at_a_time(case: SeriesCase) -> None:
 
     second = _copy_of(source, 2)
     path = case.writer.write(
-        case.folder / "streamed.dcm", second, frames=frames(), **case.arguments(second, **arguments)
+        case.folder / "streamed.dcm", second, DerivedImage(**case.arguments(second, **arguments)), frames=frames()
     )
     assert case.counts() == (1, 1)
     assert [b - a for a, b in zip(sizes[1:], sizes[2:])] == [frame_bytes] * (count - 2)
@@ -426,6 +427,6 @@ def test_failed_write_keeps_existing_file(case: SeriesCase) -> None:
         instance = _copy_of(source, number)
         arguments = case.arguments(instance, rows=4, columns=5, number_of_frames=2)
         with pytest.raises(RuntimeError, match="mid-series"):
-            case.writer.write(target, instance, frames=frames(), **arguments)
+            case.writer.write(target, instance, DerivedImage(**arguments), frames=frames())
     assert target.read_bytes() == b"previous"
     assert {p.name for p in case.folder.iterdir()} == {"out.dcm"}

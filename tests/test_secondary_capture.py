@@ -26,11 +26,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from node.outputs.secondary_capture import (
+from node.outputs.sc import (
     MULTIFRAME_GRAYSCALE_BYTE_SC_IMAGE_STORAGE,
     MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE,
     MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE,
     SECONDARY_CAPTURE_IMAGE_STORAGE,
+    DerivedImage,
     DerivedSeries,
     SourceImage,
     derived_burned_in_annotation,
@@ -84,6 +85,15 @@ def _rgb(grey: np.ndarray) -> np.ndarray:
     return np.stack([grey, 255 - grey, grey // 2], axis=-1).astype(np.uint8)
 
 
+def _header_of(
+    source: Dataset, *, series: DerivedSeries, content_datetime: datetime.datetime, **image: object
+) -> Dataset:
+    """secondary_capture_header of the DerivedImage those keywords describe."""
+    return secondary_capture_header(
+        source, DerivedImage(**image), series=series, content_datetime=content_datetime
+    )
+
+
 def _source_image(ds: Dataset) -> SourceImage:
     return SourceImage(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
@@ -130,7 +140,7 @@ def _write(
 ) -> Built:
     samples = 3 if frames.ndim == 4 else 1
     series = _series(source, name)
-    header = secondary_capture_header(
+    header = _header_of(
         source,
         rows=frames.shape[1],
         columns=frames.shape[2],
@@ -404,7 +414,7 @@ def _ct_small_header(**overrides: object) -> Dataset:
         source_images=[_source_image(source)], content_datetime=CONTENT_DATETIME,
     )
     kwargs.update(overrides)
-    return secondary_capture_header(source, **kwargs)
+    return _header_of(source, **kwargs)
 
 
 def test_header_laterality_from_source_side_and_body_part() -> None:
@@ -416,22 +426,22 @@ def test_header_laterality_from_source_side_and_body_part() -> None:
         sop_instance_uid=derived_uid("lat"), instance_number=1,
         source_images=[_source_image(source)], content_datetime=CONTENT_DATETIME,
     )
-    assert secondary_capture_header(source, **kwargs).Laterality == ""
+    assert _header_of(source, **kwargs).Laterality == ""
 
     right = copy.deepcopy(source)
     right.Laterality = "R"
-    assert secondary_capture_header(right, **kwargs).Laterality == "R"
+    assert _header_of(right, **kwargs).Laterality == "R"
 
     image_left = copy.deepcopy(source)
     del image_left.Laterality
     image_left.ImageLaterality = "L"
-    header = secondary_capture_header(image_left, **kwargs)
+    header = _header_of(image_left, **kwargs)
     assert header.Laterality == "L"
     assert "ImageLaterality" not in header
 
     head = copy.deepcopy(source)
     head.BodyPartExamined = "HEAD"
-    header = secondary_capture_header(head, **kwargs)
+    header = _header_of(head, **kwargs)
     assert "Laterality" not in header
     assert header.BodyPartExamined == "HEAD"
 
@@ -452,11 +462,11 @@ def test_header_patient_study_cleanups() -> None:
         sop_instance_uid=derived_uid("deid"), instance_number=1,
         source_images=[_source_image(source)], content_datetime=CONTENT_DATETIME,
     )
-    header = secondary_capture_header(deidentified, **kwargs)
+    header = _header_of(deidentified, **kwargs)
     assert header.PatientIdentityRemoved == "YES"
     assert header.DeidentificationMethod == "unspecified in source"
     deidentified.DeidentificationMethod = "DICOM PS3.15 Basic Profile"
-    header = secondary_capture_header(deidentified, **kwargs)
+    header = _header_of(deidentified, **kwargs)
     assert header.DeidentificationMethod == "DICOM PS3.15 Basic Profile"
 
 
@@ -470,7 +480,7 @@ def test_header_timezone_aware_datetime_uses_source_offset() -> None:
 
 def test_header_lossy_source_stays_lossy() -> None:
     lossy_source = _header(bundled("693_J2KI.dcm"))
-    header = secondary_capture_header(
+    header = _header_of(
         lossy_source, rows=2, columns=2, number_of_frames=1,
         samples_per_pixel=1, bits_allocated=8,
         series=_series(lossy_source, "lossy"),
@@ -484,7 +494,7 @@ def test_header_lossy_source_stays_lossy() -> None:
     # A JPEG-lossy source that does not say so itself: the transfer syntax does.
     jpeg = _header(bundled("JPEG-lossy.dcm"))
     del jpeg.LossyImageCompression
-    header = secondary_capture_header(
+    header = _header_of(
         jpeg, rows=2, columns=2, number_of_frames=1, samples_per_pixel=1,
         bits_allocated=16, series=_series(jpeg, "jpeg"),
         sop_instance_uid=derived_uid("jpeg"), instance_number=1,
@@ -508,7 +518,7 @@ def test_header_burned_in_annotation_is_copied_or_yes() -> None:
         source = _header(bundled("CT_small.dcm"))
         source.BurnedInAnnotation = stated
         assert derived_burned_in_annotation(source) == expected, stated
-        header = secondary_capture_header(
+        header = _header_of(
             source, rows=2, columns=2, number_of_frames=1, samples_per_pixel=1,
             bits_allocated=8, series=_series(source, "burned"),
             sop_instance_uid=derived_uid("burned", stated), instance_number=1,
@@ -589,7 +599,7 @@ def test_header_rejects_source_series_and_missing_study() -> None:
     no_study = copy.deepcopy(source)
     del no_study.StudyInstanceUID
     with pytest.raises(ValueError, match="Study Instance UID"):
-        secondary_capture_header(
+        _header_of(
             no_study, rows=1, columns=1, number_of_frames=1, samples_per_pixel=1,
             bits_allocated=8, series=_series(source, "x"),
             sop_instance_uid=derived_uid("x"), instance_number=1,

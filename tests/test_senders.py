@@ -19,6 +19,7 @@ import logging
 import socket
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,17 +34,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.deliver.senders import (
-    _split_runs,
-    COMPLETE_MARKER,
-    PNG_TO_DICOM,
-    DeliveryError,
-    DicomSender,
-    DicomWebSender,
-    FolderSender,
-    classify_http_status,
-    classify_store_status,
-)
+from node.config import Destination, FolderDestination
+from node.deliver.dicom import DicomSender, _split_runs
+from node.deliver.dicomweb import DicomWebSender
+from node.deliver.failures import DeliveryError, classify_http_status, classify_store_status
+from node.deliver.folder import COMPLETE_MARKER, FolderSender
+from node.deliver.sender import PNG_TO_DICOM
+from node.deliver.senders import SENDER_KINDS, sender_for
+from node.net.pynetdicom_setup import configure_pynetdicom
 from tests.support import REJECTED_SOP_CLASS_STATUS, bundled, free_port, orthanc_fixture
 
 
@@ -54,6 +52,12 @@ rejecting_orthanc = orthanc_fixture(
     scope="module", name="rejecting_orthanc", aet="REJECTS", rejected_sop_classes=[CTImageStorage]
 )
 auth_orthanc = orthanc_fixture(scope="module", name="auth_orthanc", aet="AUTH", users={"alice": "s3cret"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynetdicom_as_the_node_sets_it() -> None:
+    """pynetdicom's process-wide switches as ``dicom-node serve`` sets them at start-up."""
+    configure_pynetdicom()
 
 
 # --------------------------------------------------------------------------
@@ -197,10 +201,10 @@ def test_describe() -> None:
 
 def test_dicom_sender_delivers_all(orthanc, tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 4)
-    caplog.set_level(logging.INFO, logger="node.deliver.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.sender")
     dicom_sender(orthanc.dicom_port, orthanc.aet).send(series.files, **series.uids)
     assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
-    lines = [r for r in caplog.records if r.name == "node.deliver.senders"]
+    lines = [r for r in caplog.records if r.name == "node.deliver.sender"]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
     assert f"dicom ORTHANC@127.0.0.1:{orthanc.dicom_port}" in lines[0].getMessage()
     assert "4 file(s)" in lines[0].getMessage()
@@ -230,6 +234,39 @@ def test_files_go_as_their_bytes_when_their_transfer_syntax_is_accepted(tmp_path
     for path, (_, data) in zip(series.files, received):
         raw = path.read_bytes()
         assert raw.endswith(data) and len(data) > len(raw) // 2  # the data set as stored, after the file meta
+
+
+def test_sending_leaves_pynetdicom_switches_to_start_up(tmp_path: Path, monkeypatch) -> None:
+    """A delivery never sets pynetdicom's process-wide switches; configure_pynetdicom (start-up) does."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+    series = Series(tmp_path / "ct", 2)
+    syntax = pydicom.dcmread(series.files[0]).file_meta.TransferSyntaxUID
+    received = _received_by_a_peer_accepting(syntax, series)
+    assert [ts for ts, _ in received] == [syntax] * 2  # delivered all the same (read whole and encoded again)
+    assert _config.STORE_SEND_CHUNKED_DATASET is False
+    configure_pynetdicom()
+    assert _config.STORE_SEND_CHUNKED_DATASET is True
+
+
+def test_the_node_sets_pynetdicom_switches_when_it_starts(tmp_path: Path, monkeypatch) -> None:
+    from pynetdicom import _config
+
+    from node.app.service import NodeService
+    from node.config import load_config
+    from tests.support import node_config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(node_config(tmp_path / "var", 0))  # no DICOM listener: HTTP only
+    service = NodeService(load_config(config_path), role="receiver")
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # not when the senders are made
+    service.start()
+    try:
+        assert _config.STORE_SEND_CHUNKED_DATASET is True
+    finally:
+        service.stop()
 
 
 def _received_by_a_peer_accepting(syntax: str, series: Series) -> list[tuple[str, bytes]]:
@@ -264,10 +301,10 @@ def test_a_file_in_another_transfer_syntax_than_accepted_is_converted(tmp_path: 
 
 
 def test_a_long_delivery_logs_its_progress(tmp_path: Path, caplog, monkeypatch) -> None:
-    import node.deliver.senders
+    import node.deliver.sender
 
-    monkeypatch.setattr(node.deliver.senders, "PROGRESS_SECONDS", 0.0)  # a line for every file but the last
-    caplog.set_level(logging.INFO, logger="node.deliver.senders")
+    monkeypatch.setattr(node.deliver.sender, "PROGRESS_SECONDS", 0.0)  # a line for every file but the last
+    caplog.set_level(logging.INFO, logger="node.deliver.sender")
     series = Series(tmp_path / "ct", 4)
     with pynetdicom_scp(contexts=[CTImageStorage], handler=lambda event: 0x0000) as (port, _):
         DicomSender(host="127.0.0.1", port=port, called_ae="PYSCP", calling_ae="NODE", associations=2).send(
@@ -276,6 +313,13 @@ def test_a_long_delivery_logs_its_progress(tmp_path: Path, caplog, monkeypatch) 
     assert len(lines) == 3 and all(f"delivery to dicom PYSCP@127.0.0.1:{port}: " in line for line in lines)
     assert sorted(int(line.split(": ")[1].split(" of ")[0]) for line in lines) == [1, 2, 3]
     assert all(" of 4 file(s) sent in " in line for line in lines)
+
+
+def test_every_destination_kind_has_its_sender(tmp_path: Path) -> None:
+    assert set(SENDER_KINDS) == {destination.kind for destination in typing.get_args(Destination)}
+    assert isinstance(sender_for(FolderDestination(name="out", path=tmp_path)), FolderSender)
+    with pytest.raises(TypeError, match="no sender for destination"):
+        sender_for(object())  # type: ignore[arg-type]
 
 
 def test_split_runs_keeps_order_and_never_makes_an_empty_run() -> None:
@@ -315,13 +359,13 @@ def test_dicom_sender_secondary_capture(orthanc, tmp_path: Path) -> None:
 def test_dicom_sender_closed_port_is_transient(tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 1)
     port = closed_port()
-    caplog.set_level(logging.DEBUG, logger="node.deliver.senders")
+    caplog.set_level(logging.DEBUG, logger="node.deliver.sender")
     exc = send_error(dicom_sender(port, "PACS"), series)
     assert not exc.permanent
     assert f"PACS@127.0.0.1:{port}" in exc.reason
     assert "cannot connect" in exc.reason
     # the delivery loop logs the failure with what it decided (retry or give up); the sender only at debug
-    failures = [r for r in caplog.records if r.name == "node.deliver.senders"]
+    failures = [r for r in caplog.records if r.name == "node.deliver.sender"]
     assert len(failures) == 1 and failures[0].levelno == logging.DEBUG
     assert "transient" in failures[0].getMessage()
 
@@ -376,7 +420,7 @@ def test_dicom_sender_failure_status_is_permanent(tmp_path: Path) -> None:
 
 def test_dicom_sender_warning_status_is_ok(tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 2)
-    caplog.set_level(logging.INFO, logger="node.deliver.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.sender")
     with pynetdicom_scp(contexts=[CTImageStorage], handler=lambda event: 0xB000) as (port, _):
         dicom_sender(port).send(series.files, **series.uids)
     assert "2 x 0xB000" in caplog.text
@@ -472,7 +516,7 @@ def test_dicom_sender_empty_list_is_noop() -> None:
 
 def test_dicomweb_sender_delivers_in_batches(orthanc, tmp_path: Path, caplog) -> None:
     series = Series(tmp_path / "ct", 5)
-    caplog.set_level(logging.INFO, logger="node.deliver.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.sender")
     DicomWebSender(url=orthanc.dicomweb_url, batch_size=2).send(series.files, **series.uids)
     assert stored_sop_uids(orthanc, series) == set(series.sop_uids)
     assert f"delivered 5 file(s) to dicomweb {orthanc.dicomweb_url}" in caplog.text
@@ -579,7 +623,7 @@ def test_folder_sender_copies_and_marks_complete(tmp_path: Path, caplog) -> None
     png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     root = tmp_path / "out"
     root.mkdir()
-    caplog.set_level(logging.INFO, logger="node.deliver.senders")
+    caplog.set_level(logging.INFO, logger="node.deliver.sender")
     FolderSender(path=root).send([*series.files, png], **series.uids)
 
     folder = root / series.study_uid / series.series_uid

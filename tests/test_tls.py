@@ -38,7 +38,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import ConfigError, TlsSettings
-from node.deliver.senders import DeliveryError, DicomSender, sender_for
+from node.deliver.dicom import DicomSender
+from node.deliver.failures import DeliveryError
+from node.deliver.senders import sender_for
+from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import TlsFileError, check_certificate_expiry, client_context, server_context
 from node.receive.tls_listener import start_tls_server
 from tests.support import (
@@ -47,6 +50,12 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynetdicom_as_the_node_sets_it() -> None:
+    """pynetdicom's process-wide switches as ``dicom-node serve`` sets them at start-up."""
+    configure_pynetdicom()
 
 LOCALHOST = "127.0.0.1"
 

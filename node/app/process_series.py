@@ -27,11 +27,7 @@ from node.process.presentation import plan_presentation_states
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
 from node.outputs.png import traceability_text, write_png
-from node.outputs.secondary_capture import (
-    DerivedSeries,
-    SecondaryCaptureSeriesWriter,
-    SourceImage,
-)
+from node.outputs.sc import DerivedImage, DerivedSeries, SecondaryCaptureSeriesWriter, SourceImage
 from node.outputs import naming
 from node.app.volumes import write_series_volumes
 
@@ -229,9 +225,7 @@ def _write_sc(
         instance_number = int(header.get("InstanceNumber") or 1)
     except (TypeError, ValueError):
         instance_number = 1
-    return sc_writer.write(
-        path,
-        header,
+    derived = DerivedImage(
         rows=int(header.Rows),
         columns=int(header.Columns),
         number_of_frames=image.number_of_frames,
@@ -240,9 +234,9 @@ def _write_sc(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         source_images=[source],
-        frames=renderer.render_all(),
         multi_frame=image.number_of_frames > 1,
     )
+    return sc_writer.write(path, header, derived, frames=renderer.render_all())
 
 
 def _write_pngs(

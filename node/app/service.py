@@ -50,8 +50,10 @@ from node.telemetry.metrics import Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.receive.poller import DicomWebPoller, schedule
 from node.store.pending import PendingRecords
-from node.deliver.senders import Sender, sender_for
+from node.deliver.sender import Sender
+from node.deliver.senders import sender_for
 from node.store.spool import Spool, shared_dir_problem
+from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import check_certificate_expiry, https_server_context, server_context
 from node.receive.tls_listener import start_tls_server
 from node.app.workers import DISCARDED, PROCESSED, WorkerPool
@@ -153,6 +155,7 @@ class NodeService:
 
     def start(self) -> None:
         """Recover, then start the SCP and the background threads; returns at once."""
+        configure_pynetdicom()  # pynetdicom's process-wide switches, before any association
         with _binding(self.config, "the HTTP listener", "http.port", self.config.http.host, self.config.http.port):
             self.http.start()  # /healthz answers during recovery; it logs where it listens
         self._recover()

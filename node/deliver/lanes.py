@@ -18,7 +18,8 @@ from pathlib import Path
 from node.config import DeliverySettings, Destination, StoreSettings
 from node.store.jobstore import Delivery, JobStore
 from node.telemetry.metrics import Metrics
-from node.deliver.senders import DeliveryError, Sender
+from node.deliver.failures import DeliveryError
+from node.deliver.sender import Sender
 
 __all__ = ["DeliveryLanes", "DispatchedDeliveries"]
 

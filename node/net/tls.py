@@ -4,7 +4,7 @@
   ``[tls] ca_file`` a client must present a certificate that CA signed; without it no client
   certificate is asked for (the connection is encrypted, the peer is not authenticated by TLS).
 * :func:`client_context` / :func:`server_hostname` - TLS towards a DICOM destination
-  (``tls = true``), used by :class:`node.deliver.senders.DicomSender`.
+  (``tls = true``), used by :class:`node.deliver.dicom.DicomSender`.
 
 The TLS handshake of an incoming connection runs in that connection's own thread, within the
 connection's negotiation deadline (``[node] association_timeout_seconds``, handshake and

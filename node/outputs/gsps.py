@@ -33,8 +33,8 @@ what is done about it:
 * dciodvfy reported two errors on its object from the shared CT: Laterality missing (General
   Series, Type 2C) and an empty De-identification Method copied from a source that says Patient
   Identity Removed: both are set as for the node's Secondary Captures
-  (:func:`~node.outputs.secondary_capture.derived_series_laterality`,
-  :func:`~node.outputs.secondary_capture.complete_deidentification`);
+  (:func:`~node.outputs.sc.attributes.derived_series_laterality`,
+  :func:`~node.outputs.sc.attributes.complete_deidentification`);
 * it stamps creation dates with the clock: they are set from the processing time given.
 
 dcmtk's presentation state reader refuses one whose Patient's Name is empty (dcmpstat's read
@@ -62,7 +62,8 @@ from node import MANUFACTURER, __version__
 from node.imaging.modality import Rescale
 from node.imaging.source import ImageFile
 from node.imaging.voi import VOITable, VOIWindow
-from node.outputs.secondary_capture import DerivedSeries, complete_deidentification, derived_series_laterality
+from node.outputs.sc import DerivedSeries
+from node.outputs.sc.attributes import complete_deidentification, derived_series_laterality
 from node.store.fsutil import atomic_output
 
 __all__ = ["GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE", "content_label", "write_presentation_state"]

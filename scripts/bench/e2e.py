@@ -204,7 +204,7 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
     decode = _cum(stats, "iter_frames", "node/imaging/source.py")
     render = _cum(stats, "render", "node/process/render.py")
     render_all = _cum(stats, "render_all", "node/process/render.py")
-    sc_file = "node/outputs/secondary_capture.py"
+    sc_file = "node/outputs/sc/writer.py"
     write_total = _cum(stats, "write", sc_file)  # SecondaryCaptureSeriesWriter.write, frames rendered inside
     file_s = _cum(stats, "_write_instance_file", sc_file)  # atomic output: header bytes, frames, fsync, rename
     full_headers = _cum(stats, "_encode_in_full", sc_file)
@@ -235,7 +235,10 @@ def profile_processing(spool: Path, config_path: Path, work: Path) -> tuple[floa
 
 def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     """The same derived files into a fresh Orthanc: dcmtk storescu vs the node's DicomSender."""
-    from node.deliver.senders import DicomSender
+    from node.deliver.dicom import DicomSender
+    from node.net.pynetdicom_setup import configure_pynetdicom
+
+    configure_pynetdicom()  # as dicom-node serve does at start-up
 
     def with_orthanc(name: str, send) -> tuple[str, float]:
         with OrthancServer(aet="ORTHANC", workdir=work / f"orthanc-{len(results)}") as orthanc:
@@ -259,7 +262,7 @@ def compare_send(outputs: list[Path], work: Path) -> list[tuple[str, float]]:
     results: list[tuple[str, float]] = []
     for name, send in (
         ("dcmtk storescu (TCP_NODELAY=1)", lambda o: bl.push(o.dicom_port, outputs, called_aet=o.aet)),
-        ("node.deliver.senders.DicomSender, one association (the default)", node_sender(1)),
+        ("node.deliver.dicom.DicomSender, one association (the default)", node_sender(1)),
         ("DicomSender, associations = 2", node_sender(2)),
         ("DicomSender, associations = 4", node_sender(4)),
     ):

@@ -15,7 +15,7 @@ Each run is the CLI as a child process (``python -m node process ...``) under
 * (i)   1,000 frames -> PNG frames: peak RSS under 200 MB
 * (ii)  1,000 frames -> one multi-frame Secondary Capture: under 2.5 x the output pixel data (768 MB)
 * (iii) 300-slice CT, ``--equalise --per series``: reported (no target)
-* (iv)  the SC of (ii) (307 MB) sent to a fresh Orthanc with ``node.deliver.senders.DicomSender``: reported
+* (iv)  the SC of (ii) (307 MB) sent to a fresh Orthanc with ``node.deliver.dicom.DicomSender``: reported
         (no target; the file goes as its bytes in chunks, so it should stay near the baseline)
 
 For context: the RSS of ``python -c "import node.app.cli"`` and of importing the processing modules.
@@ -100,7 +100,9 @@ def peak_rss(args: list[str]) -> tuple[float, float, str]:
 _SEND = """
 import sys
 from pathlib import Path
-from node.deliver.senders import DicomSender
+from node.deliver.dicom import DicomSender
+from node.net.pynetdicom_setup import configure_pynetdicom
+configure_pynetdicom()  # as dicom-node serve does at start-up
 port, aet, path = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 DicomSender(host="127.0.0.1", port=port, called_ae=aet, calling_ae="DICOMNODE").send([path], study_uid="", series_uid="")
 """
