@@ -21,6 +21,7 @@ from node.telemetry.logsetup import LogSettings, setup_logging
 from node.config.pipeline import Channels, Clip, Equalise, OutputFormat, Pipeline, PipelineError, parse_window
 
 if TYPE_CHECKING:
+    from node.app.process_series import SeriesResult
     from node.process.series import InputSeries
 
 __all__ = ["main"]
@@ -70,6 +71,27 @@ def _window_arg(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _colormap_arg(text: str) -> str:
+    from node.imaging.colormap import UnknownColormap, check_colormap
+
+    try:
+        return check_colormap(text)
+    except UnknownColormap as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _histogram_arg(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".svg", ".png"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write FILE.svg or FILE.png")
+    return path
+
+
+def _histogram_path(path: Path, number: int, count: int) -> Path:
+    """``--histogram FILE`` for series *number* of *count*: FILE itself for one series, else FILE-N."""
+    return path if count == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+
+
 def _add_process_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process",
@@ -93,6 +115,12 @@ def _add_process_parser(sub: argparse._SubParsersAction) -> None:
                          "Softcopy Presentation State per series showing the source images as the pipeline does, "
                          "no pixels copied (grey images; not with --grey or several --window/--equalise channels); "
                          "nifti / npz: one volume per series (.nii.gz / .npz, with a .json sidecar) (default sc)")
+    p.add_argument("--cmap", type=_colormap_arg, metavar="NAME",
+                   help="colour the 8-bit grey result through a matplotlib colour map (bone, ocean_r, viridis ...; "
+                   "_r reverses): RGB output, sc or png only")
+    p.add_argument("--histogram", type=_histogram_arg, metavar="FILE.svg|FILE.png",
+                   help="also write the picture of the value histograms before (HU for CT) and after processing, "
+                   "with the equalisation bin edges; with several series FILE-1, FILE-2 ... in the order logged")
     p.set_defaults(func=_run_process, parser=p)
 
 
@@ -188,13 +216,14 @@ def _pipeline_from_args(args: argparse.Namespace) -> Pipeline:
         rescale=not args.no_rescale,
         clip=args.clip,
         display=display,
+        colormap=getattr(args, "cmap", None),  # process only: export writes volumes of values
         keep_patient=args.keep_patient,
     )
 
 
 #: ``process`` options that make a pipeline (or set its decode limits): a configured run takes
 #: both from the config, so these are refused beside ``--config``/``--pipeline``.
-_PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "no_rescale", "grey", "format",
+_PIPELINE_OPTIONS = ("window", "equalise", "bins", "per", "clip", "cmap", "no_rescale", "grey", "format",
                      "keep_patient", "max_decoded_mb", "max_frame_mb")
 
 
@@ -272,7 +301,7 @@ def _run_process(args: argparse.Namespace) -> int:
     for failure in failures:
         log.error("failed %s", failure)
     now = datetime.datetime.now().astimezone()
-    written = not_written = 0
+    written = not_written = unwritten_histograms = 0
     all_series = group_series(images)
     for number, series in enumerate(all_series, start=1):
         log.info(
@@ -284,8 +313,12 @@ def _run_process(args: argparse.Namespace) -> int:
             if pipeline is None:
                 not_written += 1
                 continue
-        result = process_series(series, pipeline, args.out, now=now)
+        result = process_series(series, pipeline, args.out, now=now, histograms=args.histogram is not None)
         written += len(result.outputs)
+        if args.histogram is not None and not _write_histogram(
+            _histogram_path(args.histogram, number, len(all_series)), result
+        ):
+            unwritten_histograms += 1
         failures.extend(result.failures)
         log.info(
             "series %s -> %s: %d outputs, %d failed, %.1f s",
@@ -296,7 +329,24 @@ def _run_process(args: argparse.Namespace) -> int:
         written, args.out, len(failures), len(not_dicom), len(paths),
         f"; {not_written} series not processed (no route, or discarded)" if not_written else "",
     )
-    return 1 if failures else 0
+    return 1 if failures or unwritten_histograms else 0
+
+
+def _write_histogram(path: Path, result: "SeriesResult") -> bool:
+    """Write the histogram picture of one processed series, logged; False when it could not be written."""
+    from node.outputs.histogram import write_histogram
+
+    if result.histograms is None:
+        log.warning("series %s: no histogram written to %s: no grey values were rendered (colour passed "
+                    "through, every image failed, or output gsps, nifti or npz)", result.series_uid, path)
+        return True
+    try:
+        write_histogram(path, result.histograms)
+    except OSError as exc:
+        log.error("series %s: cannot write the histogram %s: %s", result.series_uid, path, exc.strerror or exc)
+        return False
+    log.info("series %s: histogram written to %s", result.series_uid, path)
+    return True
 
 
 def _add_route_parser(sub: argparse._SubParsersAction) -> None:

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from node.imaging.colormap import colormap_table
 from node.imaging.source import ImageFile, UnsupportedImage
-from node.config.pipeline import OutputFormat, Pipeline, series_description
+from node.config.pipeline import Channels, OutputFormat, Pipeline, series_description
+from node.imaging.display import output_levels
+from node.process.histograms import ImageHistograms, SeriesHistograms, merge_image_histograms, value_unit
 from node.process.presentation import plan_presentation_states
 from node.process.render import FrameRenderer, series_bins
 from node.process.series import InputSeries
@@ -54,6 +57,7 @@ class SeriesResult:
     instances: int = 0
     frames: int = 0
     seconds: float = 0.0
+    histograms: SeriesHistograms | None = None  # when asked for, and grey values were rendered
 
 
 def derived_series_uid(series_uid: str, pipeline: Pipeline) -> str:
@@ -82,6 +86,7 @@ def process_series(
     *,
     now: datetime.datetime,
     threads: int = 1,
+    histograms: bool = False,
 ) -> SeriesResult:
     """Render every image of *series* and write the outputs under *out_dir*.
 
@@ -100,6 +105,10 @@ def process_series(
         release the GIL, so 2 threads on 2 cores take about two thirds of the time of one.
         Images with frames above 32 MB decoded are processed one at a time whatever this says,
         so one series holds at most one such frame (2.2-3.1 times its size) at once.
+    histograms : bool
+        Count the value histograms before and after (:mod:`node.process.histograms`) while
+        rendering, into :attr:`SeriesResult.histograms`: 0.5 ms a 512 x 512 slice rendered
+        through a table (a window), 2 ms pixel by pixel (per-image equalisation).
 
     Returns
     -------
@@ -124,13 +133,15 @@ def process_series(
     todo = [image for image in series.images if image.path not in failed_paths]
     # One writer for the whole series: it encodes the header its SCs share once (see there).
     sc_writer = SecondaryCaptureSeriesWriter(derived, now)
+    colormap = None if pipeline.colormap is None else colormap_table(pipeline.colormap)
 
     big_frames = threading.Lock()
+    counts = {image.path: _image_histograms(pipeline, image) for image in todo} if histograms else {}
 
     def one(image: ImageFile) -> list[Path] | UnsupportedImage:
         try:
             with big_frames if image.frame_bytes > _ONE_AT_A_TIME_FRAME_BYTES else contextlib.nullcontext():
-                return _process_image(image, pipeline, sc_writer, folder, bins)
+                return _process_image(image, pipeline, sc_writer, folder, bins, colormap, counts.get(image.path))
         except UnsupportedImage as exc:
             return exc
         except OSError as exc:  # the output side: disk full, permissions
@@ -149,8 +160,21 @@ def process_series(
             if time.monotonic() - last_report > _PROGRESS_SECONDS:
                 last_report = time.monotonic()
                 log.info("series %s: %d/%d instances processed", series.series_uid, number, len(todo))
+    if histograms and result.instances:
+        done = [image for image in todo if image.path not in {f.path for f in result.failures}]
+        result.histograms = merge_image_histograms(
+            pipeline, [counts[image.path] for image in done], series_edges=bins,
+            unit=value_unit(pipeline, done[0].header, done[0].is_grey),
+        )
     result.seconds = time.monotonic() - started
     return result
+
+
+def _image_histograms(pipeline: Pipeline, image: ImageFile) -> ImageHistograms:
+    """Empty counts for one image's frames (the middle frame's equalisation edges are kept)."""
+    channels = 3 if isinstance(pipeline.display, Channels) else 1
+    bits = 8 if channels == 3 or pipeline.colormap is not None else pipeline.output.bits
+    return ImageHistograms(output_levels(bits) + 1, channels, edges_frame=image.number_of_frames // 2)
 
 
 def _presentation_states(
@@ -198,8 +222,10 @@ def _process_image(
     sc_writer: SecondaryCaptureSeriesWriter,
     folder: Path,
     bins: np.ndarray | None,
+    colormap: np.ndarray | None = None,
+    histograms: ImageHistograms | None = None,
 ) -> list[Path]:
-    renderer = FrameRenderer(pipeline, image, bins)
+    renderer = FrameRenderer(pipeline, image, bins, colormap=colormap, histograms=histograms)
     source_sop = str(image.header.get("SOPInstanceUID") or image.path.name)
     sop_uid = naming.derived_instance_uid(source_sop, pipeline.fingerprint())
     folder.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from node.config import Config
 from node.imaging.source import DecodeLimits
 from node.store.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.telemetry.logsetup import LogSettings, setup_logging
-from node.app.process_series import process_series
+from node.app.process_series import SeriesResult, process_series
 from node.process.series import InputSeries, instance_order, open_images
 from node.store.spool import remove_spooled, shared_dir_problem
 
@@ -141,16 +141,19 @@ class SeriesProcessor:
         series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
         log.info("series %s: %d instances -> pipeline %s", job.series_uid, len(series.images), pipeline.name)
         result = process_series(
-            series, pipeline, self.outputs, now=datetime.datetime.now().astimezone(), threads=self.render_threads
+            series, pipeline, self.outputs, now=datetime.datetime.now().astimezone(), threads=self.render_threads,
+            histograms=True,
         )
         failures.extend(result.failures)
         if not result.outputs:
             self._fail(job, "no output: " + "; ".join(f.reason for f in failures[:3]))
             return
         error = f"{len(failures)} instances failed: {failures[0].reason}" if failures else None
+        output_dir = self.outputs / job.study_uid / result.derived_series_uid
+        _keep_histograms(output_dir, result)
         scheduled = self.jobs.processed(
             job, route=route.pipeline, pipeline=pipeline.name,
-            output_dir=self.outputs / job.study_uid / result.derived_series_uid,
+            output_dir=output_dir,
             derived_series_uid=result.derived_series_uid,
             outputs=len(result.outputs), destinations=route.destinations, seconds=result.seconds, error=error,
         )
@@ -496,3 +499,15 @@ class WorkerPool:
                   f" while processing series id {', '.join(map(str, claimed))}" if claimed else "")
         quick = time.monotonic() - worker.started < RESTART_DELAY_SECONDS
         worker.restart_at = time.monotonic() + (RESTART_DELAY_SECONDS if quick else 0.0)
+
+
+def _keep_histograms(folder: Path, result: SeriesResult) -> None:
+    """Keep the series' histograms beside its outputs for the status page (a failure is a warning only)."""
+    from node.outputs.histogram import write_histogram_data
+
+    if result.histograms is None:
+        return
+    try:
+        write_histogram_data(folder, result.histograms)
+    except OSError as exc:
+        log.warning("series %s: histograms not kept in %s: %s", result.series_uid, folder, exc.strerror or exc)

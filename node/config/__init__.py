@@ -1691,8 +1691,9 @@ class _Checker:
                 self.fail(path + ("output",), f"must be one of {', '.join(formats)}, got {_show(output)}")
             try:
                 out[name] = parse_steps(name, steps, output)
-            except PipelineError as exc:
-                self.fail(path + ("steps",), str(exc))
+            except PipelineError as exc:  # at the step's key when the error names one (a colour map's name)
+                at = ("steps",) if exc.step is None else ("steps", exc.step) + ((exc.key,) if exc.key else ())
+                self.fail(path + at, str(exc))
             if self.boolean(table, path, "keep_patient", False):
                 if not out[name].output.is_volume:
                     self.fail(path + ("keep_patient",), f"is for volume outputs (nifti, npz) only; pipeline "

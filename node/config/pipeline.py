@@ -2,7 +2,7 @@
 
 A pipeline is a fixed order of stages, each optional::
 
-    grey -> rescale (Modality LUT) -> clip -> display (window | equalise | channels) -> output
+    grey -> rescale (Modality LUT) -> clip -> display (window | equalise | channels) -> colormap -> output
 
 The config file lists steps (``[{ op = "rescale" }, { op = "window", preset = "brain" }]``); they
 are checked here and turned into a :class:`Pipeline`, with errors that name the step.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from node.imaging.colormap import UnknownColormap, check_colormap
 from node.imaging.voi import WINDOWS, VOIFunction, Window, as_voi_function
 
 __all__ = [
@@ -35,7 +36,16 @@ __all__ = [
 
 
 class PipelineError(ValueError):
-    """A pipeline definition that cannot work; the message names the step and the value."""
+    """A pipeline definition that cannot work; the message names the step and the value.
+
+    ``step`` (0-based) and ``key`` say which key of which step is at fault when that is known
+    (a config check then points at its line); None otherwise.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.key = key
 
 
 class OutputFormat(str, Enum):
@@ -152,6 +162,7 @@ class Pipeline:
     rescale: bool = True
     clip: Clip | None = None
     display: Display | None = None
+    colormap: str | None = None  # a matplotlib colour map name: 8-bit grey -> RGB
     steps: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False)
     #: Volume outputs only: write the patient's name and ID into the JSON sidecar (default: never).
     keep_patient: bool = False
@@ -162,9 +173,23 @@ class Pipeline:
                 f"pipeline {self.name!r}: channels make RGB, which is 8-bit only; use output sc or png"
             )
         if self.output is OutputFormat.GSPS:
-            for step, present in (("grey", self.grey), ("channels", isinstance(self.display, Channels))):
+            for step, present in (("grey", self.grey), ("channels", isinstance(self.display, Channels)),
+                                  ("colormap", self.colormap is not None)):
                 if present:
                     raise PipelineError(f"pipeline {self.name!r}: {step}: {GSPS_CANNOT[step]}")
+        if self.colormap is not None and isinstance(self.display, Channels):
+            raise PipelineError(
+                f"pipeline {self.name!r}: a colour map colours one grey image; channels are already RGB"
+            )
+        if self.colormap is not None and self.output.is_volume:
+            raise PipelineError(
+                f"pipeline {self.name!r}: a colour map makes RGB pictures to look at, and volume outputs "
+                "(nifti, npz) keep values: use output sc or png"
+            )
+        if self.colormap is not None and self.output.bits == 16:
+            raise PipelineError(
+                f"pipeline {self.name!r}: a colour map makes RGB, which is 8-bit only; use output sc or png"
+            )
         if self.keep_patient and not self.output.is_volume:
             raise PipelineError(f"pipeline {self.name!r}: keep_patient is for volume outputs (nifti, npz); "
                                 f"output {self.output.value} keeps what its format keeps")
@@ -189,6 +214,8 @@ class Pipeline:
             parts.append(self.clip.describe())
         if self.display is not None:
             parts.append(self.display.describe())
+        if self.colormap is not None:
+            parts.append(f"colour map {self.colormap}")
         if self.output.is_volume and self.display is None:
             parts.append("modality values volume" if self.rescale else "stored values volume")
         elif self.output.is_volume:
@@ -282,6 +309,8 @@ def series_description(pipeline: Pipeline, source_description: str = "") -> str:
         high = "inf" if pipeline.clip.max is None else f"{pipeline.clip.max:g}"
         parts.append(f"clip {_fmt(pipeline.clip.min)}..{high}")
     parts.append(_short_display(pipeline.display))
+    if pipeline.colormap is not None:
+        parts.append(pipeline.colormap)
     if pipeline.output.bits == 16:
         parts.append("16-bit")
     done = _lo_safe(", ".join(parts))
@@ -386,6 +415,17 @@ def _clip_from_mapping(step: Mapping[str, Any], where: str) -> Clip:
     return Clip(None if low is None else float(low), None if high is None else float(high))
 
 
+def _colormap_from_mapping(step: Mapping[str, Any], where: str, number: int) -> str:
+    _no_extra(set(step) - {"op"}, {"name"}, where)
+    if "name" not in step:
+        raise PipelineError(f"{where}: give name = a matplotlib colour map (bone, ocean_r, viridis ...)",
+                            step=number - 1, key="op")
+    try:
+        return check_colormap(step["name"])
+    except UnknownColormap as exc:
+        raise PipelineError(f"{where}: {exc}", step=number - 1, key="name") from None
+
+
 def _channels_from_mapping(step: Mapping[str, Any], where: str) -> Channels:
     _no_extra(set(step) - {"op"}, {"windows", "equalise"}, where)
     windows = step.get("windows")
@@ -412,7 +452,7 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
     name : str
         The pipeline's name, used in messages.
     steps : sequence of mappings
-        ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels", ...}``.
+        ``{op = "grey" | "rescale" | "clip" | "window" | "equalise" | "channels" | "colormap", ...}``.
     output : str
         ``sc``, ``sc16``, ``png``, ``png16``, ``gsps`` (which refuses the steps of
         :data:`GSPS_CANNOT`), ``nifti`` or ``npz``.
@@ -428,8 +468,8 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
         raise PipelineError(
             f"pipeline {name!r}: output {output!r} is not one of {', '.join(f.value for f in OutputFormat)}"
         ) from None
-    found: dict[str, Any] = {"grey": False, "rescale": False, "clip": None, "display": None}
-    order = ["grey", "rescale", "clip", "display"]
+    found: dict[str, Any] = {"grey": False, "rescale": False, "clip": None, "display": None, "colormap": None}
+    order = ["grey", "rescale", "clip", "display", "colormap"]
     last = -1
     for number, step in enumerate(steps, start=1):
         where = f"pipeline {name!r} step {number}"
@@ -449,9 +489,11 @@ def parse_steps(name: str, steps: Sequence[Mapping[str, Any]], output: str = "sc
             slot, value = "display", _equalise_from_mapping(step, where)
         elif op == "channels":
             slot, value = "display", _channels_from_mapping(step, where)
+        elif op == "colormap":
+            slot, value = "colormap", _colormap_from_mapping(step, where, number)
         else:
             raise PipelineError(
-                f"{where}: unknown op {op!r}; known: grey, rescale, clip, window, equalise, channels"
+                f"{where}: unknown op {op!r}; known: grey, rescale, clip, window, equalise, channels, colormap"
             )
         position = order.index(slot)
         if found[slot] not in (None, False):

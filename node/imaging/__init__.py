@@ -9,8 +9,10 @@ Pure array functions, usable from a notebook::
     hu = to_hu(ds)
     brain = window(hu, WINDOWS["brain"].center, WINDOWS["brain"].width)
     equalised = hist_scaled(hu, freqhist_bins(hu))
+    coloured = apply_colormap(quantise(brain, 8), colormap_table("bone"))
 """
 
+from node.imaging.colormap import apply_colormap, colormap_table
 from node.imaging.display import clip, floor_levels, invert, output_levels, quantise, stack_channels, to_grey
 from node.imaging.equalise import FrequencyHistogram, freqhist_bins, hist_scaled
 from node.imaging.modality import rescale_frame, to_hu
@@ -32,8 +34,10 @@ __all__ = [
     "UnsupportedImage",
     "VOIFunction",
     "Window",
+    "apply_colormap",
     "apply_voi_lut_sequence",
     "clip",
+    "colormap_table",
     "file_window",
     "floor_levels",
     "freqhist_bins",

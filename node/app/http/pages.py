@@ -16,9 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from node.app.http.thumbnails import Thumbnails
 from node.app.seriesview import series_view, utc_time
+from node.outputs.histogram import HistogramView
 from node.store.jobstore import SeriesState
 
 __all__ = ["Pages", "series_context"]
@@ -97,18 +99,24 @@ def _row_view(row: Mapping[str, Any], now: float) -> dict[str, object]:
     }
 
 
-def series_context(row: Mapping[str, Any], *, max_attempts: int | None, now: float) -> dict[str, object]:
+def series_context(row: Mapping[str, Any], *, max_attempts: int | None, now: float,
+                   histogram: HistogramView | None = None) -> dict[str, object]:
     """What ``series.html.j2`` shows of one series (a template extending it gets the same values).
 
     Returns
     -------
     dict
         ``view`` (:class:`~node.app.seriesview.SeriesView`), ``generated`` (UTC time of the page),
-        ``error_class`` (how its error is shown) and ``before_after`` (its two thumbnails).
+        ``error_class`` (how its error is shown), ``before_after`` (its two thumbnails) and
+        ``histogram`` (None, or ``svg``: the picture as markup, else ``note``: why there is none).
     """
     view = series_view(row, max_attempts)
+    shown = None
+    if histogram is not None:
+        # the SVG is made by node.outputs.histogram from numbers it formats and words it escapes
+        shown = {"svg": None if histogram.svg is None else Markup(histogram.svg), "note": histogram.note}
     return {"view": view, "generated": utc_time(now), "error_class": _error_class(view.state),
-            "before_after": _before_after(row)}
+            "before_after": _before_after(row), "histogram": shown}
 
 
 class Pages:
@@ -155,8 +163,9 @@ class Pages:
             counts=_count_views(counts, state or ""), rows=[_row_view(row, now) for row in rows],
         )
 
-    def series_page(self, row: Mapping[str, Any], *, max_attempts: int | None, now: float) -> str:
-        """The page of one series: its facts, before/after thumbnails, deliveries and events.
+    def series_page(self, row: Mapping[str, Any], *, max_attempts: int | None, now: float,
+                    histogram: HistogramView | None = None) -> str:
+        """The page of one series: its facts, before/after thumbnails and histograms, deliveries and events.
 
         Parameters
         ----------
@@ -166,8 +175,10 @@ class Pages:
             ``[delivery] max_attempts``, the *m* of each delivery's ``n/m``.
         now : float
             The time the page is made (seconds since the epoch).
+        histogram : HistogramView, optional
+            The series' histograms (:func:`node.outputs.histogram.series_histogram_view`); no section when None.
         """
-        return self._series.render(series_context(row, max_attempts=max_attempts, now=now))
+        return self._series.render(series_context(row, max_attempts=max_attempts, now=now, histogram=histogram))
 
     def message_page(self, title: str, message: str) -> str:
         """A short page saying why a request shows nothing (a 400 or 404), with a link to the status page."""

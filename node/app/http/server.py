@@ -51,6 +51,7 @@ from node.app.http.thumbnails import Thumbnails, placeholder_png
 from node.config.pipeline import Pipeline
 from node.app.http.auth import HttpGuard
 from node.imaging.source import DecodeLimits
+from node.outputs.histogram import series_histogram_view
 from node.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.telemetry.metrics import Metrics
 from node.store.jobstore import JobStore, SeriesState
@@ -395,7 +396,9 @@ class StatusServer:
         row = self.jobs.series(int(text))
         if row is None:
             return self._html(HTTPStatus.NOT_FOUND, self.pages.message_page("not found", f"no series {text}"))
-        page = self.pages.series_page(row, max_attempts=self.max_delivery_attempts, now=time.time())
+        histogram = series_histogram_view(self.thumbnails.output_folder(row))  # kept when it was processed
+        page = self.pages.series_page(row, max_attempts=self.max_delivery_attempts, now=time.time(),
+                                      histogram=histogram)
         return self._html(HTTPStatus.OK, page)
 
     def _page(self, query: Mapping[str, list[str]]) -> _Response:

@@ -277,6 +277,12 @@ class Thumbnails:
             frames = 1
         return path, sop_uid, max(frames, 1) // 2
 
+    def output_folder(self, row: Mapping[str, Any]) -> Path | None:
+        """The folder of a series' outputs, when it has outputs there inside the outputs folder; else None."""
+        if not row.get("output_dir") or not row.get("outputs"):
+            return None
+        return _inside(Path(row["output_dir"]), self.outputs_dir)
+
     def choose_output(
         self, row: Mapping[str, Any], source: tuple[Path, str, int] | None
     ) -> tuple[Path, int] | None:
