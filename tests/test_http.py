@@ -15,7 +15,6 @@ import re
 import json
 import math
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,8 @@ from node.store.jobstore import SeriesState
 from node.telemetry.metrics import REFUSAL_REASONS, Metrics
 from node.outputs.uids import derived_uid
 from tests.support import (
-    ROOT, NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, run_cli, storescu, tool, wait_for,
+    ROOT, NodeProcess, bundled, chromium_screenshot, copy_as_series, folder_route, free_port, node_config, run_cli,
+    storescu, wait_for,
 )
 from tests.support.status_rows import PNG_PIPELINE, SC_PIPELINE, JobRows, png_image
 
@@ -453,18 +453,10 @@ def test_json_has_no_patient_data(server: StatusServer) -> None:
 
 def test_status_page_in_a_browser(node: JobRows, server: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium renders the page (no JavaScript needed); the screenshot is kept."""
-    chromium = tool("chromium")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,900",
-         server.url + "/"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
+    result = chromium_screenshot(server.url + "/", shot, (1280, 900), tmp_path)
     assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     picture = Image.open(shot)
     picture.load()
@@ -567,16 +559,8 @@ def test_series_page_of_no_series(server: StatusServer, path: str, status: int) 
 
 def test_series_page_in_a_browser(node: JobRows, server: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium renders one series' page with its thumbnails; the screenshot is kept."""
-    chromium = tool("chromium")
     shot = tmp_path / "series-page.png"
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,1000",
-         f"{server.url}/series/{node.ids['png']}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
+    result = chromium_screenshot(f"{server.url}/series/{node.ids['png']}", shot, (1100, 1000), tmp_path)
     assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     assert shot.stat().st_size > 20_000
     picture = Image.open(shot)

@@ -28,7 +28,7 @@ from node.config import BasicAuth, BearerAuth, ConfigError, HttpSettings, load_c
 from node.app.http.server import StatusServer
 from node.app.http.auth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
 from node.net.tls import https_server_context
-from tests.support import NodeProcess, Pki, folder_route, free_port, node_config, run_cli, tool
+from tests.support import NodeProcess, Pki, chromium_screenshot, folder_route, free_port, node_config, run_cli
 from tests.support.status_rows import SC_PIPELINE, JobRows, png_image
 
 USER = "ops"
@@ -280,18 +280,9 @@ def test_the_log_line_of_wrong_credentials_says_how_many_were_held_back(
 
 def test_status_page_in_a_browser_with_credentials(node: JobRows, basic: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium logs in with the URL's credentials; the thumbnails are drawn (they need them too)."""
-    chromium = tool("chromium")
-
     def screenshot(url: str, name: str) -> tuple[np.ndarray | None, str]:
         shot = tmp_path / name
-        result = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-             f"--user-data-dir={tmp_path / ('profile-' + name)}", f"--screenshot={shot}", "--window-size=1280,600",
-             url],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        )
+        result = chromium_screenshot(url, shot, (1280, 600), tmp_path, profile=f"profile-{name}")
         if not shot.is_file():
             return None, result.stderr
         picture = Image.open(shot)

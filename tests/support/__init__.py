@@ -28,7 +28,9 @@ The harnesses of one area are imported from their module (their names are only c
 from __future__ import annotations
 
 # In dependency order: each module imports only the ones above it.
-from tests.support.tools import ROOT, bundled, dciodvfy_errors, env_without_config, node_env, run_cli, tool
+from tests.support.tools import (
+    ROOT, bundled, chromium_screenshot, dciodvfy_errors, env_without_config, node_env, run_cli, tool,
+)
 from tests.support.peers import (
     LOCALHOST, REJECTED_SOP_CLASS_STATUS, STORESCU_BIN, TEST_DATA_ENV, OrthancError, OrthancServer, StoreSCP, TlsFront,
     echoscu, free_port, kill_group, nodelay_env, orthanc_fixture, require_test_data, running_orthanc, store_responses,
@@ -49,11 +51,12 @@ from tests.support.process_memory import TreePeakMemory, peak_rss, process_tree,
 __all__ = [
     "BRAIN", "COLUMNS", "GARBAGE", "HEAD", "LOCALHOST", "NO_SUCH_HOST", "REJECTED_SOP_CLASS_STATUS", "RESCALE", "ROOT",
     "ROWS", "STORESCU_BIN", "TEST_DATA_ENV", "Drop", "HeldConnections", "NodeProcess", "OrthancError", "OrthancServer",
-    "Pki", "PostgresServer", "StoreSCP", "TlsFront", "TreePeakMemory", "bundled", "copy_as_series", "dciodvfy_errors",
-    "dicom_destination", "dicomweb_destination", "dicomweb_source", "discard_route", "dry_run_config", "echoscu",
-    "env_without_config", "error_of", "folder_destination", "folder_route", "free_port", "held", "kill_group",
-    "load_text", "marked_line", "node_config", "node_env", "nodelay_env", "openssl", "orthanc_fixture", "peak_rss",
-    "pipeline", "pixel_data_span", "postgres_bin", "process_tree", "require_test_data", "route", "run_cli",
-    "running_orthanc", "running_postgres", "same_bytes", "stop_process_group", "store_responses", "storescu", "table",
-    "test_data_dir", "toml", "tool", "tree_hwm", "wait_for", "write_cine", "write_config", "write_rle_ct",
+    "Pki", "PostgresServer", "StoreSCP", "TlsFront", "TreePeakMemory", "bundled", "chromium_screenshot",
+    "copy_as_series", "dciodvfy_errors", "dicom_destination", "dicomweb_destination", "dicomweb_source",
+    "discard_route", "dry_run_config", "echoscu", "env_without_config", "error_of", "folder_destination",
+    "folder_route", "free_port", "held", "kill_group", "load_text", "marked_line", "node_config", "node_env",
+    "nodelay_env", "openssl", "orthanc_fixture", "peak_rss", "pipeline", "pixel_data_span", "postgres_bin",
+    "process_tree", "require_test_data", "route", "run_cli", "running_orthanc", "running_postgres", "same_bytes",
+    "stop_process_group", "store_responses", "storescu", "table", "test_data_dir", "toml", "tool", "tree_hwm",
+    "wait_for", "write_cine", "write_config", "write_rle_ct",
 ]

@@ -4,6 +4,7 @@
   ``PYTHONPATH``: :func:`node_env`).
 * :func:`bundled` - a file of pydicom's own test data (never downloaded).
 * :func:`tool` / :func:`dciodvfy_errors` - a required external program; dicom3tools' verdict on a file.
+* :func:`chromium_screenshot` - a page as headless Chromium draws it.
 * :func:`run_cli` - ``python -m node ARGS`` as a user would run it (a new process); :func:`env_without_config`.
 """
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-__all__ = ["ROOT", "bundled", "dciodvfy_errors", "env_without_config", "node_env", "run_cli", "tool"]
+__all__ = ["ROOT", "bundled", "chromium_screenshot", "dciodvfy_errors", "env_without_config", "node_env", "run_cli",
+           "tool"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +44,27 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     result = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     return [line for line in output.splitlines() if line.startswith("Error")], output
+
+
+def chromium_screenshot(url: str, shot: Path, size: tuple[int, int], workdir: Path, *,
+                        profile: str = "profile") -> subprocess.CompletedProcess:
+    """Headless Chromium draws *url* (no JavaScript needed; 5 s of virtual time) into the PNG file *shot*.
+
+    Parameters
+    ----------
+    size
+        The window, (width, height) in pixels: the screenshot's size.
+    workdir, profile
+        Chromium runs in *workdir* with its own profile folder ``workdir / profile``.
+    """
+    width, height = size
+    return subprocess.run(
+        [tool("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
+         f"--user-data-dir={workdir / profile}", f"--screenshot={shot}", f"--window-size={width},{height}", url],
+        capture_output=True, text=True, timeout=120, cwd=workdir,
+    )
 
 
 def node_env(base: Mapping[str, str] | None = None, *, code_root: Path = ROOT) -> dict[str, str]:
