@@ -18,7 +18,6 @@ from pydicom import Dataset
 from node.config import (
     BasicAuth,
     BearerAuth,
-    Config,
     ConfigError,
     DeliverySettings,
     DicomDestination,
@@ -35,25 +34,7 @@ from node.config import (
 )
 from node.config.pipeline import Channels, OutputFormat, WindowSpec
 from node.process.routing import matches, route_for
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# [node] and [http]: 12 lines, then a blank line; the sections under test follow from line 14.
-HEAD = """\
-[node]
-ae_title = "DICOMNODE"
-host = "0.0.0.0"
-port = 11112
-data_dir = "var"
-allowed_calling_aets = []
-max_associations = 10
-settle_seconds = 10.0
-
-[http]
-host = "127.0.0.1"
-port = 8080
-
-"""
+from tests.support import HEAD, NO_SUCH_HOST, ROOT, error_of, load_text, marked_line, node_env, write_config
 
 TAIL = """\
 [[pipelines]]
@@ -70,29 +51,6 @@ match = {}
 pipeline = "default"
 destinations = ["folder"]
 """
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "node.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def load_text(tmp_path: Path, text: str) -> Config:
-    return load_config(write(tmp_path, text))
-
-
-def error_of(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_text(tmp_path, text)
-    return str(info.value)
-
-
-def marked_line(text: str) -> int:
-    """The line that carries the ``# <-`` marker (found independently of the code under test)."""
-    lines = [n for n, line in enumerate(text.splitlines(), start=1) if "# <-" in line]
-    assert len(lines) == 1, "mark exactly one line with # <-"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- good files
@@ -640,7 +598,7 @@ def test_error_line_numbers_written_out(tmp_path: Path) -> None:
 
 
 def test_relative_source_is_kept_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path, HEAD.replace("port = 11112", "port = -1") + TAIL)
+    write_config(tmp_path, HEAD.replace("port = 11112", "port = -1") + TAIL)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"^node\.toml:4: node\.port: "):
         load_config("node.toml")
@@ -1040,7 +998,7 @@ def test_max_processing_attempts_default_and_set(tmp_path: Path) -> None:
 
 def refusal(tmp_path: Path, text: str, *, check_machine: bool = False) -> str:
     """The message of the ConfigError *text* is refused with (the line marked ``# <-`` is expected)."""
-    path = write(tmp_path, text)
+    path = write_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path, check_machine=check_machine)
     return str(info.value)
@@ -1172,7 +1130,7 @@ def test_tls_listener_port_overlaps(tmp_path: Path, node_certificate: tuple[Path
 def test_one_port_on_two_addresses_is_fine(tmp_path: Path) -> None:
     text = HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace('host = "127.0.0.1"\nport = 8080',
                                                                            'host = "127.0.0.2"\nport = 11112')
-    config = load_config(write(tmp_path, text + TAIL), check_machine=True)
+    config = load_config(write_config(tmp_path, text + TAIL), check_machine=True)
     assert (config.node.port, config.http.port, config.http.host) == (11112, 11112, "127.0.0.2")
 
 
@@ -1263,7 +1221,6 @@ def test_url_with_credentials(tmp_path: Path) -> None:
 
 # Names glibc refuses itself ("!" is no host name character, a label has at most 63 characters): the
 # check fails as for a misspelt name, without asking the name server (the tests talk to no other host).
-NO_SUCH_HOST = "no!such-host"
 LONG_LABEL_HOST = "a" * 64 + ".example"
 
 MACHINE_ERRORS = [
@@ -1316,7 +1273,7 @@ def test_data_dir_under_a_file_names_the_file(tmp_path: Path) -> None:
 
 def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
     text = HEAD.replace('data_dir = "var"', 'data_dir = "a/b/var"') + TAIL
-    config = load_config(write(tmp_path, text), check_machine=True)
+    config = load_config(write_config(tmp_path, text), check_machine=True)
     assert config.node.data_dir == tmp_path / "a" / "b" / "var"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node.toml"]  # a/b/var made, written, removed
     (tmp_path / "a").mkdir()
@@ -1325,9 +1282,8 @@ def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([*prefix, sys.executable, "-m", "node", "config", "check", str(config)],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=node_env())
 
 
 def test_data_dir_without_permission(tmp_path: Path) -> None:
@@ -1335,7 +1291,7 @@ def test_data_dir_without_permission(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
+    config = write_config(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
     prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     result = _config_check_cli(config, prefix)
     assert result.returncode == 2, result.stderr
@@ -1348,7 +1304,7 @@ def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
     """A read-only tmpfs mounted in a private mount namespace (unshare: gone with the process)."""
     mount = tmp_path / "ro"
     mount.mkdir()
-    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
+    config = write_config(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
     inner = f"mount -t tmpfs -o ro none {mount} && exec \"$0\" \"$@\""
     result = _config_check_cli(config, ["unshare", "-rm", "sh", "-c", inner])
     assert result.returncode == 2, result.stderr
@@ -1384,7 +1340,7 @@ port = 2762
 ae_title = "PACS"
 tls = true # <-
 """ + TAIL
-    assert load_config(write(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
+    assert load_config(write_config(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # OpenSSL's default store: empty
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
     assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "pacs").tls',

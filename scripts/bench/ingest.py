@@ -12,7 +12,7 @@ Orthanc) into, each started fresh for every repetition, with the disks synced be
 * ``node``      ``dicom-node serve`` (settle 3600 s so no processing runs), spool fsync'd + SQLite
 * ``bare``      a bare pynetdicom SCP writing ``event.encoded_dataset()`` to a file (bare_scp.py)
 * ``storescp``  dcmtk ``storescp -od DIR +B`` (bit-preserving, as received)
-* ``orthanc``   Orthanc 1.10 (tests.peers.OrthancServer)
+* ``orthanc``   Orthanc 1.10 (tests.support.peers.OrthancServer)
 
 The order of the receivers rotates between repetitions. Reported: best and median images/s and
 the ratio of the node's time to the bare pynetdicom SCP's time (target <= 1.15), and the median of
@@ -38,8 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
-from tests.peers import OrthancServer  # noqa: E402
+from tests.support import NodeProcess, OrthancServer, node_config  # noqa: E402
 
 TARGET = 1.15
 N = 300
@@ -52,7 +51,7 @@ N = 300
 def run_node(files: list[Path], work: Path) -> float:
     port = bl.free_port()
     data = work / "var"
-    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.CT_FOLDER_ROUTE.format(out=work / "out")),
+    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.ct_folder_route(work / "out")),
                        work, port=port)
     try:
         node.start()

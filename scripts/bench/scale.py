@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.support import NodeProcess, node_config  # noqa: E402
 
 N, ASSOCIATIONS = 300, 10
 
@@ -73,7 +73,7 @@ def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False) 
     port = bl.free_port()
     data = work / "var"
     out = work / "out"
-    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out))
+    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.ct_folder_route(out))
     node = NodeProcess(config, work, port=port)
     try:
         node.start()
