@@ -1,24 +1,14 @@
-"""Shared test helpers: real files, real tools."""
+"""Fixtures shared by every test module; the helpers themselves are in :mod:`tests.support`."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from pydicom.data import get_testdata_file
 
-from tests.peers import require_test_data
+pytest.register_assert_rewrite("tests.support")
 
-
-def bundled(name: str) -> Path:
-    """A test file inside pydicom's own package (never downloaded)."""
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"{name} is not bundled with this pydicom"
-    return Path(path)
+from tests.support import require_test_data  # noqa: E402
 
 
 @pytest.fixture
@@ -33,32 +23,10 @@ def ct_series_dir(data_dir: Path) -> Path:
     return data_dir / "ct_series" / "ge_head_tilt"
 
 
-def tool(name: str) -> str:
-    """Path of a required external tool; the test fails (not skips) when it is missing."""
-    found = shutil.which(name)
-    assert found, f"{name} not on PATH: run scripts/setup --test as root to install it"
-    return found
-
-
-def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
-    """Run dicom3tools' dciodvfy; return its Error lines and its whole output."""
-    result = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    return [line for line in output.splitlines() if line.startswith("Error")], output
-
-
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``dicom-node`` as a user would (a new process), capturing its output."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
 @pytest.fixture(scope="session")
 def postgres():
     """One real PostgreSQL server for the session (tests take a fresh database each: ``new_database()``)."""
-    from tests.postgres import running_postgres
+    from tests.support.postgres import running_postgres
 
     with running_postgres() as server:
         yield server

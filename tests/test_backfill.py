@@ -18,10 +18,8 @@ from node.store.jobstore import JobStore
 from node.receive.poller import backfill_chunks, state_key
 from node.app.service import NodeService
 from node.store.spool import Spool
-from tests.conftest import run_cli
-from tests.node_process import node_config, wait_for
-from tests.peers import OrthancServer
-from tests.test_poller import (  # noqa: F401  (orthanc, jobs, spool are fixtures)
+from tests.support import OrthancServer, node_config, run_cli, wait_for
+from tests.support.archive import (  # noqa: F401 - orthanc, jobs and spool are fixtures
     SpoolWithFault, archive, counts, day, jobs, orthanc, poller_for, round_trip_tables, series_files, spool, spooled,
     uids, upload,
 )

@@ -13,7 +13,7 @@ from node.imaging.source import ImageFile
 from node.config.pipeline import OutputFormat, Pipeline
 from node.app.process_series import process_series
 from node.process.series import group_series
-from tests.conftest import bundled, dciodvfy_errors
+from tests.support import bundled, dciodvfy_errors
 
 NAMES = [
     ("ISO_IR 144", "Люкceмбypг^Гeнpиx"),

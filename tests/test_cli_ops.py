@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -14,10 +12,10 @@ import pytest
 
 import node
 from node.store.jobstore import JobStore, SeriesJob, SeriesState
-from tests.conftest import bundled, run_cli
-from tests.peers import free_port, running_orthanc
-from tests.node_process import NodeProcess, folder_route, node_config
-from tests.test_config import NO_SUCH_HOST, marked_line
+from tests.support import (
+    NO_SUCH_HOST, NodeProcess, bundled, discard_route, dry_run_config, env_without_config, folder_destination,
+    folder_route, free_port, marked_line, node_config, pipeline, route, run_cli, running_orthanc, table,
+)
 
 
 @pytest.mark.peers
@@ -52,10 +50,7 @@ def test_json_log_format(tmp_path: Path) -> None:
 
 def _cli_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``dicom-node ARGS`` run in *cwd* with *env* added to the environment (no $DICOM_NODE_CONFIG unless given)."""
-    full = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
-    full.update(env or {}, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=120,
-                          env=full, cwd=cwd)
+    return run_cli(*args, timeout=120, env=env_without_config(**(env or {})), cwd=cwd)
 
 
 def _series(jobs: JobStore, uid: str, path: Path, modality: str) -> SeriesJob:
@@ -70,12 +65,10 @@ def _series(jobs: JobStore, uid: str, path: Path, modality: str) -> SeriesJob:
 
 def test_status_and_retry_say_what_they_did_per_job(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
-    config.write_text(f"""[node]\ndata_dir = "{tmp_path / 'var'}"\nmax_processing_attempts = 2
-[delivery]\nmax_attempts = 3
-[[pipelines]]\nname = "plain"\nsteps = []
-[[destinations]]\nname = "pacs"\nkind = "folder"\npath = "{tmp_path / 'out'}"
-[[routes]]\nmatch = {{ Modality = "MR" }}\npipeline = "plain"\ndestinations = ["pacs"]
-""")
+    config.write_text(table("node", {"data_dir": tmp_path / "var", "max_processing_attempts": 2})
+                      + table("delivery", {"max_attempts": 3}) + pipeline("plain", [])
+                      + folder_destination("pacs", tmp_path / "out")
+                      + route("plain", ["pacs"], match={"Modality": "MR"}))
     ct, mr = bundled("CT_small.dcm"), bundled("MR_small.dcm")
     jobs = JobStore(tmp_path / "var" / "jobs.sqlite", clock=lambda: 1000.0)
     jobs.set_outcome(_series(jobs, "1.1", ct, "CT"), SeriesState.FAILED, "no output: <simulated>")  # job 1
@@ -189,7 +182,10 @@ def test_config_from_the_environment_options_after_the_subcommand_and_version(tm
 
 
 def _node_toml(tmp_path: Path, node_lines: str = "", tables: str = "") -> str:
-    """A config on 127.0.0.1 (free ports, data in tmp_path) with *node_lines* in [node] and *tables* after."""
+    """A config on 127.0.0.1 (free ports, data in tmp_path) with *node_lines* in [node] and *tables* after.
+
+    Its first eight lines are written out: :func:`_refused_config` marks some of them by number.
+    """
     return f"""\
 [node]
 host = "127.0.0.1"
@@ -199,18 +195,7 @@ data_dir = "{tmp_path / 'var'}"
 [http]
 host = "127.0.0.1"
 port = {free_port()}
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{tmp_path / 'out'}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["out"]
-{tables}"""
+""" + folder_route(tmp_path / "out", None, output=None) + tables
 
 
 # (id, [node] lines, tables, key as printed, part of the message); the faulty line is marked "# <-"
@@ -314,8 +299,6 @@ def _has_file_meta(path: Path) -> bool:
 
 
 def test_route_prints_per_series_what_the_node_would_do(tmp_path: Path, ct_series_dir: Path) -> None:
-    from tests.test_cli_process import dry_run_config
-
     ct_small, mr, rgb = bundled("CT_small.dcm"), bundled("MR_small.dcm"), bundled("SC_rgb_small_odd.dcm")
     uid = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in (ct_small, mr, rgb)}
     head = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")), stop_before_pixels=True)
@@ -351,8 +334,7 @@ def test_route_prints_per_series_what_the_node_would_do(tmp_path: Path, ct_serie
         "route 3: PatientName absent is not '*'",
     ]
     by_name = tmp_path / "by_name.toml"
-    by_name.write_text('[node]\ndata_dir = "{}"\n[[routes]]\nmatch = {{ PatientName = ["NOBODY"] }}\n'
-                       'action = "discard"\n'.format(tmp_path / "data"))
+    by_name.write_text(table("node", {"data_dir": tmp_path / "data"}) + discard_route({"PatientName": ["NOBODY"]}))
     shown = _cli_in(tmp_path, "route", "--config", str(by_name), str(ct_small))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.endswith("-> no route: kept unrouted; route 1: PatientName (value not shown) is not 'NOBODY'\n")

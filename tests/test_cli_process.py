@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from PIL import Image
 
 from node.imaging import WINDOWS, to_hu
 from node.imaging.voi import window_scaled
-from tests.conftest import bundled, dciodvfy_errors, run_cli, tool
+from tests.support import bundled, dciodvfy_errors, dry_run_config, env_without_config, run_cli, tool
 
 
 def outputs(folder: Path, suffix: str) -> list[Path]:
@@ -181,55 +179,11 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 # --- configured pipelines: process --config / --pipeline (the routes and pipelines of serve, offline) ---
 
-DRY_RUN_CONFIG = """
-[node]
-data_dir = "{data}"
-unrouted = "{unrouted}"
-[[pipelines]]
-name = "brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-output = "sc"
-[[pipelines]]
-name = "plainpng"
-steps = [{{ op = "rescale" }}]
-output = "png"
-[[destinations]]
-name = "pacs"
-kind = "folder"
-path = "{data}/pacs"
-[[destinations]]
-name = "archive"
-kind = "folder"
-path = "{data}/archive"
-[[routes]]
-match = {{ Modality = ["MR"] }}
-action = "discard"
-[[routes]]
-match = {{ Modality = ["CT"], BodyPartExamined = ["HEAD"] }}
-pipeline = "brain"
-destinations = ["pacs", "archive"]
-[[routes]]
-match = {{ Modality = ["CT"], PatientName = ["*"] }}
-pipeline = "plainpng"
-destinations = ["archive"]
-"""
-
-
-def dry_run_config(tmp_path: Path, unrouted: str = "keep") -> Path:
-    """A config: MR discarded, head CT through a brain window (SC), other CT to PNG, the rest no route."""
-    path = tmp_path / "node.toml"
-    path.write_text(DRY_RUN_CONFIG.format(data=tmp_path / "data", unrouted=unrouted))
-    return path
-
 
 def run_cli_env(*args: str, config_variable: str | None = None) -> subprocess.CompletedProcess:
     """``dicom-node`` with ``$DICOM_NODE_CONFIG`` set to *config_variable*, or unset."""
-    env = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_CONFIG"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    if config_variable is not None:
-        env["DICOM_NODE_CONFIG"] = config_variable
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    named = {} if config_variable is None else {"DICOM_NODE_CONFIG": config_variable}
+    return run_cli(*args, env=env_without_config(**named))
 
 
 def test_process_with_config_takes_each_series_route_as_serve_does(ct_series_dir: Path, tmp_path: Path) -> None:

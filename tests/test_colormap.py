@@ -19,8 +19,7 @@ from node.config import ConfigError, load_config
 from node.config.pipeline import OutputFormat, Pipeline, PipelineError, WindowSpec, parse_steps, series_description
 from node.imaging.colormap import UnknownColormap, apply_colormap, check_colormap, colormap_names, colormap_table
 from node.imaging.voi import WINDOWS
-from tests.conftest import bundled, dciodvfy_errors, run_cli
-from tests.test_config import HEAD, marked_line
+from tests.support import HEAD, bundled, dciodvfy_errors, marked_line, run_cli
 
 
 def outputs(folder: Path, suffix: str) -> list[Path]:

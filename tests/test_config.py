@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,6 @@ from pydicom import Dataset
 from node.config import (
     BasicAuth,
     BearerAuth,
-    Config,
     ConfigError,
     DeliverySettings,
     DicomDestination,
@@ -24,28 +26,15 @@ from node.config import (
     FolderDestination,
     NodeSettings,
     Route,
+    RouteAction,
+    SourceLevel,
+    Trigger,
+    Unrouted,
     load_config,
 )
 from node.config.pipeline import Channels, OutputFormat, WindowSpec
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# [node] and [http]: 12 lines, then a blank line; the sections under test follow from line 14.
-HEAD = """\
-[node]
-ae_title = "DICOMNODE"
-host = "0.0.0.0"
-port = 11112
-data_dir = "var"
-allowed_calling_aets = []
-max_associations = 10
-settle_seconds = 10.0
-
-[http]
-host = "127.0.0.1"
-port = 8080
-
-"""
+from node.process.routing import matches, route_for
+from tests.support import HEAD, NO_SUCH_HOST, ROOT, error_of, load_text, marked_line, node_env, write_config
 
 TAIL = """\
 [[pipelines]]
@@ -62,29 +51,6 @@ match = {}
 pipeline = "default"
 destinations = ["folder"]
 """
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "node.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def load_text(tmp_path: Path, text: str) -> Config:
-    return load_config(write(tmp_path, text))
-
-
-def error_of(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_text(tmp_path, text)
-    return str(info.value)
-
-
-def marked_line(text: str) -> int:
-    """The line that carries the ``# <-`` marker (found independently of the code under test)."""
-    lines = [n for n, line in enumerate(text.splitlines(), start=1) if "# <-" in line]
-    assert len(lines) == 1, "mark exactly one line with # <-"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- good files
@@ -110,7 +76,7 @@ def test_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert pipeline.output is OutputFormat.SC
     assert dict(config.destinations) == {"folder": FolderDestination("folder", tmp_path / "var" / "out")}
     assert config.routes == (Route(match=(), pipeline="default", destinations=("folder",)),)
-    assert config.route_for(Dataset()) is config.routes[0]
+    assert route_for(config, Dataset()) is config.routes[0]
 
 
 def test_config_is_read_only() -> None:
@@ -148,7 +114,7 @@ def test_shipped_orthanc_toml() -> None:
     assert config.destinations["orthanc"] == DicomDestination("orthanc", "127.0.0.1", 4242, "ORTHANC", "DICOMNODE")
     ct, mr = Dataset(), Dataset()
     ct.Modality, mr.Modality = "CT", "MR"
-    ct_route, other = config.route_for(ct), config.route_for(mr)
+    ct_route, other = route_for(config, ct), route_for(config, mr)
     assert ct_route is not None and other is not None
     assert (ct_route.pipeline, ct_route.destinations) == ("ct-soft", ("orthanc",))
     assert (other.pipeline, other.destinations) == ("default", ("folder",))
@@ -246,7 +212,48 @@ def test_no_routes_is_valid(tmp_path: Path) -> None:
     """A node without routes receives and spools; nothing is processed."""
     config = load_text(tmp_path, HEAD)
     assert config.routes == () and not config.pipelines and not config.destinations
-    assert config.route_for(Dataset()) is None
+    assert route_for(config, Dataset()) is None
+
+
+def test_defaults_have_one_place(tmp_path: Path) -> None:
+    """node/config/default.toml holds every default of [node], [http] and [delivery] (workers aside: the
+    machine's); a file that leaves them out gets exactly those; config/node.toml documents the same."""
+    embedded = tomllib.loads((ROOT / "node" / "config" / "default.toml").read_text(encoding="utf-8"))
+    documented = tomllib.loads((ROOT / "config" / "node.toml").read_text(encoding="utf-8"))
+    empty = load_text(tmp_path, "")
+    optional = {"workers", "shared_dir", "auth", "cert_file", "key_file"}  # no value by default, or the CPUs
+    for table in ("node", "http", "delivery"):
+        settings = getattr(empty, table)
+        keys = [f.name for f in dataclasses.fields(settings) if f.name not in optional]
+        assert sorted(embedded[table]) == sorted(keys), table
+        for key in keys:
+            default = embedded[table][key]
+            expected = tmp_path / default if key == "data_dir" else tuple(default) if isinstance(default, list) \
+                else default
+            assert getattr(settings, key) == expected, (table, key)
+            assert documented[table].get(key, default) == default, (table, key)
+    assert empty.node.workers == min(4, os.cpu_count() or 1) and empty.node.shared_dir is None
+
+
+def test_config_pickles_and_its_parts_hash(tmp_path: Path) -> None:
+    """Worker processes get the Config by pickle (spawn); states are StrEnum members that still equal the
+    file's strings."""
+    config = load_text(tmp_path, HEAD.replace("settle_seconds = 10.0", 'settle_seconds = 10.0\nunrouted = "discard"')
+                       + TAIL.replace('destinations = ["folder"]', 'destinations = ["folder"]\ntrigger = "study"')
+                       + '[[routes]]\nmatch = { Modality = "SR" }\naction = "discard"\n'
+                       + '[[sources]]\nname = "a"\nkind = "dicomweb"\nurl = "http://127.0.0.1/d"\nevery_seconds = 60\n'
+                       + 'level = "study"\nauth = { kind = "bearer", token_env = "T" }\n')
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and again.sources["a"].auth.where == config.sources["a"].auth.where != ""
+    with pytest.raises(TypeError):
+        again.destinations["x"] = again.destinations["folder"]  # type: ignore[index]
+    for part in (config.node, config.http, config.delivery, *config.destinations.values(), *config.sources.values(),
+                 *config.routes, config.store):
+        assert hash(part) == hash(pickle.loads(pickle.dumps(part)))
+    process, discard = config.routes
+    assert process.trigger is Trigger.STUDY and process.trigger == "study" and f"{process.trigger}" == "study"
+    assert process.action is RouteAction.PROCESS and discard.action is RouteAction.DISCARD and discard.discards
+    assert config.node.unrouted is Unrouted.DISCARD and config.sources["a"].level is SourceLevel.STUDY
 
 
 def test_delivery_delay_doubles_up_to_the_ceiling() -> None:
@@ -591,7 +598,7 @@ def test_error_line_numbers_written_out(tmp_path: Path) -> None:
 
 
 def test_relative_source_is_kept_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path, HEAD.replace("port = 11112", "port = -1") + TAIL)
+    write_config(tmp_path, HEAD.replace("port = 11112", "port = -1") + TAIL)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"^node\.toml:4: node\.port: "):
         load_config("node.toml")
@@ -645,56 +652,56 @@ def dataset(**elements: object) -> Dataset:
 
 def test_route_glob(tmp_path: Path) -> None:
     r = route({"SeriesDescription": "*HEAD*"}, tmp_path)
-    assert r.matches(dataset(SeriesDescription="CT HEAD W/O"))
-    assert not r.matches(dataset(SeriesDescription="ct head"))  # case-sensitive
-    assert not r.matches(dataset(SeriesDescription="CHEST"))
+    assert matches(r, dataset(SeriesDescription="CT HEAD W/O"))
+    assert not matches(r, dataset(SeriesDescription="ct head"))  # case-sensitive
+    assert not matches(r, dataset(SeriesDescription="CHEST"))
 
 
 def test_route_list_is_any_and_keywords_are_all(tmp_path: Path) -> None:
     r = route({"Modality": ["CT", "PT"], "BodyPartExamined": "HEAD"}, tmp_path)
-    assert r.matches(dataset(Modality="PT", BodyPartExamined="HEAD"))
-    assert r.matches(dataset(Modality="CT", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="MR", BodyPartExamined="HEAD"))
-    assert not r.matches(dataset(Modality="CT", BodyPartExamined="CHEST"))
+    assert matches(r, dataset(Modality="PT", BodyPartExamined="HEAD"))
+    assert matches(r, dataset(Modality="CT", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="MR", BodyPartExamined="HEAD"))
+    assert not matches(r, dataset(Modality="CT", BodyPartExamined="CHEST"))
 
 
 def test_route_missing_attribute_matches_only_empty_pattern(tmp_path: Path) -> None:
-    assert not route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(Modality="CT"))
+    assert not matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(Modality="CT"))
     optional = route({"BodyPartExamined": ["HEAD", ""]}, tmp_path)
-    assert optional.matches(dataset(Modality="CT"))
-    assert optional.matches(dataset(BodyPartExamined="HEAD"))
-    assert not optional.matches(dataset(BodyPartExamined="CHEST"))
+    assert matches(optional, dataset(Modality="CT"))
+    assert matches(optional, dataset(BodyPartExamined="HEAD"))
+    assert not matches(optional, dataset(BodyPartExamined="CHEST"))
     # present but empty is the empty text, which "*" matches
-    assert route({"BodyPartExamined": "*"}, tmp_path).matches(dataset(BodyPartExamined=""))
+    assert matches(route({"BodyPartExamined": "*"}, tmp_path), dataset(BodyPartExamined=""))
 
 
 def test_route_multi_valued(tmp_path: Path) -> None:
     ds = dataset(ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
-    assert route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path).matches(ds)
-    assert route({"ImageType": "*\\AXIAL"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "DERIVED*"}, tmp_path).matches(ds)
-    assert not route({"ImageType": "ORIGINAL"}, tmp_path).matches(ds)
+    assert matches(route({"ImageType": "ORIGINAL\\PRIMARY*"}, tmp_path), ds)
+    assert matches(route({"ImageType": "*\\AXIAL"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "DERIVED*"}, tmp_path), ds)
+    assert not matches(route({"ImageType": "ORIGINAL"}, tmp_path), ds)
 
 
 def test_route_numbers_and_names(tmp_path: Path) -> None:
-    assert route({"EchoNumbers": 2}, tmp_path).matches(dataset(EchoNumbers=2))
-    assert route({"PatientName": "Doe^*"}, tmp_path).matches(dataset(PatientName="Doe^John"))
-    assert route({"SliceThickness": "0.625"}, tmp_path).matches(dataset(SliceThickness="0.625"))
+    assert matches(route({"EchoNumbers": 2}, tmp_path), dataset(EchoNumbers=2))
+    assert matches(route({"PatientName": "Doe^*"}, tmp_path), dataset(PatientName="Doe^John"))
+    assert matches(route({"SliceThickness": "0.625"}, tmp_path), dataset(SliceThickness="0.625"))
 
 
 def test_empty_match_takes_everything_and_first_route_wins(tmp_path: Path) -> None:
     text = HEAD + TAIL.replace("[[routes]]", '[[routes]]\nmatch = { Modality = "CT" }\npipeline = "default"\n'
                                'destinations = []\n[[routes]]')
     config = load_text(tmp_path, text)
-    ct, mr = config.route_for(dataset(Modality="CT")), config.route_for(dataset(Modality="MR"))
+    ct, mr = route_for(config, dataset(Modality="CT")), route_for(config, dataset(Modality="MR"))
     assert ct is config.routes[0] and ct.destinations == ()
     assert mr is config.routes[1] and mr.destinations == ("folder",)
-    assert config.route_for(Dataset()) is config.routes[1]
+    assert route_for(config, Dataset()) is config.routes[1]
 
 
 def test_no_route_matches(tmp_path: Path) -> None:
     config = load_text(tmp_path, HEAD + TAIL.replace("match = {}", 'match = { Modality = "CT" }'))
-    assert config.route_for(dataset(Modality="MR")) is None
+    assert route_for(config, dataset(Modality="MR")) is None
 
 
 # --------------------------------------------------------------------------- secrets
@@ -991,7 +998,7 @@ def test_max_processing_attempts_default_and_set(tmp_path: Path) -> None:
 
 def refusal(tmp_path: Path, text: str, *, check_machine: bool = False) -> str:
     """The message of the ConfigError *text* is refused with (the line marked ``# <-`` is expected)."""
-    path = write(tmp_path, text)
+    path = write_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path, check_machine=check_machine)
     return str(info.value)
@@ -1123,7 +1130,7 @@ def test_tls_listener_port_overlaps(tmp_path: Path, node_certificate: tuple[Path
 def test_one_port_on_two_addresses_is_fine(tmp_path: Path) -> None:
     text = HEAD.replace('host = "0.0.0.0"', 'host = "127.0.0.1"').replace('host = "127.0.0.1"\nport = 8080',
                                                                            'host = "127.0.0.2"\nport = 11112')
-    config = load_config(write(tmp_path, text + TAIL), check_machine=True)
+    config = load_config(write_config(tmp_path, text + TAIL), check_machine=True)
     assert (config.node.port, config.http.port, config.http.host) == (11112, 11112, "127.0.0.2")
 
 
@@ -1214,7 +1221,6 @@ def test_url_with_credentials(tmp_path: Path) -> None:
 
 # Names glibc refuses itself ("!" is no host name character, a label has at most 63 characters): the
 # check fails as for a misspelt name, without asking the name server (the tests talk to no other host).
-NO_SUCH_HOST = "no!such-host"
 LONG_LABEL_HOST = "a" * 64 + ".example"
 
 MACHINE_ERRORS = [
@@ -1267,7 +1273,7 @@ def test_data_dir_under_a_file_names_the_file(tmp_path: Path) -> None:
 
 def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
     text = HEAD.replace('data_dir = "var"', 'data_dir = "a/b/var"') + TAIL
-    config = load_config(write(tmp_path, text), check_machine=True)
+    config = load_config(write_config(tmp_path, text), check_machine=True)
     assert config.node.data_dir == tmp_path / "a" / "b" / "var"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node.toml"]  # a/b/var made, written, removed
     (tmp_path / "a").mkdir()
@@ -1276,9 +1282,8 @@ def test_data_dir_check_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def _config_check_cli(config: Path, prefix: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([*prefix, sys.executable, "-m", "node", "config", "check", str(config)],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=node_env())
 
 
 def test_data_dir_without_permission(tmp_path: Path) -> None:
@@ -1286,7 +1291,7 @@ def test_data_dir_without_permission(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
+    config = write_config(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "locked/var"') + TAIL)
     prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     result = _config_check_cli(config, prefix)
     assert result.returncode == 2, result.stderr
@@ -1299,7 +1304,7 @@ def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
     """A read-only tmpfs mounted in a private mount namespace (unshare: gone with the process)."""
     mount = tmp_path / "ro"
     mount.mkdir()
-    config = write(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
+    config = write_config(tmp_path, HEAD.replace('data_dir = "var"', 'data_dir = "ro/var"') + TAIL)
     inner = f"mount -t tmpfs -o ro none {mount} && exec \"$0\" \"$@\""
     result = _config_check_cli(config, ["unshare", "-rm", "sh", "-c", inner])
     assert result.returncode == 2, result.stderr
@@ -1308,20 +1313,20 @@ def test_data_dir_on_a_read_only_file_system(tmp_path: Path) -> None:
 
 
 def test_host_lookup_is_bounded_in_time() -> None:
-    from node.config import _resolve_hosts
+    from node.config.machine import resolve_hosts
 
     release = threading.Event()
     try:
         started = time.monotonic()
-        found = _resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
-                               resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
+        found = resolve_hosts(["slow.example", "127.0.0.1"], 0.3,
+                              resolve=lambda host: release.wait(30) and () or ("127.0.0.1",))
         elapsed = time.monotonic() - started
     finally:
         release.set()
     assert elapsed < 3, elapsed
     assert found["slow.example"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
     assert found["127.0.0.1"] == "no answer within 0.3 s (the name server is slow or cannot be reached)"
-    assert _resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
+    assert resolve_hosts(["127.0.0.1", "::1", NO_SUCH_HOST], 5) == {
         "127.0.0.1": ("127.0.0.1",), "::1": ("::1",), NO_SUCH_HOST: "Name or service not known"}
 
 
@@ -1335,7 +1340,7 @@ port = 2762
 ae_title = "PACS"
 tls = true # <-
 """ + TAIL
-    assert load_config(write(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
+    assert load_config(write_config(tmp_path, text), check_machine=True).destinations["pacs"].tls  # the system's CAs
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # OpenSSL's default store: empty
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
     assert_refused_at_mark(tmp_path, text, 'destinations[1] (name "pacs").tls',

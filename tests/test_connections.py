@@ -1,7 +1,7 @@
 """Connections that never become associations (issue 12, part 1): timeout, invalid PDUs, limits.
 
 Against the running node (``dicom-node serve``): held garbage and silent connections
-(:mod:`tests.hostile`) while dcmtk ``echoscu`` checks that senders still get in; the timeout, the
+(:mod:`tests.support.hostile`) while dcmtk ``echoscu`` checks that senders still get in; the timeout, the
 A-ABORT and close, /metrics and the rate-limited warning. In this process, on a real
 :class:`node.receive.guard.GuardedAssociationServer` (plain and TLS): the limits, an A-ASSOCIATE-RQ that
 arrives in pieces, an association longer than the timeout, shutdown. Loopback only.
@@ -35,10 +35,7 @@ from node.receive.scp import build_application_entity
 from node.telemetry.metrics import CONNECTION_REFUSAL_REASONS, Metrics
 from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
 from node.receive.tls_listener import start_tls_server
-from tests.conftest import bundled, tool
-from tests.hostile import GARBAGE, held
-from tests.node_process import NodeProcess, node_config, wait_for
-from tests.peers import echoscu, free_port
+from tests.support import GARBAGE, NodeProcess, bundled, echoscu, free_port, held, node_config, tool, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -138,7 +135,7 @@ def timeout_node(tmp_path: Path) -> Iterator[tuple[NodeProcess, int]]:
     """A node with association_timeout_seconds = 2, and its HTTP port."""
     work = tmp_path
     port, http = free_port(), free_port()
-    config = node_config(work / "var", port, http_port=http, node_extra="association_timeout_seconds = 2")
+    config = node_config(work / "var", port, http_port=http, association_timeout_seconds=2)
     with NodeProcess(config, work, port=port) as node:
         yield node, http
 

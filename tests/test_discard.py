@@ -10,28 +10,17 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import (
+    NodeProcess, bundled, copy_as_series, discard_route, folder_destination, free_port, node_config, pipeline, route,
+    storescu, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
-ROUTES = """
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = ["US", "MR"] }}
-action = "discard"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "plain"
-destinations = ["out"]
-"""
+def routes(out: Path) -> str:
+    """Config tables: US and MR discarded, CT rescaled to folder *out*; the rest matches no route."""
+    return (pipeline("plain") + folder_destination("out", out) + discard_route({"Modality": ["US", "MR"]})
+            + route("plain", ["out"], match={"Modality": "CT"}))
 
 
 def _plan(folder: Path) -> Path:
@@ -80,8 +69,8 @@ def _spooled(spool: Path) -> set[str]:
 
 def test_mixed_feed_with_discard_routes_keeps_only_what_is_routed(tmp_path: Path) -> None:
     port, http = free_port(), free_port()
-    config = node_config(tmp_path / "var", port, settle=0.5, http_port=http, node_extra='unrouted = "discard"',
-                         extra=ROUTES.format(out=tmp_path / "out"))
+    config = node_config(tmp_path / "var", port, settle=0.5, http_port=http, unrouted="discard",
+                         extra=routes(tmp_path / "out"))
     spool = tmp_path / "var" / "spool"
     routed: set[str] = set()
     with NodeProcess(config, tmp_path, port=port) as node:
@@ -113,7 +102,7 @@ def test_mixed_feed_with_discard_routes_keeps_only_what_is_routed(tmp_path: Path
 
 def test_unrouted_keep_is_the_default_beside_a_discard_route(tmp_path: Path) -> None:
     port, http = free_port(), free_port()
-    config = node_config(tmp_path / "var", port, settle=0.5, http_port=http, extra=ROUTES.format(out=tmp_path / "out"))
+    config = node_config(tmp_path / "var", port, settle=0.5, http_port=http, extra=routes(tmp_path / "out"))
     feed = {
         "ct": copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / "ct"),
         "mr": copy_as_series([bundled("MR_small.dcm")] * 4, tmp_path / "mr"),
@@ -136,8 +125,8 @@ def test_unrouted_keep_is_the_default_beside_a_discard_route(tmp_path: Path) -> 
 def test_retention_removes_unrouted_discarded_and_failed_series_too(tmp_path: Path) -> None:
     port, http = free_port(), free_port()
     config = node_config(tmp_path / "var", port, settle=0.5, http_port=http,
-                         node_extra="retention_hours = 0.0005\nfailed_retention_hours = 0.001",  # 1.8 s, 3.6 s
-                         extra=ROUTES.format(out=tmp_path / "out"))
+                         retention_hours=0.0005, failed_retention_hours=0.001,  # 1.8 s, 3.6 s
+                         extra=routes(tmp_path / "out"))
     feed = {
         "ct": copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / "ct"),
         "mr": copy_as_series([bundled("MR_small.dcm")] * 2, tmp_path / "mr"),

@@ -8,7 +8,7 @@ import pytest
 
 from node.imaging import FrequencyHistogram, freqhist_bins, hist_scaled, to_hu
 from node.imaging.equalise import order_statistic_indices
-from tests.conftest import bundled
+from tests.support import bundled
 
 
 def fastai_freqhist_bins(x: np.ndarray, n_bins: int = 100) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.conftest import run_cli
-from tests.volume_series import PLACEMENT_MM, dicom_files, read_index, sidecar_of, slice_errors, write_series
+from tests.support import run_cli
+from tests.support.volume_series import PLACEMENT_MM, dicom_files, read_index, sidecar_of, slice_errors, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES, SLICES = 20, 6

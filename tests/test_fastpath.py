@@ -22,9 +22,7 @@ from node.receive.scp import StoreHandler, build_application_entity, disable_str
 from node.store.jobstore import JobStore
 from node.net import fastpath
 from node.store.spool import Spool
-from tests.conftest import bundled
-from tests.node_process import copy_as_series, wait_for
-from tests.peers import _nodelay_env, free_port, storescu
+from tests.support import bundled, copy_as_series, free_port, nodelay_env, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -101,7 +99,7 @@ def test_the_node_acceptors_get_the_fast_path_and_end_as_before(scp: Scp, tmp_pa
 def test_a_sender_killed_mid_transfer_ends_the_association(scp: Scp, tmp_path: Path) -> None:
     big = copy_as_series([bundled("CT_small.dcm")] * 200, tmp_path / "in")
     push = subprocess.Popen(["/usr/bin/storescu", "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), *map(str, big)],
-                            env=_nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(list(scp.spool.root.rglob("*.dcm"))) >= 5, 60, "5 instances spooled")
     finally:

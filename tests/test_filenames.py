@@ -16,9 +16,10 @@ from node.config.file_names import delivered_names
 from node.deliver.folder import COMPLETE_MARKER, FolderSender
 from node.deliver.senders import sender_for
 from node.outputs.png import traceability_text, write_png
-from tests.node_process import NodeProcess, folder_route, node_config, wait_for
-from tests.peers import free_port, store_responses, storescu
-from tests.test_config import HEAD, error_of, load_text, marked_line
+from tests.support import (
+    HEAD, NodeProcess, error_of, folder_route, free_port, load_text, marked_line, node_config, store_responses,
+    storescu, wait_for,
+)
 
 PIPELINE = """\
 [[pipelines]]
@@ -196,8 +197,7 @@ def test_node_delivers_named_files_to_a_folder(tmp_path: Path) -> None:
     port = free_port()
     out = tmp_path / "out"
     out.mkdir()
-    route = folder_route(out).replace('kind = "folder"\n',
-                                      'kind = "folder"\nfile_names = "{Modality}_{InstanceNumber:05}"\n')
+    route = folder_route(out, file_names="{Modality}_{InstanceNumber:05}")
     with NodeProcess(node_config(tmp_path / "var", port, extra=route), tmp_path, port=port) as node:
         pushed = storescu("127.0.0.1", port, files, called_aet="DICOMNODE", timeout=60)
         assert store_responses(pushed) == ["Success"] * 3, pushed.stderr[-2000:]

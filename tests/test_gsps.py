@@ -37,7 +37,7 @@ from node.config.pipeline import OutputFormat, Pipeline, PipelineError, parse_st
 from node.outputs.gsps import GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
 from node.outputs.uids import derived_uid
 from node.process.series import InputSeries, group_series, open_images
-from tests.conftest import dciodvfy_errors, run_cli, tool
+from tests.support import dciodvfy_errors, run_cli, tool
 
 NOW = datetime.datetime(2026, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
 
@@ -153,7 +153,7 @@ def ct(data_dir_module: Path) -> InputSeries:
 
 @pytest.fixture(scope="module")
 def data_dir_module() -> Path:
-    from tests.peers import require_test_data
+    from tests.support import require_test_data
 
     return require_test_data()
 
@@ -464,8 +464,8 @@ def test_non_integral_rescale_carried_for_a_window_folded_for_a_table(data_dir: 
 
 
 def test_a_series_of_two_sizes_gets_one_presentation_state_per_size(ct: InputSeries, tmp_path: Path) -> None:
-    from tests.conftest import bundled
-    from tests.node_process import copy_as_series
+    from tests.support import bundled
+    from tests.support import copy_as_series
 
     paths = copy_as_series([ct.images[3].path, bundled("CT_small.dcm"), ct.images[4].path], tmp_path / "in")
     series = _series(paths)

@@ -25,9 +25,10 @@ from node.net.pynetdicom_setup import configure_pynetdicom
 from node.outputs.gsps import GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
 from node.outputs.uids import derived_uid
 from node.process.series import InputSeries, group_series, open_images
-from tests.conftest import tool
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import OrthancServer, free_port, running_orthanc, storescu
+from tests.support import (
+    BRAIN, NodeProcess, OrthancServer, copy_as_series, dicom_destination, free_port, node_config, pipeline, route,
+    running_orthanc, storescu, tool, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -125,22 +126,9 @@ def test_a_running_node_sends_the_presentation_state_to_the_pacs(
     paths, series = _source(ct_series_dir, tmp_path / "in", count=5)
     for path in paths:
         orthanc.upload(path)
-    config = node_config(tmp_path / "var", NODE_PORT, extra=f"""
-[[pipelines]]
-name = "ct-brain-view"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-output = "gsps"
-[[destinations]]
-name = "pacs"
-kind = "dicom"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-ae_title = "{orthanc.aet}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain-view"
-destinations = ["pacs"]
-""")
+    config = node_config(tmp_path / "var", NODE_PORT, extra=pipeline("ct-brain-view", BRAIN, "gsps")
+                         + dicom_destination("pacs", orthanc.dicom_port, orthanc.aet)
+                         + route("ct-brain-view", ["pacs"], match={"Modality": "CT"}))
     with NodeProcess(config, tmp_path, port=NODE_PORT) as node:
         result = storescu("127.0.0.1", NODE_PORT, paths, called_aet="DICOMNODE")
         assert result.returncode == 0, result.stdout + result.stderr

@@ -10,7 +10,6 @@ and headless Chromium renders it: the screenshot is kept as ``test-artifacts/ser
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,13 @@ import requests
 from PIL import Image
 
 from node.outputs.histogram import DATA_FILE, histogram_svg, read_histogram_data
-from tests.conftest import tool
-from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, require_test_data, storescu
+from tests.support import (
+    ROOT, NodeProcess, chromium_screenshot, copy_as_series, folder_route, free_port, node_config, require_test_data,
+    storescu, wait_for,
+)
 
 ARTIFACTS = ROOT / "test-artifacts"
-STEPS = '{ op = "rescale" }, { op = "equalise", per = "series" }, { op = "colormap", name = "bone" }'
+STEPS = [{"op": "rescale"}, {"op": "equalise", "per": "series"}, {"op": "colormap", "name": "bone"}]
 BAR = (0x5B, 0x7A, 0xA5)  # the before bars
 EDGE = (0xD9, 0x82, 0x2B)  # the equalisation edges
 
@@ -114,16 +114,8 @@ def test_an_altered_data_file_is_not_drawn(served: Served, tmp_path: Path) -> No
 
 def test_series_histogram_in_a_browser(served: Served, tmp_path: Path) -> None:
     """Headless Chromium draws the page with its histogram (no JavaScript); the screenshot is kept."""
-    chromium = tool("chromium")
     shot = tmp_path / "series-histogram.png"
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,1250",
-         f"{served.base}/series/{served.ct['id']}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
+    result = chromium_screenshot(f"{served.base}/series/{served.ct['id']}", shot, (1100, 1250), tmp_path)
     assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     picture = Image.open(shot)
     picture.load()

@@ -36,7 +36,7 @@ from node.outputs.histogram import (
 )
 from node.process.render import FrameRenderer
 from node.process.series import InputSeries, find_files, group_series, open_images
-from tests.conftest import bundled, run_cli
+from tests.support import bundled, run_cli
 
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
 SVG = "{http://www.w3.org/2000/svg}"

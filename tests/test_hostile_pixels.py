@@ -9,7 +9,7 @@ the size, is never decoded, and its thumbnail is the placeholder.  ``dicom-node 
 exits 1 with one line saying why.
 
 Memory is the sum of ``VmHWM`` over the node process and all its descendants, sampled while the
-node runs (:class:`tests.process_memory.TreePeakMemory`): before the limits, processing this file
+node runs (:class:`tests.support.process_memory.TreePeakMemory`): before the limits, processing this file
 and drawing its thumbnails took the node to 2.9-5.1 GB.
 """
 
@@ -27,11 +27,10 @@ import requests
 from PIL import Image
 
 from node.store.spool import Spool
-from tests.big_images import write_rle_ct
-from tests.conftest import run_cli
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, store_responses, storescu
-from tests.process_memory import TreePeakMemory
+from tests.support import (
+    NodeProcess, TreePeakMemory, copy_as_series, folder_route, free_port, node_config, run_cli, store_responses,
+    storescu, wait_for, write_rle_ct,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -124,7 +123,7 @@ def test_hostile_file_got_in_otherwise_fails_its_series_and_is_never_decoded(
     data = tmp_path / "var"
     # 1. a higher frame limit and a long settle time: accepted, not processed yet
     higher = node_config(data, port, http_port=http, settle=3600, extra=folder_route(out),
-                         node_extra="max_frame_mb = 1024")
+                         max_frame_mb=1024)
     with NodeProcess(higher, tmp_path, port=port):
         pushed = storescu("127.0.0.1", port, [hostile], called_aet="DICOMNODE", timeout=120, extra_args=["-xr"])
         assert store_responses(pushed) == ["Success"], pushed.stderr[-2000:]

@@ -12,14 +12,11 @@ import datetime
 import html
 import http.client
 import re
-import io
 import json
 import math
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -34,16 +31,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.app.http.pages import series_context
 from node.app.http.server import StatusServer
 from node.app.http.thumbnails import THUMBNAIL_SIZE
-from node.store.jobstore import JobStore, SeriesJob, SeriesState
+from node.store.jobstore import SeriesState
 from node.telemetry.metrics import REFUSAL_REASONS, Metrics
-from node.config.pipeline import Pipeline, parse_steps
-from node.app.process_series import process_series
-from node.process.series import InputSeries, instance_order, open_images
-from node.store.spool import Spool
 from node.outputs.uids import derived_uid
-from tests.conftest import bundled, run_cli, tool
-from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import (
+    ROOT, NodeProcess, bundled, chromium_screenshot, copy_as_series, folder_route, free_port, node_config, run_cli,
+    storescu, wait_for,
+)
+from tests.support.status_rows import PNG_PIPELINE, SC_PIPELINE, JobRows, png_image
 
 CT = bundled("CT_small.dcm")
 _HEADER = pydicom.dcmread(CT, stop_before_pixels=True)
@@ -54,96 +49,24 @@ HOSTILE = "<script>alert('pwned')</script> & \"quoted\""
 ESCAPED = "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt; &amp; &#34;quoted&#34;"
 ARTIFACTS = ROOT / "test-artifacts"
 
-SC_PIPELINE = parse_steps("ct-brain", [{"op": "rescale"}, {"op": "window", "preset": "brain"}], "sc")
-PNG_PIPELINE = parse_steps("ct-wide", [{"op": "rescale"}, {"op": "window", "center": 100, "width": 900}], "png")
-PIPELINES = {p.name: p for p in (SC_PIPELINE, PNG_PIPELINE)}
-
-
-def _shifted(ds: pydicom.Dataset, number: int) -> None:
-    """Each instance a different picture (rolled sideways), so which one is "middle" matters."""
-    ds.PixelData = np.roll(ds.pixel_array, number * 20, axis=1).tobytes()
-
-
-@dataclass
-class Node:
-    """What the tests share: the store, the folders, the metrics and the ids of each kind of series."""
-
-    root: Path
-    jobs: JobStore
-    spool: Spool
-    outputs: Path
-    metrics: Metrics
-    ids: dict[str, int] = field(default_factory=dict)
-    series_uids: dict[str, str] = field(default_factory=dict)
-    alive: bool = True
-    ready: bool = True
-
-
-def _receive(node: Node, files: list[Path], *, outside_spool: bool = False) -> str:
-    """Spool and record instances as the SCP does; returns the Series Instance UID."""
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if outside_spool:  # a row pointing at a file the server must not read
-            stored, size = path, path.stat().st_size
-        else:
-            item = node.spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [path.read_bytes()])
-            stored, size = item.path, item.size
-        node.jobs.record_instance(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
-            sop_class_uid=str(ds.SOPClassUID), path=stored, size=size, modality=str(ds.Modality),
-            calling_ae="TESTSCU",
-        )
-        node.metrics.instance_received()
-    return str(ds.SeriesInstanceUID)
-
-
-def _claim(node: Node) -> SeriesJob:
-    assert node.jobs.settle(0)
-    job = node.jobs.claim_next()
-    assert job is not None
-    return job
-
-
-def _process(node: Node, job: SeriesJob, pipeline: Pipeline) -> None:
-    images, failures = open_images(job.instance_paths)
-    assert not failures
-    series = InputSeries(job.study_uid, job.series_uid, sorted(images, key=instance_order))
-    result = process_series(series, pipeline, node.outputs, now=datetime.datetime(2026, 1, 2, 3, 4, 5))
-    assert result.outputs and not result.failures
-    assert node.jobs.processed(
-        job, route=pipeline.name, pipeline=pipeline.name,
-        output_dir=node.outputs / job.study_uid / result.derived_series_uid,
-        derived_series_uid=result.derived_series_uid, outputs=len(result.outputs),
-        destinations=["archive"], seconds=result.seconds,
-    )
-    node.metrics.series_processed(result.seconds)
-
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    root = tmp_path_factory.mktemp("node")
-    jobs = JobStore(root / "jobs.sqlite")
-    node = Node(root, jobs, Spool(root / "spool"), root / "outputs", Metrics(destinations=["archive"]))
-    node.outputs.mkdir()
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobRows]:
+    node = JobRows.create(tmp_path_factory.mktemp("node"))
+    jobs, root = node.jobs, node.root
     node.metrics.instance_refused("disk_low")
     node.metrics.instance_refused("disk_low")
     node.metrics.certificates_expire({"tls.cert_file": 1_800_000_000})
 
     # delivered: 5 CT instances -> 8-bit Secondary Captures, delivered
-    sent = copy_as_series([CT] * 5, root / "src-sc", tweak=_shifted)
-    node.series_uids["delivered"] = _receive(node, sent)
-    job = _claim(node)
-    _process(node, job, SC_PIPELINE)
+    job = node.processed_series("delivered", 5, SC_PIPELINE)
     (delivery,) = jobs.claim_due_deliveries()
     jobs.delivered(delivery)
     node.metrics.delivery("archive", "delivered")
     node.ids["delivered"] = job.id
 
     # failed in delivery: 3 instances -> PNGs; one retry, then a permanent failure with a hostile reason
-    sent = copy_as_series([CT] * 3, root / "src-png", tweak=_shifted)
-    node.series_uids["png"] = _receive(node, sent)
-    job = _claim(node)
-    _process(node, job, PNG_PIPELINE)
+    job = node.processed_series("png", 3, PNG_PIPELINE)
     (delivery,) = jobs.claim_due_deliveries()
     assert not jobs.delivery_failed(delivery, "connection refused", permanent=False, max_attempts=3, retry_in=0)
     node.metrics.delivery("archive", "retry")
@@ -154,26 +77,22 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
     # failed in processing, its instance rows pointing outside the spool
     outside = copy_as_series([CT], root / "src-outside")
-    node.series_uids["outside"] = _receive(node, outside, outside_spool=True)
-    job = _claim(node)
+    node.series_uids["outside"] = node.receive(outside, outside_spool=True)
+    job = node.claim()
     assert jobs.set_outcome(job, SeriesState.FAILED, f"no processable instance: {HOSTILE}")
     node.metrics.series_failed()
     node.ids["outside"] = job.id
 
     # still receiving
-    node.series_uids["receiving"] = _receive(node, copy_as_series([CT] * 2, root / "src-receiving"))
+    node.series_uids["receiving"] = node.receive(copy_as_series([CT] * 2, root / "src-receiving"))
     node.ids["receiving"] = jobs.list_series(state="receiving")[0]["id"]
     yield node
     jobs.close()
 
 
 @pytest.fixture(scope="module")
-def server(node: Node) -> Iterator[StatusServer]:
-    status = StatusServer(
-        host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
-        spool_dir=node.spool.root, is_alive=lambda: node.alive, is_ready=lambda: node.ready, pipelines=PIPELINES,
-        max_delivery_attempts=3,  # as the rows were made: delivery_failed(..., max_attempts=3)
-    )
+def server(node: JobRows) -> Iterator[StatusServer]:
+    status = node.status_server(max_delivery_attempts=3)  # as the rows were made: delivery_failed(..., max_attempts=3)
     status.start()
     yield status
     status.stop()
@@ -194,18 +113,10 @@ def raw_get(server: StatusServer, path: str) -> tuple[int, http.client.HTTPMessa
         connection.close()
 
 
-def png(response: requests.Response) -> Image.Image:
-    assert response.headers["Content-Type"] == "image/png"
-    picture = Image.open(io.BytesIO(response.content))
-    picture.load()
-    assert picture.format == "PNG"
-    return picture
-
-
 # --------------------------------------------------------------------------- probes and metrics
 
 
-def test_port_zero_picks_a_port_and_stop_closes_it(node: Node) -> None:
+def test_port_zero_picks_a_port_and_stop_closes_it(node: JobRows) -> None:
     status = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
                           spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True)
     status.start()
@@ -217,7 +128,7 @@ def test_port_zero_picks_a_port_and_stop_closes_it(node: Node) -> None:
     status.stop()  # twice is harmless
 
 
-def test_healthz_and_readyz_follow_the_node(node: Node, server: StatusServer) -> None:
+def test_healthz_and_readyz_follow_the_node(node: JobRows, server: StatusServer) -> None:
     response = get(server, "/healthz")
     assert (response.status_code, response.text.strip()) == (200, "ok")
     assert get(server, "/readyz").status_code == 200
@@ -232,7 +143,7 @@ def test_healthz_and_readyz_follow_the_node(node: Node, server: StatusServer) ->
         node.alive = node.ready = True
 
 
-def test_a_probe_that_raises_is_unhealthy(node: Node) -> None:
+def test_a_probe_that_raises_is_unhealthy(node: JobRows) -> None:
     def broken() -> bool:
         raise RuntimeError("store closed")
 
@@ -246,7 +157,7 @@ def test_a_probe_that_raises_is_unhealthy(node: Node) -> None:
         status.stop()
 
 
-def test_metrics_parse_as_prometheus_text(node: Node, server: StatusServer) -> None:
+def test_metrics_parse_as_prometheus_text(node: JobRows, server: StatusServer) -> None:
     response = get(server, "/metrics")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -346,7 +257,7 @@ def test_metrics_of_two_nodes_count_apart_in_their_own_registries() -> None:
 # --------------------------------------------------------------------------- the job API
 
 
-def test_api_jobs_lists_recent_series(node: Node, server: StatusServer) -> None:
+def test_api_jobs_lists_recent_series(node: JobRows, server: StatusServer) -> None:
     response = get(server, "/api/jobs")
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/json")
     rows = response.json()
@@ -376,7 +287,7 @@ def test_api_jobs_rejects_bad_parameters(server: StatusServer, query: str) -> No
     assert "error" in response.json()
 
 
-def test_api_job_gives_one_series_with_deliveries_and_events(node: Node, server: StatusServer) -> None:
+def test_api_job_gives_one_series_with_deliveries_and_events(node: JobRows, server: StatusServer) -> None:
     series_id = node.ids["png"]
     body = get(server, f"/api/jobs/{series_id}").json()
     assert body["id"] == series_id and body["state"] == "failed"
@@ -426,12 +337,12 @@ def _assert_thumbnail(picture: Image.Image) -> None:
 
 
 @pytest.mark.parametrize("kind", ["delivered", "png"])
-def test_before_and_after_thumbnails(node: Node, server: StatusServer, kind: str) -> None:
+def test_before_and_after_thumbnails(node: JobRows, server: StatusServer, kind: str) -> None:
     series_id = node.ids[kind]
     for which in ("source", "output"):
         response = get(server, f"/thumbs/{series_id}/{which}.png")
         assert response.status_code == 200, (which, response.text[:200])
-        picture = png(response)
+        picture = png_image(response)
         assert picture.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)  # CT_small is 128 x 128: not enlarged
         _assert_thumbnail(picture)
         assert (node.outputs / ".thumbs" / str(series_id)).is_dir()
@@ -439,7 +350,7 @@ def test_before_and_after_thumbnails(node: Node, server: StatusServer, kind: str
         assert again.content == response.content
 
 
-def test_after_is_the_output_of_the_before_instance(node: Node, server: StatusServer) -> None:
+def test_after_is_the_output_of_the_before_instance(node: JobRows, server: StatusServer) -> None:
     thumbs = server.thumbnails
     for kind, pipeline in (("delivered", SC_PIPELINE), ("png", PNG_PIPELINE)):
         row = node.jobs.series(node.ids[kind])
@@ -462,16 +373,16 @@ def test_after_is_the_output_of_the_before_instance(node: Node, server: StatusSe
     assert referenced == source[1]
 
 
-def test_thumbnails_that_cannot_be_made_are_404_images(node: Node, server: StatusServer) -> None:
+def test_thumbnails_that_cannot_be_made_are_404_images(node: JobRows, server: StatusServer) -> None:
     # no output yet; a row whose instance lies outside the spool (a real, readable DICOM file); unknown ids
     for path in (f"/thumbs/{node.ids['receiving']}/output.png", f"/thumbs/{node.ids['outside']}/source.png",
                  f"/thumbs/{node.ids['outside']}/output.png", "/thumbs/424242/source.png"):
         response = get(server, path)
         assert response.status_code == 404, path
-        png(response)
+        png_image(response)
     receiving = get(server, f"/thumbs/{node.ids['receiving']}/source.png")
     assert receiving.status_code == 200
-    _assert_thumbnail(png(receiving))
+    _assert_thumbnail(png_image(receiving))
     assert raw_get(server, "/thumbs/abc/source.png")[0] == 400
     assert raw_get(server, "/thumbs/..%2f..%2fjobs.sqlite/source.png")[0] == 400
     assert raw_get(server, "/thumbs/../source.png")[0] == 400
@@ -480,7 +391,7 @@ def test_thumbnails_that_cannot_be_made_are_404_images(node: Node, server: Statu
     assert raw_get(server, f"/thumbs/{node.ids['delivered']}/source.png/../../../jobs.sqlite")[0] == 404
 
 
-def test_output_folder_outside_outputs_is_not_read(node: Node, tmp_path: Path) -> None:
+def test_output_folder_outside_outputs_is_not_read(node: JobRows, tmp_path: Path) -> None:
     """A row naming an output folder outside outputs_dir (a tampered store) gives no thumbnail."""
     row = dict(node.jobs.series(node.ids["delivered"]))
     elsewhere = tmp_path / "elsewhere"
@@ -498,7 +409,7 @@ def test_output_folder_outside_outputs_is_not_read(node: Node, tmp_path: Path) -
 # --------------------------------------------------------------------------- the page
 
 
-def test_status_page(node: Node, server: StatusServer) -> None:
+def test_status_page(node: JobRows, server: StatusServer) -> None:
     response = get(server, "/")
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -525,7 +436,7 @@ def test_status_page(node: Node, server: StatusServer) -> None:
         assert get(server, src.replace("&amp;", "&")).headers["Content-Type"] == "image/png"
 
 
-def test_status_page_filters_and_rejects(node: Node, server: StatusServer) -> None:
+def test_status_page_filters_and_rejects(node: JobRows, server: StatusServer) -> None:
     page = get(server, "/?state=failed&limit=10").text
     assert f'href="/api/jobs/{node.ids["png"]}"' in page
     assert f'href="/api/jobs/{node.ids["delivered"]}"' not in page
@@ -540,20 +451,12 @@ def test_json_has_no_patient_data(server: StatusServer) -> None:
     assert PATIENT_NAME not in text and PATIENT_NAME.split("^")[0] not in text
 
 
-def test_status_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Path) -> None:
+def test_status_page_in_a_browser(node: JobRows, server: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium renders the page (no JavaScript needed); the screenshot is kept."""
-    chromium = tool("chromium")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,900",
-         server.url + "/"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
+    result = chromium_screenshot(server.url + "/", shot, (1280, 900), tmp_path)
     assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     picture = Image.open(shot)
     picture.load()
@@ -577,7 +480,7 @@ def _fact(page: str, label: str) -> str:
     return html.unescape(found.group(1))
 
 
-def test_series_page_of_a_delivered_series(node: Node, server: StatusServer) -> None:
+def test_series_page_of_a_delivered_series(node: JobRows, server: StatusServer) -> None:
     series_id = node.ids["delivered"]
     response = get(server, f"/series/{series_id}")
     assert response.status_code == 200
@@ -607,13 +510,13 @@ def test_series_page_of_a_delivered_series(node: Node, server: StatusServer) -> 
     for kind in ("source", "output"):
         src = re.search(rf'src="(/thumbs/{series_id}/{kind}\.png\?v=[0-9a-f]+)"', page)
         assert src, kind
-        assert png(get(server, src.group(1))).size[0] <= THUMBNAIL_SIZE
+        assert png_image(get(server, src.group(1))).size[0] <= THUMBNAIL_SIZE
     assert '<a href="/">status</a>' in page and f'href="/api/jobs/{series_id}"' in page
     assert "<script" not in page.lower()
     assert PATIENT_NAME not in page and PATIENT_NAME.split("^")[0] not in page and PATIENT_ID not in page
 
 
-def test_series_page_shows_the_peers_reason_escaped(node: Node, server: StatusServer) -> None:
+def test_series_page_shows_the_peers_reason_escaped(node: JobRows, server: StatusServer) -> None:
     page = get(server, f"/series/{node.ids['png']}").text
     escaped = ESCAPED
     assert "<script" not in page.lower() and HOSTILE not in page
@@ -629,7 +532,7 @@ def test_series_page_shows_the_peers_reason_escaped(node: Node, server: StatusSe
     assert _fact(receiving, "Route") == "-" and f"/thumbs/{node.ids['receiving']}/output.png" not in receiving
 
 
-def test_status_page_links_each_series_page(node: Node, server: StatusServer) -> None:
+def test_status_page_links_each_series_page(node: JobRows, server: StatusServer) -> None:
     page = get(server, "/").text
     for name, series_id in node.ids.items():
         assert f'<a href="/series/{series_id}">#{series_id}</a>' in page, name
@@ -654,18 +557,10 @@ def test_series_page_of_no_series(server: StatusServer, path: str, status: int) 
         assert b"no series 999999" in body
 
 
-def test_series_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Path) -> None:
+def test_series_page_in_a_browser(node: JobRows, server: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium renders one series' page with its thumbnails; the screenshot is kept."""
-    chromium = tool("chromium")
     shot = tmp_path / "series-page.png"
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,1000",
-         f"{server.url}/series/{node.ids['png']}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )
+    result = chromium_screenshot(f"{server.url}/series/{node.ids['png']}", shot, (1100, 1000), tmp_path)
     assert shot.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     assert shot.stat().st_size > 20_000
     picture = Image.open(shot)
@@ -675,7 +570,7 @@ def test_series_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Pa
     assert grey.std() > 10 and len(np.unique(grey)) > 32, "the screenshot is blank"
     assert (grey < 40).mean() > 0.005  # the dark header and thumbnail boxes
     for kind in ("source", "output"):  # each thumbnail drawn pixel for pixel (the middle row of it found)
-        thumb = np.asarray(png(get(server, f"/thumbs/{node.ids['png']}/{kind}.png")).convert("L")).astype(int)
+        thumb = np.asarray(png_image(get(server, f"/thumbs/{node.ids['png']}/{kind}.png")).convert("L")).astype(int)
         _assert_drawn(grey.astype(int), thumb[thumb.shape[0] // 2], kind)
     rgb = np.asarray(picture.convert("RGB")).astype(int)
     red = (rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
@@ -684,7 +579,7 @@ def test_series_page_in_a_browser(node: Node, server: StatusServer, tmp_path: Pa
     shutil.copyfile(shot, ARTIFACTS / "series-page.png")
 
 
-def test_pages_are_autoescaped_templates_each_server_loads_once(node: Node, server: StatusServer) -> None:
+def test_pages_are_autoescaped_templates_each_server_loads_once(node: JobRows, server: StatusServer) -> None:
     """The templates are package files, loaded by each server; a page extending the series page is escaped too."""
     environment = server.pages.environment
     other = StatusServer(host="127.0.0.1", port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,

@@ -2,7 +2,7 @@
 
 A job store holds one processed CT series (the thumbnails are real); :class:`StatusServer` is run
 in-process with basic or bearer auth, the status page is rendered by headless Chromium with
-credentials, HTTPS is checked with a test CA made by ``openssl`` (:class:`tests.test_tls.Pki`), and
+credentials, HTTPS is checked with a test CA made by ``openssl`` (:class:`tests.support.Pki`), and
 ``dicom-node serve`` / ``config check`` are run as processes for the refusals and the wiring.
 """
 
@@ -15,7 +15,6 @@ import re
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,15 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.config import BasicAuth, BearerAuth, ConfigError, HttpSettings, load_config
 from node.app.http.server import StatusServer
 from node.app.http.auth import BLOCK_SECONDS, MAX_FAILURES, FailedLogins, HttpGuard
-from node.store.jobstore import JobStore
-from node.telemetry.metrics import Metrics
-from node.store.spool import Spool
 from node.net.tls import https_server_context
-from tests.conftest import tool
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config
-from tests.peers import free_port
-from tests.test_http import CT, PIPELINES, SC_PIPELINE, Node, _claim, _process, _receive, _shifted, png
-from tests.test_tls import Pki
+from tests.support import NodeProcess, Pki, chromium_screenshot, folder_route, free_port, node_config, run_cli
+from tests.support.status_rows import SC_PIPELINE, JobRows, png_image
 
 USER = "ops"
 PASSWORD = "correct:horse-battery"  # a ':' in the password: only the first one separates the user
@@ -47,18 +40,11 @@ LOOPBACK = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    root = tmp_path_factory.mktemp("node")
-    jobs = JobStore(root / "jobs.sqlite")
-    node = Node(root, jobs, Spool(root / "spool"), root / "outputs", Metrics(destinations=["archive"]))
-    node.outputs.mkdir()
-    sent = copy_as_series([CT] * 3, root / "src", tweak=_shifted)
-    node.series_uids["delivered"] = _receive(node, sent)
-    job = _claim(node)
-    _process(node, job, SC_PIPELINE)
-    node.ids["delivered"] = job.id
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobRows]:
+    node = JobRows.create(tmp_path_factory.mktemp("node"))
+    node.ids["delivered"] = node.processed_series("delivered", 3, SC_PIPELINE).id
     yield node
-    jobs.close()
+    node.jobs.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +55,12 @@ def secrets() -> Iterator[None]:
         yield
 
 
-def make_server(node: Node, guard: HttpGuard | None, tls: ssl.SSLContext | None = None) -> StatusServer:
-    return StatusServer(host=LOOPBACK, port=0, jobs=node.jobs, metrics=node.metrics, outputs_dir=node.outputs,
-                        spool_dir=node.spool.root, is_alive=lambda: True, is_ready=lambda: True,
-                        pipelines=PIPELINES, guard=guard, tls=tls)
+def make_server(node: JobRows, guard: HttpGuard | None, tls: ssl.SSLContext | None = None) -> StatusServer:
+    return node.status_server(guard=guard, tls=tls)
 
 
 @pytest.fixture(scope="module")
-def basic(node: Node, secrets: None) -> Iterator[StatusServer]:
+def basic(node: JobRows, secrets: None) -> Iterator[StatusServer]:
     server = make_server(node, HttpGuard(BasicAuth(USER, PASSWORD_ENV)))
     server.start()
     yield server
@@ -84,14 +68,14 @@ def basic(node: Node, secrets: None) -> Iterator[StatusServer]:
 
 
 @pytest.fixture(scope="module")
-def bearer(node: Node, secrets: None) -> Iterator[StatusServer]:
+def bearer(node: JobRows, secrets: None) -> Iterator[StatusServer]:
     server = make_server(node, HttpGuard(BearerAuth(TOKEN_ENV)))
     server.start()
     yield server
     server.stop()
 
 
-def protected_paths(node: Node) -> list[str]:
+def protected_paths(node: JobRows) -> list[str]:
     series = node.ids["delivered"]
     return ["/", "/?state=delivered", "/api/jobs", f"/api/jobs/{series}", f"/thumbs/{series}/source.png",
             f"/thumbs/{series}/output.png", "/metrics", f"/series/{series}"]
@@ -113,7 +97,7 @@ class Bearer(requests.auth.AuthBase):
 # --------------------------------------------------------------------------- 401 and 200
 
 
-def test_basic_without_or_with_wrong_credentials_is_401(node: Node, basic: StatusServer) -> None:
+def test_basic_without_or_with_wrong_credentials_is_401(node: JobRows, basic: StatusServer) -> None:
     wrong = [None, (USER, "wrong"), ("root", PASSWORD), (USER, PASSWORD + "x"), (USER, PASSWORD[:-1])]
     for path in protected_paths(node):
         for auth in wrong:
@@ -130,7 +114,7 @@ def test_basic_without_or_with_wrong_credentials_is_401(node: Node, basic: Statu
     basic.guard.failures.succeeded(LOOPBACK)
 
 
-def test_basic_with_credentials_is_served(node: Node, basic: StatusServer) -> None:
+def test_basic_with_credentials_is_served(node: JobRows, basic: StatusServer) -> None:
     auth = (USER, PASSWORD)
     page = get(basic, "/", auth=auth)
     assert page.status_code == 200 and f'href="/api/jobs/{node.ids["delivered"]}"' in page.text
@@ -140,7 +124,7 @@ def test_basic_with_credentials_is_served(node: Node, basic: StatusServer) -> No
     for kind in ("source", "output"):
         thumb = get(basic, f"/thumbs/{node.ids['delivered']}/{kind}.png", auth=auth)
         assert thumb.status_code == 200, kind
-        assert max(png(thumb).size) == 128
+        assert max(png_image(thumb).size) == 128
     metrics = get(basic, "/metrics", auth=auth)
     assert metrics.status_code == 200
     assert "dicomnode_instances_received" in {f.name for f in text_string_to_metric_families(metrics.text)}
@@ -149,7 +133,7 @@ def test_basic_with_credentials_is_served(node: Node, basic: StatusServer) -> No
     assert get(basic, "/api/jobs", headers={"Authorization": f"basic {raw}"}).status_code == 200
 
 
-def test_bearer_without_or_with_wrong_token_is_401(node: Node, bearer: StatusServer) -> None:
+def test_bearer_without_or_with_wrong_token_is_401(node: JobRows, bearer: StatusServer) -> None:
     for path in protected_paths(node):
         response = get(bearer, path)
         assert response.status_code == 401
@@ -161,7 +145,7 @@ def test_bearer_without_or_with_wrong_token_is_401(node: Node, bearer: StatusSer
         bearer.guard.failures.succeeded(LOOPBACK)
 
 
-def test_bearer_with_token_is_served(node: Node, bearer: StatusServer) -> None:
+def test_bearer_with_token_is_served(node: JobRows, bearer: StatusServer) -> None:
     for path in protected_paths(node):
         response = get(bearer, path, auth=Bearer(TOKEN))
         assert response.status_code == 200, path
@@ -184,7 +168,7 @@ def test_other_methods_need_a_login_too(basic: StatusServer) -> None:
     assert head.status_code == 401 and head.headers["WWW-Authenticate"].startswith("Basic ")
 
 
-def test_public_metrics_opens_metrics_only(node: Node, secrets: None) -> None:
+def test_public_metrics_opens_metrics_only(node: JobRows, secrets: None) -> None:
     server = make_server(node, HttpGuard(BasicAuth(USER, PASSWORD_ENV), public_metrics=True))
     server.start()
     try:
@@ -223,7 +207,7 @@ def test_a_missing_secret_is_a_config_error_naming_the_variable(monkeypatch: pyt
 
 
 def test_429_after_the_tenth_failure_and_the_log_never_holds_the_password(
-    node: Node, secrets: None, caplog: pytest.LogCaptureFixture
+    node: JobRows, secrets: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = make_server(node, HttpGuard(BasicAuth(USER, PASSWORD_ENV)))
     server.start()
@@ -294,20 +278,11 @@ def test_the_log_line_of_wrong_credentials_says_how_many_were_held_back(
 # --------------------------------------------------------------------------- in a browser
 
 
-def test_status_page_in_a_browser_with_credentials(node: Node, basic: StatusServer, tmp_path: Path) -> None:
+def test_status_page_in_a_browser_with_credentials(node: JobRows, basic: StatusServer, tmp_path: Path) -> None:
     """Headless Chromium logs in with the URL's credentials; the thumbnails are drawn (they need them too)."""
-    chromium = tool("chromium")
-
     def screenshot(url: str, name: str) -> tuple[np.ndarray | None, str]:
         shot = tmp_path / name
-        result = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=5000",
-             f"--user-data-dir={tmp_path / ('profile-' + name)}", f"--screenshot={shot}", "--window-size=1280,600",
-             url],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        )
+        result = chromium_screenshot(url, shot, (1280, 600), tmp_path, profile=f"profile-{name}")
         if not shot.is_file():
             return None, result.stderr
         picture = Image.open(shot)
@@ -334,7 +309,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_https_with_a_test_ca(node: Node, pki: Pki, secrets: None) -> None:
+def test_https_with_a_test_ca(node: JobRows, pki: Pki, secrets: None) -> None:
     settings = HttpSettings(LOOPBACK, 8080, auth=BasicAuth(USER, PASSWORD_ENV), cert_file=pki.cert("server"),
                             key_file=pki.key("server"))
     context = https_server_context(settings)
@@ -365,7 +340,7 @@ def test_https_with_a_test_ca(node: Node, pki: Pki, secrets: None) -> None:
 
 
 def test_basic_auth_over_plain_http_on_another_address_is_warned_about(
-    node: Node, basic: StatusServer, caplog: pytest.LogCaptureFixture
+    node: JobRows, basic: StatusServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The check takes the bound address; a documentation address stands for "another machine's"."""
     with caplog.at_level(logging.WARNING, logger="node.app.http.server"):
@@ -457,17 +432,14 @@ def test_accepted_http_settings(tmp_path: Path, pki: Pki, secrets: None) -> None
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    full_env = dict(env or os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_line(tmp_path: Path) -> None:
     """data_dir is a file, refused right after [http] host: should that check go, serve still never listens."""
     http_port = free_port()
     (tmp_path / "data.txt").write_text("a file where data_dir should be")
-    text = node_config(tmp_path / "data.txt", free_port(), http_port=http_port).replace(
-        'host = "127.0.0.1"\nport = ' + str(http_port), 'host = "0.0.0.0"\nport = ' + str(http_port))
+    text = node_config(tmp_path / "data.txt", free_port(), http_port=http_port, http_keys={"host": "0.0.0.0"})
     config = tmp_path / "node.toml"
     config.write_text(text)
     line = text.splitlines().index('host = "0.0.0.0"') + 1
@@ -489,11 +461,10 @@ def test_serve_and_config_check_refuse_a_non_loopback_host_without_auth_in_one_l
 def test_serve_with_auth_over_https(tmp_path: Path, pki: Pki) -> None:
     """The real service: [http] auth and cert_file/key_file from the file, the password from the environment."""
     port, http_port = free_port(), free_port()
-    http = (f'[http]\nhost = "127.0.0.1"\nport = {http_port}\ncert_file = "{pki.cert("server")}"\n'
-            f'key_file = "{pki.key("server")}"\n'
-            f'auth = {{ kind = "basic", username = "{USER}", password_env = "{PASSWORD_ENV}" }}\n')
-    text = node_config(tmp_path / "data", port, http_port=http_port, extra=folder_route(tmp_path / "out"))
-    text = re.sub(r"\[http\]\nhost = \"127.0.0.1\"\nport = \d+\n", lambda _: http, text)
+    http = {"cert_file": pki.cert("server"), "key_file": pki.key("server"),
+            "auth": {"kind": "basic", "username": USER, "password_env": PASSWORD_ENV}}
+    text = node_config(tmp_path / "data", port, http_port=http_port, http_keys=http,
+                       extra=folder_route(tmp_path / "out"))
     assert "cert_file" in text
     url, ca = f"https://127.0.0.1:{http_port}", str(pki.cert("ca"))
     with pytest.MonkeyPatch.context() as patch:

@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -24,20 +23,20 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-from node.store.jobstore import JobStore
-from node.telemetry.metrics import Metrics
-from node.store.spool import INCOMING, Spool
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import STORESCU_BIN, _nodelay_env, echoscu, free_port, store_responses, storescu
-from tests.test_huge import write_cine
+from node.receive.scp import disable_streamed_receive, enable_streamed_receive
+from node.store.spool import Spool
+from tests.support import (
+    STORESCU_BIN, NodeProcess, bundled, copy_as_series, echoscu, folder_route, free_port, node_config, nodelay_env,
+    store_responses, storescu, wait_for, write_cine,
+)
+from tests.support.in_process_scp import Scp, c_store, running_scp
 
 pytestmark = pytest.mark.peers
 
 
-def folder_config(tmp_path: Path, port: int) -> str:
-    return node_config(tmp_path / "var", port, extra=folder_route(tmp_path / "out"))
+def folder_config(tmp_path: Path, port: int, **node_keys: object) -> str:
+    """The node: every series rescaled to folder ``tmp_path / "out"``; *node_keys* in ``[node]``."""
+    return node_config(tmp_path / "var", port, extra=folder_route(tmp_path / "out"), **node_keys)
 
 
 def test_same_instances_from_two_associations_at_once(tmp_path: Path) -> None:
@@ -82,21 +81,12 @@ def test_resend_identical_changes_nothing_and_different_bytes_reprocess(tmp_path
 # -- the disk guard, in the running node ---------------------------------------------------------
 
 
-def with_node_keys(config_text: str, **keys: object) -> str:
-    """*config_text* (from :func:`node_config`) with more ``[node]`` keys."""
-    anchor = "\n[http]\n"
-    assert anchor in config_text
-    kept = [line for line in config_text.split("\n") if line.split(" = ")[0].strip() not in keys]
-    lines = "".join(f"{key} = {value}\n" for key, value in keys.items())
-    return "\n".join(kept).replace(anchor, f"\n{lines}[http]\n", 1)
-
-
 def test_disk_guard_refuses_below_min_free_disk_then_accepts_after_restart(tmp_path: Path) -> None:
     port = free_port()
     sources = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / "in")
     spool = tmp_path / "var" / "spool"
     above_free = shutil.disk_usage(tmp_path).free // 2**20 + 10_000
-    config = with_node_keys(folder_config(tmp_path, port), min_free_disk_mb=above_free)
+    config = folder_config(tmp_path, port, min_free_disk_mb=above_free)
     node = NodeProcess(config, tmp_path, port=port)
     with node:
         pushed = storescu("127.0.0.1", port, sources, called_aet="DICOMNODE", no_halt=True)
@@ -112,7 +102,7 @@ def test_disk_guard_refuses_below_min_free_disk_then_accepts_after_restart(tmp_p
     assert len(warnings) == 1, warnings  # rate-limited: one line for the four refusals
     assert f"below min_free_disk_mb = {above_free}" in warnings[0] and "MB free" in warnings[0]
 
-    node.config_path.write_text(with_node_keys(folder_config(tmp_path, port), min_free_disk_mb=1))
+    node.config_path.write_text(folder_config(tmp_path, port, min_free_disk_mb=1))
     with node:
         pushed = storescu("127.0.0.1", port, sources, called_aet="DICOMNODE", no_halt=True)
         assert store_responses(pushed) == ["Success"] * 3, pushed.stderr[-2000:]
@@ -123,52 +113,17 @@ def test_disk_guard_refuses_below_min_free_disk_then_accepts_after_restart(tmp_p
 # -- StoreHandler in this process, data sets in memory and streamed --------------------------------
 
 
-@dataclass
-class Scp:
-    port: int
-    spool: Spool
-    jobs: JobStore
-    handler: StoreHandler
-    streamed: bool
-
-    @property
-    def incoming(self) -> list[Path]:
-        folder = self.spool.root / INCOMING
-        return sorted(folder.iterdir()) if folder.is_dir() else []
-
-    def spooled(self) -> list[Path]:
-        return sorted(self.spool.root.rglob("*.dcm"))
-
-
 @pytest.fixture(params=["memory", "streamed"])
 def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scp]:
     """A pynetdicom SCP on 127.0.0.1 with a StoreHandler, receiving in memory or streamed."""
-    yield from _scp(tmp_path / request.param, streamed=request.param == "streamed")
-
-
-def _scp(folder: Path, *, streamed: bool, min_free_while_receiving: int = 0) -> Iterator[Scp]:
-    spool, jobs = Spool(folder / "spool"), JobStore(folder / "jobs.sqlite")
-    if streamed:
-        enable_streamed_receive(spool.root, min_free_bytes=min_free_while_receiving)
-    try:
-        handler = StoreHandler(spool, jobs, metrics=Metrics())
-        port = free_port()
-        server = build_application_entity("DICOMNODE").start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=handler.handlers())
-        try:
-            yield Scp(port, spool, jobs, handler, streamed)
-        finally:
-            server.shutdown()
-    finally:
-        disable_streamed_receive()
-        jobs.close()
+    yield from running_scp(tmp_path / request.param, streamed=request.param == "streamed")
 
 
 def test_both_ways_of_receiving_spool_the_same_bytes(tmp_path: Path) -> None:
     sources = copy_as_series([bundled("CT_small.dcm"), bundled("MR_small.dcm")], tmp_path / "in")
     spooled = {}
     for streamed in (False, True):
-        for scp in _scp(tmp_path / f"streamed-{streamed}", streamed=streamed):
+        for scp in running_scp(tmp_path / f"streamed-{streamed}", streamed=streamed):
             assert storescu("127.0.0.1", scp.port, sources, called_aet="DICOMNODE").returncode == 0
             files = scp.spooled()
             assert len(files) == 2 and not scp.incoming
@@ -234,15 +189,7 @@ def test_a_deflated_data_set_is_placed_and_spooled_as_sent(scp: Scp, tmp_path: P
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ae = AE(ae_title="DEFLATER")
-    ae.add_requested_context(ds.SOPClassUID, DeflatedExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(ds).Status
-    finally:
-        assoc.release()
-    assert status == 0x0000
+    assert c_store(scp.port, ds, DeflatedExplicitVRLittleEndian, calling_ae="DEFLATER").Status == 0x0000
     (spooled,) = scp.spooled()
     assert spooled == scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     received = pydicom.dcmread(spooled)
@@ -255,15 +202,7 @@ def test_invalid_uid_is_refused_and_nothing_is_left(scp: Scp, tmp_path: Path) ->
     (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
     ds = pydicom.dcmread(path)
     ds.SeriesInstanceUID = "1.2.3/../../escape"
-    ae = AE(ae_title="HOSTILE")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(ds).Status
-    finally:
-        assoc.release()
-    assert status == 0xC211
+    assert c_store(scp.port, ds, ds.file_meta.TransferSyntaxUID, calling_ae="HOSTILE").Status == 0xC211
     assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
     assert scp.handler.metrics.snapshot()["instances_refused"]["invalid_uid"] == 1
     assert not list(tmp_path.rglob("*escape*"))
@@ -305,10 +244,10 @@ def long_cine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_transfer_cut_short_leaves_nothing(long_cine: Path, tmp_path: Path) -> None:
-    for scp in _scp(tmp_path / "node", streamed=True):
+    for scp in running_scp(tmp_path / "node", streamed=True):
         sender = subprocess.Popen(
             [STORESCU_BIN, "-aec", "DICOMNODE", "127.0.0.1", str(scp.port), str(long_cine)],
-            env=_nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=nodelay_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_for(lambda: any(p.stat().st_size > 5e6 for p in scp.incoming), 60, "the transfer under way")
@@ -338,7 +277,7 @@ def test_disk_guard_stops_a_streamed_transfer_while_it_arrives(
     cine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="node.receive.scp")
-    for scp in _scp(tmp_path / "node", streamed=True, min_free_while_receiving=2**60):
+    for scp in running_scp(tmp_path / "node", streamed=True, min_free_while_receiving=2**60):
         pushed = storescu("127.0.0.1", scp.port, [cine], called_aet="DICOMNODE", no_halt=True)
         assert store_responses(pushed) == ["Refused: OutOfResources"]
         assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
@@ -349,7 +288,7 @@ def test_disk_guard_stops_a_streamed_transfer_while_it_arrives(
 def test_a_write_the_disk_refuses_is_answered_out_of_resources(cine: Path, tmp_path: Path) -> None:
     """A full disk while a data set streams in: 0xA700, nothing left, the association goes on."""
     (small,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
-    for scp in _scp(tmp_path / "node", streamed=True):
+    for scp in running_scp(tmp_path / "node", streamed=True):
         limits = resource.getrlimit(resource.RLIMIT_FSIZE)
         handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, limits[1]))

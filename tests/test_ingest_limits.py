@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -24,55 +23,19 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE
 
 from node.imaging.source import DecodeLimits
-from node.receive.scp import StoreHandler, build_application_entity, disable_streamed_receive, enable_streamed_receive
-from node.store.jobstore import JobStore
-from node.telemetry.metrics import Metrics
-from node.store.spool import INCOMING, Spool
-from tests.big_images import write_rle_ct
-from tests.conftest import bundled
-from tests.node_process import copy_as_series
-from tests.peers import free_port
+from tests.support import bundled, copy_as_series, write_rle_ct
+from tests.support.in_process_scp import Scp, c_store, running_scp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on big-endian conversion
-
-
-@dataclass
-class Scp:
-    port: int
-    spool: Spool
-    jobs: JobStore
-    handler: StoreHandler
-
-    def stored(self) -> list[Path]:
-        return sorted(p for p in self.spool.root.rglob("*.dcm") if INCOMING not in p.parts)
-
-    def incoming(self) -> list[Path]:
-        folder = self.spool.root / INCOMING
-        return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 @pytest.fixture(params=["memory", "streamed"])
 def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scp]:
     """A pynetdicom SCP on 127.0.0.1 with the default decode limits, receiving in memory or streamed."""
-    folder = tmp_path / request.param
-    spool, jobs = Spool(folder / "spool"), JobStore(folder / "jobs.sqlite")
-    if request.param == "streamed":
-        enable_streamed_receive(spool.root)
-    try:
-        handler = StoreHandler(spool, jobs, metrics=Metrics(), decode_limits=DecodeLimits())
-        port = free_port()
-        server = build_application_entity("DICOMNODE").start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=handler.handlers())
-        try:
-            yield Scp(port, spool, jobs, handler)
-        finally:
-            server.shutdown()
-    finally:
-        disable_streamed_receive()
-        jobs.close()
+    yield from running_scp(tmp_path / request.param, streamed=request.param == "streamed",
+                           decode_limits=DecodeLimits())
 
 
 def send(port: int, ds: pydicom.Dataset, syntax: str) -> pydicom.Dataset:
@@ -83,14 +46,7 @@ def send(port: int, ds: pydicom.Dataset, syntax: str) -> pydicom.Dataset:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
-    ae = AE(ae_title="SENDER")
-    ae.add_requested_context(ds.SOPClassUID, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
-        return assoc.send_c_store(ds)
-    finally:
-        assoc.release()
+    return c_store(port, ds, syntax)
 
 
 def ct(tmp_path: Path, source: str = "CT_small.dcm", **values: object) -> pydicom.Dataset:
@@ -121,7 +77,7 @@ def test_frame_over_the_limit_is_refused_in_every_encoding(
     reply = send(scp.port, ds, syntax)
     assert reply.Status == 0xC000
     assert reply.ErrorComment == "frame 763 MB decoded > max_frame_mb 256"
-    assert not scp.stored() and not scp.incoming() and not scp.jobs.known_paths()
+    assert not scp.stored() and not scp.incoming and not scp.jobs.known_paths()
     assert refusals(scp) == 1
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith(f"C-STORE from SENDER refused (0xC000): SOP Instance {ds.SOPInstanceUID}: ")
@@ -145,7 +101,7 @@ def test_the_hostile_rle_file_is_refused(scp: Scp, tmp_path: Path) -> None:
     ds = pydicom.dcmread(write_rle_ct(tmp_path / "hostile.dcm"))
     reply = send(scp.port, ds, ds.file_meta.TransferSyntaxUID)
     assert reply.Status == 0xC000 and reply.ErrorComment == "frame 512 MB decoded > max_frame_mb 256"
-    assert not scp.stored() and not scp.incoming() and refusals(scp) == 1
+    assert not scp.stored() and not scp.incoming and refusals(scp) == 1
 
 
 @pytest.mark.parametrize("values", [{"Rows": None}, {"BitsAllocated": None}, {"NumberOfFrames": "0"}],
@@ -169,13 +125,5 @@ def test_limits_are_the_handlers(tmp_path: Path) -> None:
     """A handler with higher limits accepts what the default refuses; without limits, nothing is checked."""
     ds = pydicom.dcmread(write_rle_ct(tmp_path / "hostile.dcm"))
     for name, limits in (("higher", DecodeLimits.from_mb(2048, 512)), ("none", None)):
-        spool, jobs = Spool(tmp_path / name / "spool"), JobStore(tmp_path / name / "jobs.sqlite")
-        handler = StoreHandler(spool, jobs, metrics=Metrics(), decode_limits=limits)
-        port = free_port()
-        server = build_application_entity("DICOMNODE").start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=handler.handlers())
-        try:
-            assert send(port, ds, ds.file_meta.TransferSyntaxUID).Status == 0x0000, name
-        finally:
-            server.shutdown()
-            jobs.close()
+        for scp in running_scp(tmp_path / name, streamed=False, decode_limits=limits):
+            assert send(scp.port, ds, ds.file_meta.TransferSyntaxUID).Status == 0x0000, name

@@ -10,7 +10,7 @@ import pytest
 from node.store.database import DatabaseError
 from node.store.jobstore import SCHEMA_VERSION, JobStore, JobStoreError, Reconciled, SeriesState, open_job_store
 from node.store.spool import InvalidUID, Spool
-from tests.peers import free_port
+from tests.support import free_port
 
 
 class Clock:
@@ -37,6 +37,19 @@ def receive(jobs: JobStore, sop: str, series: str = "1.2.3.4") -> bool:
                                 path=Path(f"/spool/{sop}.dcm"), size=10, modality="CT", calling_ae="SCU")
 
 
+def claim_settled(jobs: JobStore, clock: Clock):
+    """10 s later: settle (10 s of quiet) and claim the next series."""
+    clock.now += 10
+    jobs.settle(10)
+    return jobs.claim_next()
+
+
+def processed(jobs: JobStore, job, derived_uid: str, destinations: list[str], output_dir: str = "/out") -> bool:
+    """Record *job* processed (route ``r``, pipeline ``p``, one output) for *destinations*; jobs.processed's answer."""
+    return jobs.processed(job, route="r", pipeline="p", output_dir=Path(output_dir), derived_series_uid=derived_uid,
+                          outputs=1, destinations=destinations, seconds=0.1)
+
+
 def test_series_settles_after_the_quiet_time(store) -> None:
     jobs, clock = store
     assert receive(jobs, "1.1") and receive(jobs, "1.2") and not receive(jobs, "1.2")  # duplicate: not new
@@ -52,29 +65,21 @@ def test_series_settles_after_the_quiet_time(store) -> None:
 def test_instance_during_processing_makes_it_run_again(store) -> None:
     jobs, clock = store
     receive(jobs, "1.1")
-    clock.now += 10
-    jobs.settle(10)
-    job = jobs.claim_next()
+    job = claim_settled(jobs, clock)
     receive(jobs, "1.2")  # arrives while the worker is busy
     assert jobs.series(1)["state"] == SeriesState.PROCESSING
-    scheduled = jobs.processed(job, route="r", pipeline="p", output_dir=Path("/out"), derived_series_uid="2.25.1",
-                               outputs=1, destinations=["pacs"], seconds=0.1)
+    scheduled = processed(jobs, job, "2.25.1", ["pacs"])
     assert not scheduled and jobs.series(1)["state"] == SeriesState.RECEIVING
     assert jobs.claim_due_deliveries() == []
-    clock.now += 10
-    jobs.settle(10)
-    again = jobs.claim_next()
+    again = claim_settled(jobs, clock)
     assert len(again.instance_paths) == 2
 
 
 def test_delivery_retries_then_fails_then_operator_retry(store) -> None:
     jobs, clock = store
     receive(jobs, "1.1")
-    clock.now += 10
-    jobs.settle(10)
-    job = jobs.claim_next()
-    assert jobs.processed(job, route="r", pipeline="p", output_dir=Path("/out"), derived_series_uid="2.25.9",
-                          outputs=1, destinations=["pacs", "folder"], seconds=0.1)
+    job = claim_settled(jobs, clock)
+    assert processed(jobs, job, "2.25.9", ["pacs", "folder"])
     assert jobs.is_derived("2.25.9") and not jobs.is_derived("1.2.3.4")
     due = {d.destination: d for d in jobs.claim_due_deliveries()}
     jobs.delivered(due["folder"])
@@ -94,11 +99,8 @@ def test_delivery_retries_then_fails_then_operator_retry(store) -> None:
 def test_permanent_failure_ends_at_once_and_recover_resumes(store) -> None:
     jobs, clock = store
     receive(jobs, "1.1")
-    clock.now += 10
-    jobs.settle(10)
-    job = jobs.claim_next()
-    jobs.processed(job, route="r", pipeline="p", output_dir=Path("/out"), derived_series_uid="2.25.2",
-                   outputs=1, destinations=["pacs"], seconds=0.1)
+    job = claim_settled(jobs, clock)
+    processed(jobs, job, "2.25.2", ["pacs"])
     (delivery,) = jobs.claim_due_deliveries()
     # a crash while sending: recover() makes it due again
     assert jobs.recover() == {"series_requeued": 0, "series_failed": 0, "deliveries_resumed": 1}
@@ -187,11 +189,8 @@ def test_force_complete_bounds_a_sender_that_never_goes_quiet(store) -> None:
 def test_expired_and_forget(store) -> None:
     jobs, clock = store
     receive(jobs, "1.1")
-    clock.now += 10
-    jobs.settle(10)
-    job = jobs.claim_next()
-    jobs.processed(job, route="r", pipeline="p", output_dir=Path("/out/x"), derived_series_uid="2.25.5",
-                   outputs=1, destinations=["out"], seconds=0.1)
+    job = claim_settled(jobs, clock)
+    processed(jobs, job, "2.25.5", ["out"], output_dir="/out/x")
     (delivery,) = jobs.claim_due_deliveries()
     jobs.delivered(delivery)
     assert jobs.expired(3600) == []
@@ -200,12 +199,6 @@ def test_expired_and_forget(store) -> None:
     assert row["paths"] == [Path("/spool/1.1.dcm")] and row["output_dir"] == "/out/x"
     jobs.forget(row["id"])
     assert jobs.series(row["id"]) is None and jobs.counts() == {}
-
-
-def claim_settled(jobs: JobStore, clock: Clock):
-    clock.now += 10
-    jobs.settle(10)
-    return jobs.claim_next()
 
 
 def test_a_series_whose_processing_never_finishes_is_failed_after_max_attempts(store) -> None:

@@ -9,9 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
+from tests.support import NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -24,7 +22,7 @@ def test_study_sent_as_three_series_over_three_associations_is_processed_once(tm
         ds.StudyInstanceUID = study
 
     series = [copy_as_series([bundled("CT_small.dcm")] * 2, tmp_path / f"in{i}", tweak=same_study) for i in range(3)]
-    config = node_config(tmp_path / "var", port, settle=0.5, node_extra="study_settle_seconds = 4.0",
+    config = node_config(tmp_path / "var", port, settle=0.5, study_settle_seconds=4.0,
                          extra=folder_route(tmp_path / "out", "study"))
     with NodeProcess(config, tmp_path, port=port) as node:
         for paths in series:  # three associations, 1.5 s apart: each series settles, the study does not
@@ -41,7 +39,7 @@ def test_study_sent_as_three_series_over_three_associations_is_processed_once(tm
 def test_force_complete_processes_a_series_that_never_settles(tmp_path: Path) -> None:
     port = free_port()
     paths = copy_as_series([bundled("CT_small.dcm")] * 12, tmp_path / "in")
-    config = node_config(tmp_path / "var", port, settle=3.0, node_extra="force_complete_seconds = 2.0",
+    config = node_config(tmp_path / "var", port, settle=3.0, force_complete_seconds=2.0,
                          extra=folder_route(tmp_path / "out"))
     with NodeProcess(config, tmp_path, port=port) as node:
         for path in paths:  # one instance every 0.5 s: never quiet for 3 s
@@ -58,7 +56,7 @@ def test_retention_removes_delivered_series_and_keeps_failed_ones(tmp_path: Path
     plan.SOPInstanceUID = generate_uid()
     plan.file_meta.MediaStorageSOPInstanceUID = plan.SOPInstanceUID
     plan.save_as(tmp_path / "plan.dcm")
-    config = node_config(tmp_path / "var", port, settle=0.5, node_extra="retention_hours = 0.0005",  # 1.8 s
+    config = node_config(tmp_path / "var", port, settle=0.5, retention_hours=0.0005,  # 1.8 s
                          extra=folder_route(tmp_path / "out"))
     spool = tmp_path / "var" / "spool"
     with NodeProcess(config, tmp_path, port=port) as node:

@@ -11,7 +11,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from node.imaging import ImageFile, rescale_frame, to_hu
-from tests.conftest import bundled
+from tests.support import bundled
 
 
 def test_ct_small_hu_equal_pydicom() -> None:

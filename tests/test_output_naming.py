@@ -20,7 +20,7 @@ from node.outputs.naming import (
     outputs_holding_frame,
 )
 from node.process.series import InputSeries, instance_order, open_images
-from tests.conftest import bundled
+from tests.support import bundled
 
 PNG = parse_steps("names-png", [{"op": "rescale"}, {"op": "window", "center": 100, "width": 900}], "png")
 SC = parse_steps("names-sc", [{"op": "rescale"}, {"op": "window", "center": 100, "width": 900}], "sc")

@@ -1,4 +1,4 @@
-"""Self-test of the real-peer helpers in tests/peers.py (Orthanc + dcmtk)."""
+"""Self-test of the real-peer helpers in tests/support/peers.py (Orthanc + dcmtk)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from tests.peers import (
-    OrthancServer,
-    StoreSCP,
-    echoscu,
-    free_port,
-    orthanc_fixture,
-    require_test_data,
-    running_orthanc,
-    store_responses,
+from tests.support import (
+    OrthancServer, StoreSCP, echoscu, free_port, orthanc_fixture, require_test_data, running_orthanc, store_responses,
     storescu,
 )
 

@@ -7,103 +7,26 @@ from dataclasses import replace
 import logging
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydicom.uid import generate_uid
 
 from node.config import BasicAuth, DicomWebSource, load_config
 from node.store.jobstore import JobStore
-from node.receive.poller import DicomWebPoller, PollResult, schedule, state_key
+from node.receive.poller import DicomWebPoller, schedule, state_key
 from node.app.service import NodeService
 from node.store.spool import Spool
-from tests.conftest import bundled, run_cli
-from tests.node_process import copy_as_series, node_config, wait_for
-from tests.peers import OrthancServer, free_port, running_orthanc
+from tests.support import OrthancServer, free_port, node_config, run_cli, running_orthanc, wait_for
+from tests.support.archive import (  # noqa: F401 - orthanc, jobs and spool are fixtures
+    SpoolWithFault, archive, counts, day, jobs, orthanc, poller_for, round_trip_tables, series_files, spool, spooled,
+    uids, upload,
+)
 
 pytestmark = pytest.mark.peers
-
-FAST_RETRIES = (0.05, 0.1)
-TODAY = datetime.date.today()
-
-
-def day(offset: int = 0) -> str:
-    return (TODAY + datetime.timedelta(days=offset)).strftime("%Y%m%d")
-
-
-@pytest.fixture
-def orthanc() -> Iterator[OrthancServer]:
-    with running_orthanc(aet="ARCHIVE") as server:
-        yield server
-
-
-@pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(tmp_path / "var" / "jobs.sqlite")
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "var" / "spool")
-
-
-def archive(orthanc: OrthancServer, **overrides: object) -> DicomWebSource:
-    settings: dict[str, object] = {"name": "archive", "url": orthanc.dicomweb_url, "every_seconds": 60.0}
-    settings.update(overrides)
-    return DicomWebSource(**settings)  # type: ignore[arg-type]
-
-
-def poller_for(source: DicomWebSource, spool: Spool, jobs: JobStore, **kw: object) -> DicomWebPoller:
-    kw.setdefault("retry_delays", FAST_RETRIES)
-    return DicomWebPoller(source, spool=spool, jobs=jobs, **kw)  # type: ignore[arg-type]
-
-
-def series_files(tmp_path: Path, name: str = "CT_small.dcm", count: int = 1, *, date: str | None = None,
-                 time_of_day: str = "080000", study: str | None = None, series: str | None = None,
-                 **attributes: object) -> list[Path]:
-    """*count* copies of a bundled file as one new series (new UIDs), dated today unless told."""
-    def tweak(ds: pydicom.Dataset, _number: int) -> None:
-        ds.StudyDate, ds.StudyTime = date or day(), time_of_day
-        if study:
-            ds.StudyInstanceUID = study
-        if series:
-            ds.SeriesInstanceUID = series
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-
-    return copy_as_series([bundled(name)] * count, tmp_path / "made" / generate_uid()[-12:], tweak=tweak)
-
-
-def upload(orthanc: OrthancServer, paths: list[Path]) -> list[Path]:
-    for path in paths:
-        try:
-            status = orthanc.upload(path)["Status"]
-        except requests.ConnectionError:  # a kept-alive connection Orthanc closed (it keeps them 1 s): again
-            status = orthanc.upload(path)["Status"]
-        assert status in ("Success", "AlreadyStored")
-    return paths
-
-
-def uids(path: Path) -> tuple[str, str, str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-
-
-def spooled(spool: Spool) -> list[Path]:
-    return sorted(item.path for item in spool.walk())
-
-
-def counts(result: PollResult) -> tuple[int, int, int, int, int]:
-    return (result.series_found, result.series_fetched, result.instances_fetched, result.skipped_known,
-            result.skipped_derived)
 
 
 # --------------------------------------------------------------------------- finding and fetching
@@ -323,32 +246,6 @@ def test_the_nodes_own_series_are_never_fetched(
     assert counts(poller.poll_once()) == (4, 0, 0, 1, 3)
 
 
-def round_trip_tables(orthanc: OrthancServer, out: Path, every_seconds: int) -> str:
-    """Config tables: CT polled from Orthanc, equalised per series, sent back by STOW-RS and to folder *out*."""
-    return f"""
-[[pipelines]]
-name = "ct-eq"
-steps = [{{ op = "rescale" }}, {{ op = "equalise", per = "series" }}]
-[[destinations]]
-name = "archive"
-kind = "dicomweb"
-url = "{orthanc.dicomweb_url}"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-eq"
-destinations = ["archive", "out"]
-[[sources]]
-name = "archive"
-kind = "dicomweb"
-url = "{orthanc.dicomweb_url}"
-every_seconds = {every_seconds}
-"""
-
-
 def test_node_processes_a_pulled_series_and_does_not_pull_its_own_result_back(
         orthanc: OrthancServer, tmp_path: Path) -> None:
     """Poll and STOW-RS to the same archive: the derived series comes back in QIDO and is skipped."""
@@ -378,21 +275,6 @@ def test_node_processes_a_pulled_series_and_does_not_pull_its_own_result_back(
 
 
 # --------------------------------------------------------------------------- failures
-
-
-class SpoolWithFault(Spool):
-    """A real spool that runs *fault* right after its *after*-th write (e.g. stops the archive)."""
-
-    def __init__(self, root: Path, after: int, fault: Callable[[], None]) -> None:
-        super().__init__(root)
-        self.after, self.fault, self.writes = after, fault, 0
-
-    def store(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        stored = super().store(*args, **kwargs)
-        self.writes += 1
-        if self.writes == self.after:
-            self.fault()
-        return stored
 
 
 def test_archive_down_during_a_poll_then_back(

@@ -16,9 +16,7 @@ import requests
 
 from node.app.receivers import REUSE_PORT
 from node.config import ConfigError, load_config
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import _nodelay_env, free_port
+from tests.support import NodeProcess, bundled, copy_as_series, free_port, node_config, nodelay_env, wait_for
 
 pytestmark = [pytest.mark.peers,
               pytest.mark.skipif(not REUSE_PORT, reason="SO_REUSEPORT is what several receivers share a port with")]
@@ -35,7 +33,7 @@ def push_all(port: int, groups: list[list[Path]]) -> list[int]:
     """One storescu per group, all at once; their exit codes."""
     procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", f"SCU{index:02d}", "-aec", "DICOMNODE", "127.0.0.1", str(port),
                                *map(str, group)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=_nodelay_env(), start_new_session=True)
+                              env=nodelay_env(), start_new_session=True)
              for index, group in enumerate(groups)]
     try:
         return [proc.wait(timeout=120) for proc in procs]
@@ -59,7 +57,7 @@ def test_two_receiving_processes_share_the_port_and_record_every_instance_once(t
     sources = copy_as_series([bundled("CT_small.dcm")] * 40, tmp_path / "in")
     groups = [sources[i::20] for i in range(20)]  # 20 associations at once: the kernel gives each to one socket
     config = node_config(tmp_path / "var", port, settle=3600, http_port=http,
-                         node_extra="receivers = 2\nmax_associations = 20")  # per process; the kernel does not count
+                         receivers=2, max_associations=20)  # per process; the kernel does not count
     with NodeProcess(config, tmp_path, port=port) as node:
         wait_for(lambda: "receiver-2: listening as DICOMNODE" in node.log(), 30, "the second receiver", node.log)
         assert push_all(port, groups) == [0] * 20
@@ -81,7 +79,7 @@ def test_two_receiving_processes_share_the_port_and_record_every_instance_once(t
 def test_a_killed_receiver_is_started_again_and_the_port_keeps_answering(tmp_path: Path) -> None:
     port = free_port()
     sources = copy_as_series([bundled("CT_small.dcm")] * 20, tmp_path / "in")
-    config = node_config(tmp_path / "var", port, settle=3600, node_extra="receivers = 2")
+    config = node_config(tmp_path / "var", port, settle=3600, receivers=2)
     with NodeProcess(config, tmp_path, port=port) as node:
         wait_for(lambda: "receiver-2: listening as DICOMNODE" in node.log(), 30, "the second receiver", node.log)
         (first,) = _named(node, "receiver-2")

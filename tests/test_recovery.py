@@ -17,29 +17,16 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import bundled, run_cli
-from tests.node_process import ROOT, NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
-from tests.test_huge import write_cine
+from tests.support import (
+    ROOT, NodeProcess, bundled, copy_as_series, folder_route, free_port, node_config, run_cli, storescu, wait_for,
+    write_cine,
+)
 
 pytestmark = pytest.mark.peers
 
 #: Three windows as colour, PNG: about 3 s of processing for the 300-frame cine on one core, so the
 #: test sees the series in ``processing`` and kills the node then.
-SLOW_ROUTE = """
-[[pipelines]]
-name = "slow"
-steps = [{{ op = "rescale" }}, {{ op = "channels", windows = ["brain", "subdural", "brain_bone"] }}]
-output = "png"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "slow"
-destinations = ["out"]
-"""
+SLOW_STEPS = [{"op": "rescale"}, {"op": "channels", "windows": ["brain", "subdural", "brain_bone"]}]
 
 
 def jobs(http: int) -> list[dict]:
@@ -65,7 +52,8 @@ def temporaries(folder: Path) -> list[Path]:
 def test_a_series_that_kills_the_node_is_failed_after_two_attempts_and_the_node_goes_on(tmp_path: Path) -> None:
     port, http = free_port(), free_port()
     out = tmp_path / "out"
-    config = node_config(tmp_path / "var", port, http_port=http, extra=SLOW_ROUTE.format(out=out))
+    config = node_config(tmp_path / "var", port, http_port=http,
+                         extra=folder_route(out, None, name="slow", steps=SLOW_STEPS, output="png"))
     cine = write_cine(tmp_path / "cine.dcm", 300)
     series_uid = pydicom.dcmread(cine, stop_before_pixels=True).SeriesInstanceUID
     node = NodeProcess(config, tmp_path, port=port)

@@ -2,7 +2,7 @@
 
 ``FrameRenderer(block_pixels=N)`` renders frames of more than N pixels in blocks of whole rows,
 with the statistics that per-image equalisation and the default display read from the whole
-frame gathered in a first pass.  Every pipeline of :mod:`tests.test_render_table`, with and
+frame gathered in a first pass.  Every pipeline of :mod:`tests.support.render_cases`, with and
 without the lookup table, must give identical arrays in blocks and whole; and the float
 temporaries of a 4096 x 4096 frame must stay a fraction of what rendering it whole needs.
 """
@@ -17,12 +17,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-import node.process.render
 from node.imaging.source import ImageFile, UnsupportedImage
 from node.config.pipeline import Pipeline
 from node.process.render import FrameRenderer, row_blocks, series_bins
-from tests.conftest import bundled
-from tests.test_render_table import BUNDLED, PIPELINES, made_files  # noqa: F401 - the fixture is used below
+from tests.support import bundled
+from tests.support.render_cases import (  # noqa: F401 - made_files is a fixture
+    BUNDLED, PIPELINES, made_files, modality_value_shapes,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,14 +74,7 @@ def test_rows_are_rendered_a_block_at_a_time(monkeypatch: pytest.MonkeyPatch) ->
     """Per-image equalisation of a 128 x 128 slice in blocks of 7 rows: a statistics pass, then the render."""
     image = ImageFile.open(bundled("CT_small.dcm"))
     arr = next(image.iter_frames())
-    shapes: list[tuple[int, ...]] = []
-    real = node.process.render.modality_values
-
-    def spy(values: np.ndarray, *args: object) -> np.ndarray:
-        shapes.append(values.shape)
-        return real(values, *args)
-
-    monkeypatch.setattr(node.process.render, "modality_values", spy)
+    shapes = modality_value_shapes(monkeypatch)
     FrameRenderer(PIPELINES["equalise image"], image, block_pixels=SMALL_BLOCK).render(arr, 0)
     one_pass = [(7, 128)] * 18 + [(2, 128)]
     assert shapes == one_pass + one_pass
@@ -131,7 +125,7 @@ def test_big_frames_of_a_series_are_processed_one_at_a_time(tmp_path: Path) -> N
     from node.config.pipeline import parse_steps
     from node.app.process_series import process_series
     from node.process.series import group_series, open_images
-    from tests.big_images import write_rle_ct
+    from tests.support import write_rle_ct
 
     study, series = generate_uid(), generate_uid()
     paths = [write_rle_ct(tmp_path / f"{n}.dcm", 4096, 8192, value=100 * n, study_uid=study, series_uid=series)

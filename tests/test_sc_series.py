@@ -33,7 +33,7 @@ from node.outputs.sc import (
 )
 from node.outputs.sc.attributes import HEADER_SOURCE_KEYWORDS
 from node.outputs.uids import derived_uid
-from tests.conftest import bundled
+from tests.support import bundled
 
 CONTENT_DATETIME = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000)
 SERIES = DerivedSeries(

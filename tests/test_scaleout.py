@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, wait_for
-from tests.peers import OrthancServer, free_port, running_orthanc, storescu
-from tests.postgres import PostgresServer
-from tests.test_huge import write_cine
+from tests.support import (
+    NodeProcess, OrthancServer, PostgresServer, bundled, copy_as_series, dicom_destination, free_port, node_config,
+    pipeline, route, run_cli, running_orthanc, storescu, table, wait_for, write_cine,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -34,45 +32,13 @@ def orthanc() -> Iterator[OrthancServer]:
 
 
 def site_config(data_dir: Path, shared: Path, url: str, orthanc: OrthancServer, *, port: int = 0,
-                http_port: int | None = None, workers: int = 1, pipeline: str = "plain") -> str:
+                http_port: int | None = None, workers: int = 1, pipeline_name: str = "plain") -> str:
     """One process of a scaled-out site: its own data_dir and ports, the shared folder and database."""
-    return f"""
-[node]
-ae_title = "DICOMNODE"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{data_dir}"
-shared_dir = "{shared}"
-settle_seconds = 0.5
-workers = {workers}
-min_free_disk_mb = 16
-[store]
-url = "{url}"
-stalled_seconds = {STALLED_SECONDS}
-[http]
-host = "127.0.0.1"
-port = {http_port or free_port()}
-[delivery]
-max_attempts = 20
-backoff_seconds = 0.5
-max_backoff_seconds = 2.0
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[pipelines]]
-name = "slow"
-steps = [{{ op = "equalise", per = "image" }}]
-[[destinations]]
-name = "pacs"
-kind = "dicom"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-ae_title = "{orthanc.aet}"
-[[routes]]
-match = {{}}
-pipeline = "{pipeline}"
-destinations = ["pacs"]
-"""
+    return node_config(
+        data_dir, port, settle=0.5, workers=workers, shared_dir=shared, http_port=http_port,
+        extra=table("store", {"url": url, "stalled_seconds": STALLED_SECONDS}) + pipeline("plain")
+        + pipeline("slow", [{"op": "equalise", "per": "image"}])
+        + dicom_destination("pacs", orthanc.dicom_port, orthanc.aet) + route(pipeline_name, ["pacs"]))
 
 
 class Site:
@@ -145,14 +111,14 @@ def test_one_receiver_three_workers_share_a_burst(site: Site, tmp_path: Path) ->
 def test_a_worker_killed_mid_series_is_finished_by_another(site: Site, tmp_path: Path) -> None:
     port = free_port()
     site.start("receiver", "receiver", port=port)
-    first = site.start("worker1", "worker", pipeline="slow")
+    first = site.start("worker1", "worker", pipeline_name="slow")
     (tmp_path / "in").mkdir()
     cine = write_cine(tmp_path / "in" / "cine.dcm", 400)
     series_uid = pydicom.dcmread(cine, stop_before_pixels=True).SeriesInstanceUID
     assert storescu("127.0.0.1", port, [cine], called_aet="DICOMNODE").returncode == 0
     wait_for(lambda: f"series {series_uid}: 1 instances" in first.log(), 60, "worker 1 processing", first.log)
     first.kill()  # kill -9 of the worker's process group: the worker process dies with it
-    second = site.start("worker2", "worker", pipeline="slow")
+    second = site.start("worker2", "worker", pipeline_name="slow")
     wait_for(lambda: len(derived_in_orthanc(site.orthanc)) == 1, 120, "the series in Orthanc", second.log)
     assert list(derived_in_orthanc(site.orthanc).values()) == [1]  # one derived series, one instance
     assert series_uid in processed_by(second) and "stopped heartbeating" in second.log()
@@ -240,10 +206,8 @@ def test_serve_without_its_database_says_where_in_one_line(tmp_path: Path) -> No
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nport = {free_port()}\n[http]\nport = {free_port()}\n'
                       f'[store]\nurl = "postgresql://node@127.0.0.1:{port}/dicomnode"\npassword_env = "TEST_DB_PW"\n')
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TEST_DB_PW="s3cret-pw")
-    result = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "node", "serve", "--config", str(config), "--role", "worker"],
-        capture_output=True, text=True, timeout=60, env=env)
+    result = run_cli("serve", "--config", str(config), "--role", "worker", timeout=60,
+                     env=dict(os.environ, TEST_DB_PW="s3cret-pw"))
     assert result.returncode == 3, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr  # the config line, then why

@@ -39,8 +39,7 @@ from node.outputs.sc import (
     write_secondary_capture,
 )
 from node.outputs.uids import derived_uid
-from tests.conftest import bundled, tool
-from tests.peers import require_test_data
+from tests.support import bundled, require_test_data, tool
 
 CONTENT_DATETIME = datetime.datetime(2024, 5, 6, 7, 8, 9, 123000)
 

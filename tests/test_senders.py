@@ -3,7 +3,7 @@
 Observed peer answers the classification relies on (asserted below):
 
 * Orthanc 1.10 refusing a SOP class (Lua ``ReceivedInstanceFilter`` error, see
-  ``tests/peers.py``): association accepted, C-STORE status 0xA700 (Refused:
+  ``tests/support/peers.py``): association accepted, C-STORE status 0xA700 (Refused:
   Out of Resources) -> transient.  Its STOW-RS answers HTTP 200 with empty
   Referenced/Failed SOP Sequences -> transient (nothing referenced).
 * A pynetdicom SCP supporting only Verification + MR accepts the association
@@ -42,8 +42,7 @@ from node.deliver.folder import COMPLETE_MARKER, FolderSender
 from node.deliver.sender import PNG_TO_DICOM
 from node.deliver.senders import SENDER_KINDS, sender_for
 from node.net.pynetdicom_setup import configure_pynetdicom
-from tests.conftest import bundled
-from tests.peers import REJECTED_SOP_CLASS_STATUS, free_port, orthanc_fixture
+from tests.support import REJECTED_SOP_CLASS_STATUS, bundled, free_port, orthanc_fixture
 
 
 PATIENT_NAME = "CompressedSamples^CT1"  # in CT_small.dcm: must never reach the logs
@@ -256,7 +255,7 @@ def test_the_node_sets_pynetdicom_switches_when_it_starts(tmp_path: Path, monkey
 
     from node.app.service import NodeService
     from node.config import load_config
-    from tests.node_process import node_config
+    from tests.support import node_config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
     config_path = tmp_path / "node.toml"
@@ -373,7 +372,7 @@ def test_dicom_sender_closed_port_is_transient(tmp_path: Path, caplog) -> None:
 
 def test_dicom_sender_orthanc_out_of_resources_is_transient(rejecting_orthanc, tmp_path: Path) -> None:
     # Orthanc 1.10 cannot refuse a known SOP class at negotiation; its Lua filter error
-    # makes it answer 0xA700 "Refused: Out of Resources" per instance (tests/peers.py).
+    # makes it answer 0xA700 "Refused: Out of Resources" per instance (tests/support/peers.py).
     series = Series(tmp_path / "ct", 2)
     exc = send_error(dicom_sender(rejecting_orthanc.dicom_port, rejecting_orthanc.aet), series)
     assert not exc.permanent

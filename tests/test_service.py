@@ -14,9 +14,10 @@ import requests
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.conftest import bundled, run_cli
-from tests.node_process import NodeProcess, copy_as_series, node_config, wait_for
-from tests.peers import OrthancServer, echoscu, free_port, running_orthanc, store_responses, storescu
+from tests.support import (
+    BRAIN, NodeProcess, OrthancServer, bundled, copy_as_series, dicom_destination, echoscu, folder_destination,
+    free_port, node_config, pipeline, route, run_cli, running_orthanc, store_responses, storescu, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -30,25 +31,10 @@ def orthanc() -> Iterator[OrthancServer]:
 
 
 def pacs_config(data: Path, orthanc: OrthancServer, out: Path, **kw) -> str:
-    return node_config(data, NODE_PORT, **kw, extra=f"""
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-[[destinations]]
-name = "pacs"
-kind = "dicom"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-ae_title = "{orthanc.aet}"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["pacs", "out"]
-""")
+    """The node: CT through the brain window to Orthanc and to folder *out*."""
+    return node_config(data, NODE_PORT, **kw, extra=pipeline("ct-brain", BRAIN)
+                       + dicom_destination("pacs", orthanc.dicom_port, orthanc.aet) + folder_destination("out", out)
+                       + route("ct-brain", ["pacs", "out"], match={"Modality": "CT"}))
 
 
 def derived_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[dict]:
@@ -177,7 +163,7 @@ def send_datasets(port: int, datasets: list[pydicom.Dataset], *, calling: str = 
 
 def test_hostile_input_is_contained(orthanc: OrthancServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    config = pacs_config(tmp_path / "var", orthanc, out, allowed='["STORESCU", "HOSTILE", "ECHOSCU"]')
+    config = pacs_config(tmp_path / "var", orthanc, out, allowed=["STORESCU", "HOSTILE", "ECHOSCU"])
     with NodeProcess(config, tmp_path, port=NODE_PORT) as node:
         def ct(tweak) -> pydicom.Dataset:
             (path,) = copy_as_series([bundled("CT_small.dcm")], tmp_path / generate_uid()[-8:], tweak=tweak)
@@ -254,21 +240,8 @@ def test_a_destination_refusing_the_sc_class_fails_at_once(tmp_path: Path) -> No
     server = refusing.start_server(("127.0.0.1", pacs_port), block=False)
     try:
         port, http = free_port(), free_port()
-        config = node_config(tmp_path / "var", port, http_port=http, extra=f"""
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "nosc"
-kind = "dicom"
-host = "127.0.0.1"
-port = {pacs_port}
-ae_title = "NOSC"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["nosc"]
-""")
+        config = node_config(tmp_path / "var", port, http_port=http, extra=pipeline("plain")
+                             + dicom_destination("nosc", pacs_port, "NOSC") + route("plain", ["nosc"]))
         sources = copy_as_series([bundled("CT_small.dcm")], tmp_path / "in")
         with NodeProcess(config, tmp_path, port=port) as node:
             assert storescu("127.0.0.1", port, sources, called_aet="DICOMNODE").returncode == 0

@@ -11,8 +11,7 @@ from pydicom.dataelem import RawDataElement
 
 from node.imaging import ImageFile, UnsupportedImage
 from node.imaging.source import DecodeLimits, NotDicom, TooLarge
-from tests.big_images import write_rle_ct
-from tests.conftest import bundled
+from tests.support import bundled, write_rle_ct
 
 
 def reason(path: Path) -> str:

@@ -13,9 +13,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.imaging.source import ImageFile
 from node.config.pipeline import Equalise, OutputFormat, Pipeline
-from node.app.process_series import process_series
+from node.app.process_series import SeriesResult, process_series
 from node.process.series import group_series
-from tests.conftest import bundled
+from tests.support import bundled
 
 FRAMES, ROWS, COLUMNS = 120, 480, 640
 
@@ -43,17 +43,23 @@ def long_cine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("output", [OutputFormat.PNG, OutputFormat.SC])
-def test_peak_memory_is_a_few_frames(long_cine: Path, tmp_path: Path, output: OutputFormat) -> None:
-    frame_bytes = ROWS * COLUMNS
-    (series,) = group_series([ImageFile.open(long_cine)])
-    pipeline = Pipeline(name="mem", output=output, display=Equalise(bins=100, per="image"))
+def processed_traced(cine: Path, out: Path, pipeline: Pipeline) -> tuple[SeriesResult, int]:
+    """The series of *cine* processed with *pipeline* into *out*, and the peak of memory traced meanwhile."""
+    (series,) = group_series([ImageFile.open(cine)])
     tracemalloc.start()
     try:
-        result = process_series(series, pipeline, tmp_path, now=datetime.datetime(2026, 1, 1))
+        result = process_series(series, pipeline, out, now=datetime.datetime(2026, 1, 1))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return result, peak
+
+
+@pytest.mark.parametrize("output", [OutputFormat.PNG, OutputFormat.SC])
+def test_peak_memory_is_a_few_frames(long_cine: Path, tmp_path: Path, output: OutputFormat) -> None:
+    frame_bytes = ROWS * COLUMNS
+    pipeline = Pipeline(name="mem", output=output, display=Equalise(bins=100, per="image"))
+    result, peak = processed_traced(long_cine, tmp_path, pipeline)
     assert not result.failures and result.frames == FRAMES
     assert len(result.outputs) == (FRAMES if output is OutputFormat.PNG else 1)
     # float64 working copies of one frame are 8 bytes a pixel; the decoded volume would be 120 frames
@@ -61,14 +67,8 @@ def test_peak_memory_is_a_few_frames(long_cine: Path, tmp_path: Path, output: Ou
 
 
 def test_series_equalisation_memory_does_not_grow_with_the_series(long_cine: Path, tmp_path: Path) -> None:
-    (series,) = group_series([ImageFile.open(long_cine)])
     pipeline = Pipeline(name="mem", output=OutputFormat.PNG, display=Equalise(bins=100, per="series"))
-    tracemalloc.start()
-    try:
-        result = process_series(series, pipeline, tmp_path, now=datetime.datetime(2026, 1, 1))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = processed_traced(long_cine, tmp_path, pipeline)
     assert result.frames == FRAMES
     assert peak < 40 * ROWS * COLUMNS
 

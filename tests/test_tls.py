@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,9 +44,10 @@ from node.deliver.senders import sender_for
 from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import TlsFileError, check_certificate_expiry, client_context, server_context
 from node.receive.tls_listener import start_tls_server
-from tests.conftest import bundled, tool
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import OrthancServer, StoreSCP, TlsFront, echoscu, free_port, storescu
+from tests.support import (
+    NodeProcess, OrthancServer, Pki, StoreSCP, TlsFront, bundled, copy_as_series, echoscu, folder_route, free_port,
+    node_config, openssl, storescu, table, wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -62,57 +61,6 @@ LOCALHOST = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- certificates
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run([tool("openssl"), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"openssl {' '.join(args)}:\n{result.stderr}"
-
-
-class Pki:
-    """Two CAs and certificates, all PEM, RSA 2048, valid two days.
-
-    * ``ca`` signs ``server`` (subjectAltName IP:127.0.0.1), ``named`` (DNS:localhost only) and
-      ``client`` (CN=MODALITY, clientAuth);
-    * ``other`` (another CA) signs ``rogue`` (a client certificate the node must not accept).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, cn in (("ca", "Test Hospital CA"), ("other", "Other CA")):
-            _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                     f"{name}.pem", "-days", "2", "-subj", f"/CN={cn}",
-                     "-addext", "basicConstraints=critical,CA:TRUE",
-                     "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
-        self._leaf("server", "dicom-node", "ca", "subjectAltName=IP:127.0.0.1", "serverAuth")
-        self._leaf("named", "localhost", "ca", "subjectAltName=DNS:localhost", "serverAuth")
-        self._leaf("client", "MODALITY", "ca", None, "clientAuth")
-        self._leaf("rogue", "ROGUE", "other", None, "clientAuth")
-
-    def _leaf(self, name: str, cn: str, ca: str, san: str | None, usage: str) -> None:
-        lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment",
-                 f"extendedKeyUsage={usage}"] + ([san] if san else [])
-        (self.folder / f"{name}.ext").write_text("\n".join(lines) + "\n")
-        _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={cn}", cwd=self.folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-                 "-set_serial", f"0x{os.urandom(8).hex()}", "-days", "2", "-out", f"{name}.pem",
-                 "-extfile", f"{name}.ext", cwd=self.folder)
-
-    def cert(self, name: str) -> Path:
-        return self.folder / f"{name}.pem"
-
-    def key(self, name: str) -> Path:
-        return self.folder / f"{name}.key"
-
-    def tls_args(self, name: str, *, trust: str = "ca") -> list[str]:
-        """dcmtk options: TLS with *name*'s key and certificate, trusting CA *trust*."""
-        return ["+tls", str(self.key(name)), str(self.cert(name)), "+cf", str(self.cert(trust))]
-
-    def settings(self, port: int, *, cert: str = "server", ca: str | None = "ca") -> TlsSettings:
-        return TlsSettings(port=port, cert_file=self.cert(cert), key_file=self.key(cert),
-                           ca_file=self.cert(ca) if ca else None)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +96,7 @@ def test_unusable_files_are_tls_file_errors_naming_the_file(pki: Pki, tmp_path: 
     with pytest.raises(TlsFileError, match=f"CA file {missing}: cannot read"):
         server_context(dataclasses.replace(pki.settings(1), ca_file=missing))
     locked = tmp_path / "encrypted.key"
-    _openssl("pkey", "-in", str(pki.key("client")), "-aes256", "-passout", "pass:secret", "-out", str(locked),
+    openssl("pkey", "-in", str(pki.key("client")), "-aes256", "-passout", "pass:secret", "-out", str(locked),
              cwd=tmp_path)
     with pytest.raises(TlsFileError, match=f"private key file {locked}: the private key is encrypted"):
         client_context(ca_file=pki.cert("ca"), cert_file=pki.cert("client"), key_file=locked)
@@ -207,15 +155,9 @@ def test_certificate_expiry_is_warned_about_and_an_expired_one_is_an_error(
 
 def tls_node_config(data: Path, port: int, tls_port: int, out: Path, pki: Pki, *, ca: bool = True,
                     match_ae_title: bool = False) -> str:
-    ca_line = f'ca_file = "{pki.cert("ca")}"' if ca else ""
-    return node_config(data, port, extra=f"""
-[tls]
-port = {tls_port}
-cert_file = "{pki.cert("server")}"
-key_file = "{pki.key("server")}"
-{ca_line}
-match_ae_title = {"true" if match_ae_title else "false"}
-""" + folder_route(out))
+    tls = table("tls", {"port": tls_port, "cert_file": pki.cert("server"), "key_file": pki.key("server"),
+                        "ca_file": pki.cert("ca") if ca else None, "match_ae_title": match_ae_title})
+    return node_config(data, port, extra=tls + folder_route(out))
 
 
 def tls_echo(port: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -346,21 +288,8 @@ class TlsOnlyNode(NodeProcess):
         self.ca = ca
 
     def start(self, timeout: float = 30) -> TlsOnlyNode:
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
-            )
-        try:
-            wait_for(lambda: self.proc.poll() is not None
-                     or tls_echo(self.port, ["+tla", "+cf", str(self.ca)]).returncode == 0,
-                     timeout, "the TLS-only node to answer C-ECHO over TLS", self.log)
-            assert self.proc.poll() is None, f"dicom-node exited:\n{self.log()[-3000:]}"
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.start_without_echo(lambda: tls_echo(self.port, ["+tla", "+cf", str(self.ca)]).returncode == 0,
+                                       timeout, "answer C-ECHO over anonymous TLS")
 
 
 def test_tls_only_node_without_client_certificates(pki: Pki, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from node.config.pipeline import parse_steps, series_description
 from node.app.process_series import SeriesResult, process_series
 from node.process.series import group_series, open_images
 from node.outputs.png import traceability_text, write_png
-from tests.conftest import bundled, dciodvfy_errors
+from tests.support import bundled, dciodvfy_errors
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 

@@ -14,7 +14,7 @@ from pydicom.pixels.processing import apply_voi
 
 from node.imaging import WINDOWS, file_window, floor_levels, to_hu, window, window_scaled
 from node.imaging.voi import apply_voi_lut_sequence
-from tests.conftest import bundled, tool
+from tests.support import bundled, tool
 
 WINDOWS_TO_CHECK = [(40, 80), (-600, 1500), (50, 350), (763, 1639), (0.5, 2), (1000, 1), (37.3, 99.9), (400, 1800)]
 
@@ -36,7 +36,7 @@ def real_images(data_dir: Path | None) -> list[Path]:
 
 @pytest.mark.parametrize("center,width", WINDOWS_TO_CHECK)
 def test_8bit_window_identical_to_dcm2pnm(center: float, width: float, tmp_path: Path) -> None:
-    from tests.peers import test_data_dir
+    from tests.support import test_data_dir
 
     for path in real_images(test_data_dir()):
         hu = to_hu(pydicom.dcmread(path))

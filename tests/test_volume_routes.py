@@ -13,10 +13,11 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import free_port, storescu
-from tests.test_config import HEAD, error_of, load_text, marked_line
-from tests.volume_series import PLACEMENT_MM, dicom_files, sidecar_of, slice_errors
+from tests.support import (
+    HEAD, NodeProcess, copy_as_series, error_of, folder_route, free_port, load_text, marked_line, node_config, storescu,
+    wait_for,
+)
+from tests.support.volume_series import PLACEMENT_MM, dicom_files, sidecar_of, slice_errors
 
 PIPELINE = """\
 [[pipelines]]

@@ -17,8 +17,8 @@ import pydicom
 from PIL import Image
 
 from node.imaging import to_hu
-from tests.conftest import run_cli
-from tests.volume_series import (
+from tests.support import run_cli
+from tests.support.volume_series import (
     LPS_TO_RAS,
     PLACEMENT_MM,
     dicom_files,

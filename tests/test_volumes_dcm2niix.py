@@ -19,8 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import run_cli, tool
-from tests.volume_series import PLACEMENT_MM, dicom_files, sidecar_of, slice_errors
+from tests.support import run_cli, tool
+from tests.support.volume_series import PLACEMENT_MM, dicom_files, sidecar_of, slice_errors
 
 
 def dcm2niix(inputs: Path, out: Path, *, single_file: bool = False) -> list[Path]:

@@ -21,10 +21,10 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import bundled
-from tests.node_process import NodeProcess, copy_as_series, folder_route, node_config, wait_for
-from tests.peers import echoscu, free_port, storescu
-from tests.test_huge import write_cine
+from tests.support import (
+    NodeProcess, bundled, copy_as_series, dicom_destination, echoscu, folder_destination, folder_route, free_port,
+    node_config, pipeline, route, storescu, table, wait_for, write_cine,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -82,37 +82,22 @@ def processed_at(record: dict) -> float:
     return max(e["at"] for e in record["events"] if e["state"] == "delivering")
 
 
-LANES = """
-[[pipelines]]
-name = "plain"
-steps = [{{ op = "rescale" }}]
-[[destinations]]
-name = "hung"
-kind = "dicom"
-host = "127.0.0.1"
-port = {hung_port}
-ae_title = "NEVERANSWERS"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["hung", "out"]
-"""
+def lanes(hung_port: int, out: Path) -> str:
+    """Config tables: every series rescaled, to a destination that never answers and to folder *out*."""
+    return (pipeline("plain") + dicom_destination("hung", hung_port, "NEVERANSWERS") + folder_destination("out", out)
+            + route("plain", ["hung", "out"]))
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_a_hung_destination_delays_no_other(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
     port, http = free_port(), free_port()
     out = tmp_path / "out"
-    tables = LANES
+    store_table = ""
     if store == "postgresql":  # deliveries are Procrastinate jobs, one queue per destination
-        tables = f'[store]\nurl = "{request.getfixturevalue("postgres").new_database()}"\n' + LANES
+        store_table = table("store", {"url": request.getfixturevalue("postgres").new_database()})
     with silent_listener() as hung_port:
         config = node_config(tmp_path / "var", port, http_port=http, settle=0.5,
-                             extra=tables.format(hung_port=hung_port, out=out))
+                             extra=store_table + lanes(hung_port, out))
         with NodeProcess(config, tmp_path, port=port) as node:
             for name in ("a", "b"):  # b arrives while the hung lane still waits on a
                 files = copy_as_series([bundled("CT_small.dcm")] * 3, tmp_path / name)
@@ -134,7 +119,7 @@ def worker_pids(log: str) -> dict[str, int]:
 
 
 #: Per-image equalisation (fastai's hist_scaled on each frame): a few seconds for a few hundred frames.
-EQUALISE = '{ op = "equalise", per = "image" }'
+EQUALISE = [{"op": "equalise", "per": "image"}]
 
 
 def test_a_killed_worker_is_replaced_and_its_series_finished(tmp_path: Path) -> None:
@@ -175,7 +160,7 @@ def test_a_series_that_outlasts_the_processing_timeout_is_failed_and_the_node_go
     slow_uid = pydicom.dcmread(slow, stop_before_pixels=True).SeriesInstanceUID
     config = node_config(tmp_path / "var", port, http_port=http, settle=0.5,
                          extra=folder_route(out, steps=EQUALISE),
-                         node_extra="processing_timeout_seconds = 1\nmax_processing_attempts = 2")
+                         processing_timeout_seconds=1, max_processing_attempts=2)
     with NodeProcess(config, tmp_path, port=port) as node:
         assert storescu("127.0.0.1", port, [slow], called_aet="DICOMNODE").returncode == 0
         record = wait_for(lambda: (r := series_record(http, slow_uid)) and r["state"] == "failed" and r, 60,

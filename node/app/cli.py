@@ -260,10 +260,10 @@ def _configured_pipeline(config: Config, args: argparse.Namespace, series: "Inpu
     """The pipeline *series* goes through (``--pipeline``, else its route's), or None: logged why."""
     if args.pipeline is not None:
         return config.pipelines[args.pipeline]
-    from node.process.routing import explain_route
+    from node.process.routing import explain_route, route_for
 
     header = series.images[0].header
-    route = config.route_for(header)
+    route = route_for(config, header)
     if route is None or route.discards:
         log.warning("series %s: nothing written %s", series.series_uid, explain_route(config, header))
         return None
@@ -716,6 +716,8 @@ def _still_unrouted(jobs: JobStore, config: Config, series_id: int) -> str | Non
     """Why an unrouted series would be unrouted again under *config*; None when a route matches it now."""
     import pydicom
 
+    from node.process.routing import route_for
+
     if jobs.is_derived(jobs.series(series_id)["series_uid"]):
         return "this node derived it: it is never processed again"
     for _sop_uid, path in jobs.instances(series_id):
@@ -724,7 +726,7 @@ def _still_unrouted(jobs: JobStore, config: Config, series_id: int) -> str | Non
         except Exception as exc:  # noqa: BLE001 - one unreadable file: try the next
             log.warning("job %d: %s cannot be read: %s", series_id, path, exc)
             continue
-        if config.route_for(header) is None:
+        if route_for(config, header) is None:
             return (f"no route of {config.source} matches it now either; add a route, restart the node with "
                     "it, then retry")
         return None

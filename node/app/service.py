@@ -37,6 +37,7 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config, FolderDestination
+from node.process.routing import route_for
 from node.store.database import unavailable
 from node.deliver.lanes import DeliveryLanes, DispatchedDeliveries
 from node.store.fsutil import remove_empty_parents, remove_temporaries
@@ -364,7 +365,7 @@ class NodeService:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:  # unreadable: the worker will say so; settle it as a series
                 return "series"
-            route = self.config.route_for(header)
+            route = route_for(self.config, header)
             return route.trigger if route is not None else "series"
         return "series"
 

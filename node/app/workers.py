@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.config import Config
+from node.process.routing import route_for
 from node.imaging.source import DecodeLimits
 from node.store.jobstore import JobStore, SeriesJob, SeriesState, job_store_for
 from node.telemetry.logsetup import LogSettings, setup_logging
@@ -130,7 +131,7 @@ class SeriesProcessor:
             reason = "; ".join(f.reason for f in failures[:3]) or "no instances"
             self._fail(job, f"no processable instance: {reason}")
             return
-        route = self.config.route_for(images[0].header)
+        route = route_for(self.config, images[0].header)
         if route is None:
             first = images[0].header
             reason = f"no route matches (Modality {first.get('Modality')}, SOP Class {first.get('SOPClassUID')})"
@@ -172,7 +173,7 @@ class SeriesProcessor:
         header = _first_header(job.instance_paths)
         if header is None:
             return None  # nothing readable: processing reports why
-        route = self.config.route_for(header)
+        route = route_for(self.config, header)
         what = f"Modality {header.get('Modality')}, SOP Class {header.get('SOPClassUID')}"
         if route is not None and route.discards:
             return f"a discard route matches ({what})"

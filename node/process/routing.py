@@ -1,9 +1,9 @@
-"""Dry runs of a configuration: which route a series would take, and why (``dicom-node route``).
+"""Which route a series takes (:func:`route_for`), and dry runs that say why (``dicom-node route``).
 
-The decision is the service's own (:meth:`node.config.Config.route_for`, then :attr:`Route.discards`
-and ``[node] unrouted``); this module only explains it in one line per series, with no patient data:
-values of the series are shown only for coded attributes (VR CS, UI, IS, DS, such as Modality or
-SOP Class UID), never for names, IDs, dates or free text.
+The service decides with :func:`route_for`, then :attr:`Route.discards` and ``[node] unrouted``;
+:func:`explain_route` says the same in one line per series, with no patient data: values of the
+series are shown only for coded attributes (VR CS, UI, IS, DS, such as Modality or SOP Class UID),
+never for names, IDs, dates or free text.
 """
 
 from __future__ import annotations
@@ -11,21 +11,86 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
-from node.config import Config, Route, element_text
+from node.config import Config, Route
 
-__all__ = ["HeaderSeries", "explain_route", "group_headers", "read_headers", "route_label", "series_line"]
+__all__ = ["HeaderSeries", "element_text", "explain_route", "group_headers", "matches", "read_headers", "route_for",
+           "route_label", "series_line"]
 
 log = logging.getLogger(__name__)
 
 #: Value representations whose values are codes or numbers, safe to print (no patient data).
 _CODED_VRS = frozenset({"CS", "UI", "IS", "DS", "US", "SS", "UL", "SL"})
+
+
+def element_text(value: Any) -> str:
+    """The text a route's ``match`` patterns are compared with: a data element's value as a string
+    (multiple values joined with backslashes, as DICOM writes them; None as empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value)
+
+
+def matches(route: Route, ds: Dataset) -> bool:
+    """Whether *ds* (any instance of the series) is taken by *route*.
+
+    Each element's ``str(value)`` (values of a multi-valued element joined with ``\\``) is
+    compared case-sensitively with the glob patterns; an attribute that is absent matches
+    only the pattern ``""``.
+
+    Parameters
+    ----------
+    route : Route
+        The route.
+    ds : pydicom.Dataset
+        The dataset to test.
+
+    Returns
+    -------
+    bool
+        True when every keyword matches one of its patterns.
+    """
+    for keyword, patterns in route.match:
+        if keyword not in ds:
+            if "" not in patterns:
+                return False
+            continue
+        text = element_text(ds[keyword].value)
+        if not any(fnmatchcase(text, pattern) for pattern in patterns):
+            return False
+    return True
+
+
+def route_for(config: Config, ds: Dataset) -> Route | None:
+    """The first route of *config* that matches *ds*, or None.
+
+    Parameters
+    ----------
+    config : Config
+        The node's configuration.
+    ds : pydicom.Dataset
+        The dataset to route.
+
+    Returns
+    -------
+    Route or None
+        The route, or None when no route matches.
+    """
+    for route in config.routes:
+        if matches(route, ds):
+            return route
+    return None
 
 
 @dataclass
@@ -118,7 +183,7 @@ def _first_mismatch(route: Route, ds: Dataset) -> str:
     """Which match key of *route* *ds* fails, with its value when that is safe to show."""
     for keyword, patterns in route.match:
         single = Route(match=((keyword, patterns),), pipeline="", destinations=())
-        if not single.matches(ds):
+        if not matches(single, ds):
             return f"{keyword} {_shown_value(keyword, ds)} is not {' | '.join(repr(p) for p in patterns)}"
     return "matches"  # not reached for a route that failed
 
@@ -140,7 +205,7 @@ def explain_route(config: Config, ds: Dataset) -> str:
         (match ...)``, or ``-> no route: kept unrouted`` / ``-> no route: discarded ([node]
         unrouted = "discard")`` followed by why each route does not match.
     """
-    route = config.route_for(ds)
+    route = route_for(config, ds)
     if route is not None and route.discards:
         return f"-> discarded by {route_label(config, route)}"
     if route is not None:

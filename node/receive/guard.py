@@ -16,7 +16,7 @@ thread counts against ``AE.maximum_associations`` (``[node] max_associations``) 
 
 Measured on main from 127.0.0.1 (``max_associations = 10``), with 12 garbage connections (an HTTP
 request, the start of a TLS ClientHello, an A-ASSOCIATE-RQ header claiming 4 GiB, in turn) and 12
-silent ones held open, each reopened as soon as the node dropped it (``tests/hostile.py``): 0 of 10
+silent ones held open, each reopened as soon as the node dropped it (``tests/support/hostile.py``): 0 of 10
 C-ECHOs (dcmtk ``echoscu``) succeeded, all refused "Local Limit Exceeded"; the node used 1.24 s of
 CPU in 10 s and ran 47 threads.
 

@@ -1,7 +1,7 @@
 """Shared helpers for the benchmarks in ``scripts/bench/`` (not part of the test suite).
 
 Everything here talks to 127.0.0.1 only, and every server a benchmark starts is stopped in a
-``finally`` (the peers from ``tests/peers.py`` also kill their process groups at exit).
+``finally`` (the peers from ``tests/support/peers.py`` also kill their process groups at exit).
 
 Generated inputs are made once and kept in ``$DICOM_NODE_BENCH_CACHE`` (default
 ``/tmp/dicom-node-bench``): a 300-slice 512x512 CT series built from the real GE head CT slice
@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.peers import LOCALHOST, _kill_group, _nodelay_env, free_port  # noqa: E402
+from tests.support import BRAIN, LOCALHOST, folder_route, free_port, nodelay_env, stop_process_group  # noqa: E402
 
 CACHE = Path(os.environ.get("DICOM_NODE_BENCH_CACHE", "/tmp/dicom-node-bench"))
 DATA = Path(os.environ.get("DICOM_NODE_TEST_DATA", ROOT.parent / "shared" / "data" / "dicom"))
@@ -52,23 +51,13 @@ __all__ = [
 # --------------------------------------------------------------------------- inputs
 
 
-#: Pipeline steps (TOML) of the processing benchmarks: rescale, then fastai's equalisation per image.
-RESCALE_EQUALISE = '{ op = "rescale" }, { op = "equalise", per = "image" }'
+#: Pipeline steps of the processing benchmarks: rescale, then fastai's equalisation per image.
+RESCALE_EQUALISE = [{"op": "rescale"}, {"op": "equalise", "per": "image"}]
 
-# Config tables for the node in the ingest/scale benchmarks: CT through a brain window to a folder.
-CT_FOLDER_ROUTE = """
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["out"]
-"""
+
+def ct_folder_route(out: Path) -> str:
+    """Config tables for the node in the ingest/scale benchmarks: CT through a brain window to folder *out*."""
+    return folder_route(out, None, name="ct-brain", steps=BRAIN, output=None, match={"Modality": "CT"})
 
 
 def ct_series(count: int = 300, *, series: int = 1) -> list[Path]:
@@ -137,7 +126,7 @@ def push(port: int, paths: Sequence[Path], *, called_aet: str, calling_aet: str 
     args = [STORESCU, "-aet", calling_aet, "-aec", called_aet, "-to", "60", LOCALHOST, str(port),
             *map(str, paths)]
     started = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, env=_nodelay_env(), timeout=timeout,
+    result = subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout,
                             stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -151,7 +140,7 @@ def push_started(port: int, paths: Sequence[Path], *, called_aet: str, calling_a
     args = [STORESCU, "-aet", calling_aet, "-aec", called_aet, "-to", "60", LOCALHOST, str(port),
             *map(str, paths)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_nodelay_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+                            env=nodelay_env(), stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def negotiated_pdu(port: int, called_aet: str) -> str:
@@ -162,7 +151,7 @@ def negotiated_pdu(port: int, called_aet: str) -> str:
     sends it (storescu and echoscu negotiate alike; dcmtk caps what it sends at 128 KiB).
     """
     result = subprocess.run([ECHOSCU, "-d", "-aec", called_aet, "-to", "5", LOCALHOST, str(port)],
-                            capture_output=True, text=True, env=_nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
+                            capture_output=True, text=True, env=nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
     text = result.stdout + result.stderr
     accepted = re.findall(r"Their Max PDU Receive Size:\s*(\d+)", text)
     sent = re.search(r"Max Send PDV:\s*(\d+)", text)
@@ -200,7 +189,7 @@ def wait_quiet(pgid: int, *, timeout: float = 30.0, window: float = 0.5, busy: f
 def echo(port: int, called_aet: str) -> bool:
     """True when a dcmtk C-ECHO to 127.0.0.1:*port* succeeds."""
     result = subprocess.run([ECHOSCU, "-aec", called_aet, "-to", "5", LOCALHOST, str(port)],
-                            capture_output=True, env=_nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
+                            capture_output=True, env=nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
     return result.returncode == 0
 
 
@@ -219,7 +208,7 @@ class Background:
     def start(self, timeout: float = 30) -> Background:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env or _nodelay_env(), cwd=self.cwd, start_new_session=True)
+                                         env=self.env or nodelay_env(), cwd=self.cwd, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -236,17 +225,8 @@ class Background:
 
     def stop(self, grace: float = 10) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _kill_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(proc, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process_group(proc, grace)
 
     def __enter__(self) -> Background:
         return self.start()

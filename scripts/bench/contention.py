@@ -31,7 +31,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, folder_route, node_config  # noqa: E402
+from tests.support import NodeProcess, folder_route, node_config  # noqa: E402
 
 N = 300
 

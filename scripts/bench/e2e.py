@@ -31,31 +31,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
-from tests.peers import OrthancServer  # noqa: E402
+from tests.support import (  # noqa: E402
+    BRAIN, NodeProcess, OrthancServer, dicom_destination, node_config, pipeline, route,
+)
 
 N = 300
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 
 def config_extra(orthanc: OrthancServer, associations: int) -> str:
-    return f"""
-[[pipelines]]
-name = "ct-brain"
-steps = [{{ op = "rescale" }}, {{ op = "window", preset = "brain" }}]
-output = "sc"
-[[destinations]]
-name = "pacs"
-kind = "dicom"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-ae_title = "{orthanc.aet}"
-associations = {associations}
-[[routes]]
-match = {{ Modality = "CT" }}
-pipeline = "ct-brain"
-destinations = ["pacs"]
-"""
+    """Config tables: CT through a brain window (SC) to Orthanc over *associations* associations."""
+    return (pipeline("ct-brain", BRAIN, "sc")
+            + dicom_destination("pacs", orthanc.dicom_port, orthanc.aet, associations=associations)
+            + route("ct-brain", ["pacs"], match={"Modality": "CT"}))
 
 
 def log_events(text: str) -> list[tuple[float, str, str]]:

@@ -6,7 +6,7 @@ Run from the checkout (not part of the test suite)::
 
 Input (made once, kept in the cache folder ``$DICOM_NODE_BENCH_CACHE``): an 8-bit MONOCHROME2
 Ultrasound Multi-frame Image of 640x480 frames (3,500 frames: 1.07 GB of pixel data, Explicit VR
-Little Endian), written frame by frame by ``tests.test_huge.write_cine``.
+Little Endian), written frame by frame by ``tests.support.write_cine``.
 
 The node runs as a child process on 127.0.0.1 (pipeline to PNG frames, folder destination); one
 dcmtk ``storescu`` association pushes the file.  The node's ``VmHWM`` (peak resident set size,
@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, wait_for  # noqa: E402
-from tests.peers import store_responses, storescu  # noqa: E402
-from tests.test_huge import COLUMNS, ROWS, peak_rss, pixel_data_span, png_config, same_bytes, write_cine  # noqa: E402
+from tests.support import (  # noqa: E402
+    COLUMNS, ROWS, NodeProcess, folder_route, node_config, peak_rss, pixel_data_span, same_bytes, store_responses,
+    storescu, wait_for, write_cine,
+)
 
 TARGET = 400 * 2**20
 MB = 2**20
@@ -55,7 +56,8 @@ def main() -> int:
     with bl.tempdir("huge-") as work:
         port = bl.free_port()
         out = work / "out"
-        node = NodeProcess(png_config(work / "var", port, out).replace("settle_seconds = 1.0", "settle_seconds = 2.0"),
+        route = folder_route(out, None, name="frames", output="png", match={"Modality": "US"})  # as tests/test_huge.py
+        node = NodeProcess(node_config(work / "var", port, settle=2.0, extra=route),
                            work, port=port)
         rows = []
         try:

@@ -15,7 +15,7 @@ synced before each push:
 * ``bare``      the fair floor: a bare pynetdicom SCP writing ``event.encoded_dataset()`` to a file
   (bare_scp.py), with the node's maximum PDU, TCP_NODELAY and logging
 * ``storescp``  dcmtk ``storescp -od DIR +B --max-pdu 131072`` (bit-preserving, as received)
-* ``orthanc``   Orthanc 1.10 (tests.peers.OrthancServer, TCP_NODELAY=1)
+* ``orthanc``   Orthanc 1.10 (tests.support.peers.OrthancServer, TCP_NODELAY=1)
 
 Before each push the receiver's start-up work is let to finish (the node's worker processes
 import numpy and pydicom: :func:`benchlib.wait_quiet`) and one ``echoscu -d`` reads the maximum
@@ -45,8 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
-from tests.peers import OrthancServer  # noqa: E402
+from tests.support import NodeProcess, OrthancServer, node_config  # noqa: E402
 
 TARGET = 1.15
 N = 300
@@ -60,7 +59,7 @@ N = 300
 def run_node(files: list[Path], work: Path, code_root: Path = bl.ROOT) -> tuple[float, str]:
     port = bl.free_port()
     data = work / "var"
-    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.CT_FOLDER_ROUTE.format(out=work / "out")),
+    node = NodeProcess(node_config(data, port, settle=3600, extra=bl.ct_folder_route(work / "out")),
                        work, port=port, code_root=code_root)
     try:
         node.start()

@@ -54,8 +54,8 @@ def gradient_frame(index: int, rows: int, columns: int) -> np.ndarray:
 
 def multiframe_file() -> Path:
     """The 1,000-frame 8-bit US file (built once into the cache, a frame at a time, by
-    ``tests.test_huge.write_cine``)."""
-    from tests.test_huge import write_cine
+    ``tests.support.write_cine``)."""
+    from tests.support import write_cine
 
     path = bl.CACHE / "us1000.dcm"
     if path.exists():
@@ -110,7 +110,7 @@ DicomSender(host="127.0.0.1", port=port, called_ae=aet, calling_ae="DICOMNODE").
 
 def send_case(python: str, sc_file: Path, work: Path) -> tuple:
     """(iv): peak RSS of a child process sending *sc_file* to a fresh Orthanc with DicomSender."""
-    from tests.peers import OrthancServer
+    from tests.support import OrthancServer
 
     with OrthancServer(aet="ORTHANC", workdir=work / "orthanc") as orthanc:
         bl.sync_disks()

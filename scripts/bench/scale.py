@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, node_config  # noqa: E402
+from tests.support import NodeProcess, node_config  # noqa: E402
 
 N, ASSOCIATIONS = 300, 10
 
@@ -88,8 +88,8 @@ def run_node(groups: list[list[Path]], work: Path, *, processing: bool = False, 
     port = bl.free_port()
     data = work / "var"
     out = work / "out"
-    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.CT_FOLDER_ROUTE.format(out=out),
-                         node_extra=f"receivers = {receivers}" if receivers > 1 else "")
+    config = node_config(data, port, settle=1.0 if processing else 3600, extra=bl.ct_folder_route(out),
+                         **({"receivers": receivers} if receivers > 1 else {}))
     node = NodeProcess(config, work, port=port, code_root=code_root)
     try:
         node.start()

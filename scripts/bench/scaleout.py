@@ -23,8 +23,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from tests.node_process import NodeProcess, folder_route, node_config  # noqa: E402
-from tests.postgres import running_postgres  # noqa: E402
+from tests.support import NodeProcess, folder_route, node_config, running_postgres  # noqa: E402
 
 SERIES, SLICES, INGEST = 10, 30, 300
 

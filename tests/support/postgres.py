@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 __all__ = ["PostgresServer", "postgres_bin", "running_postgres"]
 

@@ -15,7 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import bundled
+from tests.support.tools import bundled
 
 #: The promise of issue 18: every slice's Image Position (Patient) is ``affine @ (0, 0, k, 1)`` within this (mm).
 PLACEMENT_MM = 0.01

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-__all__ = ["TreePeakMemory", "process_tree", "tree_hwm"]
+__all__ = ["TreePeakMemory", "peak_rss", "process_tree", "tree_hwm"]
 
 _PROC = Path("/proc")
 
@@ -101,3 +101,11 @@ class TreePeakMemory:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.sample()
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident set size (``VmHWM``) of process *pid*, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")

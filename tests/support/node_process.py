@@ -1,4 +1,4 @@
-"""Run ``dicom-node serve`` as a real process for tests, and build test series from real files."""
+"""Run ``dicom-node serve`` as a real process for tests, build test series from real files, wait for a condition."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.peers import echoscu, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.peers import echoscu
+from tests.support.tools import ROOT, node_env
 
 
 class NodeProcess:
@@ -41,13 +40,13 @@ class NodeProcess:
 
     def start_without_echo(self, ready: Callable[[], bool], timeout: float = 30, what: str = "get ready") -> NodeProcess:
         """Start and wait until *ready()* (a node without a DICOM listener: a worker)."""
-        env = dict(os.environ, PYTHONPATH=str(self.code_root))
         # a checkout from before node/__main__.py (benchmarks run older revisions) starts as node.cli
         module = "node" if (Path(self.code_root) / "node" / "__main__.py").exists() else "node.cli"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "serve", "--config", str(self.config_path), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir,
+            stdout=log, stderr=subprocess.STDOUT, env=node_env(code_root=self.code_root), start_new_session=True,
+            cwd=self.workdir,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -89,54 +88,6 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def node_config(data_dir: Path, port: int, *, extra: str = "", settle: float = 1.0, ae_title: str = "DICOMNODE",
-                allowed: str = "[]", http_port: int | None = None, node_extra: str = "") -> str:
-    """A node config on 127.0.0.1 with a fast settle time.
-
-    *node_extra* adds keys to ``[node]``; *extra* adds tables (pipelines, destinations, routes).
-    """
-    return f"""
-[node]
-ae_title = "{ae_title}"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{data_dir}"
-allowed_calling_aets = {allowed}
-settle_seconds = {settle}
-workers = 2
-{"" if "min_free_disk_mb" in node_extra else "min_free_disk_mb = 16  # small guard: CI disks can be small"}
-{node_extra}
-[http]
-host = "127.0.0.1"
-port = {http_port or free_port()}
-[delivery]
-max_attempts = 20
-backoff_seconds = 0.5
-max_backoff_seconds = 2.0
-{extra}
-"""
-
-
-def folder_route(out: Path, trigger: str = "series", *, steps: str = '{ op = "rescale" }', output: str = "sc") -> str:
-    """Config tables: every series through one pipeline (*steps*, TOML, rescale only by default;
-    *output*) to a folder destination *out*."""
-    return f"""
-[[pipelines]]
-name = "plain"
-steps = [{steps}]
-output = "{output}"
-[[destinations]]
-name = "out"
-kind = "folder"
-path = "{out}"
-[[routes]]
-match = {{}}
-pipeline = "plain"
-destinations = ["out"]
-trigger = "{trigger}"
-"""
 
 
 def copy_as_series(sources: list[Path], out_dir: Path, *, tweak: Callable[[pydicom.Dataset, int], None] | None = None) -> list[Path]:

@@ -8,6 +8,8 @@ interpreter exits.
 Contents:
 
 * :func:`free_port` - an unused TCP port on 127.0.0.1.
+* :func:`nodelay_env`, :func:`kill_group`, :func:`stop_process_group` - the
+  environment of dcmtk processes; signalling and stopping a process group.
 * :class:`OrthancServer` - Debian's Orthanc 1.10 (+ DICOMweb plugin) in a
   temporary directory; :func:`running_orthanc` and :func:`orthanc_fixture`
   wrap it for ``with`` blocks and pytest fixtures.
@@ -81,7 +83,7 @@ def _port_open(port: int, host: str = LOCALHOST, timeout: float = 0.5) -> bool:
         return False
 
 
-def _nodelay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def nodelay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for dcmtk-based processes.
 
     ``TCP_NODELAY=1`` makes dcmtk disable Nagle's algorithm; without it dcmtk
@@ -107,7 +109,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
     """Send ``sig`` to the process group led by ``proc`` (started with
     ``start_new_session=True``), ignoring already-gone groups."""
     try:
@@ -116,17 +118,17 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL it
     (``grace <= 0``: SIGKILL at once)."""
     if proc.poll() is None and grace > 0:
-        _kill_group(proc, signal.SIGTERM)
+        kill_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
     # Kill whatever is left of the group (also children of an exited leader).
-    _kill_group(proc, signal.SIGKILL)
+    kill_group(proc, signal.SIGKILL)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:  # pragma: no cover - should not happen
@@ -144,7 +146,53 @@ def _kill_leftovers() -> None:  # pragma: no cover - only on abnormal exits
         procs = list(_LIVE_PROCS)
         _LIVE_PROCS.clear()
     for proc in procs:
-        _stop_process_group(proc, grace=2.0)
+        stop_process_group(proc, grace=2.0)
+
+
+class _PeerProcess:
+    """A peer server run as its own process group, its output appended to a log file; the group is
+    killed at interpreter exit if the peer was not stopped."""
+
+    _proc: subprocess.Popen | None = None
+    _log_handle: Any = None
+
+    @property
+    def host(self) -> str:
+        return LOCALHOST
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _spawn(self, args: list[str], log_path: Path, *, cwd: Path | None = None, banner: str = "") -> None:
+        """Start *args* (environment of :func:`nodelay_env`), *banner* then its output appended to *log_path*."""
+        self._log_handle = open(log_path, "ab")
+        if banner:
+            self._log_handle.write(banner.encode())
+            self._log_handle.flush()
+        self._proc = subprocess.Popen(
+            args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log_handle, stderr=subprocess.STDOUT,
+            env=nodelay_env(), start_new_session=True,  # own process group -> killpg
+        )
+        with _LIVE_LOCK:
+            _LIVE_PROCS.add(self._proc)
+
+    def _stop_group(self, grace: float) -> None:
+        """Stop the process group (:func:`stop_process_group`) and close the log."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                stop_process_group(proc, grace)
+            finally:
+                with _LIVE_LOCK:
+                    _LIVE_PROCS.discard(proc)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
 
 
 # --------------------------------------------------------------------------
@@ -156,7 +204,7 @@ class OrthancError(RuntimeError):
     """Orthanc failed to start, or a REST call failed."""
 
 
-class OrthancServer:
+class OrthancServer(_PeerProcess):
     """Debian's Orthanc 1.10 with the DICOMweb plugin, used via 127.0.0.1.
 
     Orthanc 1.10 has no bind-address option: both ports listen on 0.0.0.0.
@@ -229,8 +277,6 @@ class OrthancServer:
         self.workdir = Path(workdir) if workdir is not None else None
         self.http_port: int | None = None
         self._dicom_port: int | None = None
-        self._proc: subprocess.Popen | None = None
-        self._log_handle = None
 
         self.session = requests.Session()
         self.session.trust_env = False  # never use proxies / netrc
@@ -321,14 +367,6 @@ class OrthancServer:
 
     # ---- lifecycle -----------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self) -> OrthancServer:
         """Start Orthanc and wait until REST (``/system``) and the DICOM port
         answer.  The first start picks free ports (retrying on a port clash);
@@ -360,20 +398,8 @@ class OrthancServer:
     def _launch(self) -> None:
         assert self.workdir is not None
         self.config_path.write_text(json.dumps(self._config(), indent=2))
-        self._log_handle = open(self.log_path, "ab")
-        self._log_handle.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
-        self._log_handle.flush()
-        self._proc = subprocess.Popen(
-            [ORTHANC_BIN, str(self.config_path)],
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-            env=_nodelay_env(),
-            start_new_session=True,  # own process group -> killpg
-        )
-        with _LIVE_LOCK:
-            _LIVE_PROCS.add(self._proc)
+        self._spawn([ORTHANC_BIN, str(self.config_path)], self.log_path, cwd=self.workdir,
+                    banner=f"\n===== start {time.strftime('%H:%M:%S')} =====\n")
         try:
             self._wait_ready()
         except BaseException:
@@ -411,16 +437,7 @@ class OrthancServer:
         """SIGTERM Orthanc's process group, wait up to ``grace`` s (a clean
         shutdown takes ~3 s), then SIGKILL; ``grace=0`` kills at once.
         Ports, storage and index are kept so :meth:`start` can resume."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                _stop_process_group(proc, grace)
-            finally:
-                with _LIVE_LOCK:
-                    _LIVE_PROCS.discard(proc)
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        self._stop_group(grace)
 
     def close(self) -> None:
         """Stop, and delete the working directory if this object created it.
@@ -459,10 +476,6 @@ class OrthancServer:
     def dicom_port(self) -> int:
         assert self._dicom_port is not None, "Orthanc has not been started"
         return self._dicom_port
-
-    @property
-    def host(self) -> str:
-        return LOCALHOST
 
     # ---- REST ----------------------------------------------------------
 
@@ -654,19 +667,19 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_nodelay_env(),
+        env=nodelay_env(),
         start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        _kill_group(proc, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-class StoreSCP:
+class StoreSCP(_PeerProcess):
     """dcmtk ``storescp`` as a simple C-STORE destination on 127.0.0.1.
 
     ``with StoreSCP(tmp_path / "in", aet="DEST") as scp: ...`` - files land
@@ -692,20 +705,6 @@ class StoreSCP:
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.log_path = self.output_dir.parent / f"storescp-{self.port}.log"
-        self._proc: subprocess.Popen | None = None
-        self._log_handle = None
-
-    @property
-    def host(self) -> str:
-        return LOCALHOST
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> StoreSCP:
         if self.running:
@@ -715,13 +714,7 @@ class StoreSCP:
         if self.accept_all:
             args.append("+xa")
         args += [*self.extra_args, str(self.port)]
-        self._log_handle = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log_handle,
-            stderr=subprocess.STDOUT, env=_nodelay_env(), start_new_session=True,
-        )
-        with _LIVE_LOCK:
-            _LIVE_PROCS.add(self._proc)
+        self._spawn(args, self.log_path)
         try:
             deadline = time.monotonic() + self.startup_timeout
             while True:
@@ -739,16 +732,7 @@ class StoreSCP:
             raise
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                _stop_process_group(proc, grace=5.0)
-            finally:
-                with _LIVE_LOCK:
-                    _LIVE_PROCS.discard(proc)
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        self._stop_group(grace=5.0)
 
     def files(self) -> list[Path]:
         """Received files, sorted by name."""
