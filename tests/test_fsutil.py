@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,57 @@ def test_start_writeback_is_advice_and_never_fails(tmp_path: Path) -> None:
     start_writeback(fd, 0, len(data))  # a closed descriptor: ignored, as any error is
     start_writeback(-1, 0, 1)
     assert path.read_bytes() == data
+
+
+class RecordedFsyncs:
+    """fsutil.fsync_dir, still run, with when each began and ended (and a little slower, so callers overlap)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, float, float]] = []
+        real = fsutil.fsync_dir
+
+        def recorded(folder) -> None:
+            began = time.perf_counter()
+            real(folder)
+            time.sleep(0.005)
+            self.calls.append((os.fspath(folder), began, time.perf_counter()))
+
+        monkeypatch.setattr(fsutil, "fsync_dir", recorded)
+
+
+def test_folder_syncs_share_one_fsync_that_began_after_each_caller_asked(tmp_path: Path, monkeypatch) -> None:
+    fsyncs = RecordedFsyncs(monkeypatch)
+    syncs = fsutil.FolderSyncs()
+    start = threading.Barrier(20)
+    asked: list[tuple[float, float]] = []
+
+    def caller(n: int) -> None:
+        (tmp_path / f"{n}.dcm").write_bytes(b"x")  # the change the fsync must cover
+        start.wait(timeout=10)
+        began = time.perf_counter()
+        syncs.sync(tmp_path)
+        asked.append((began, time.perf_counter()))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(asked) == 20
+    for began, returned in asked:  # each returned after an fsync that started after it asked
+        assert any(began <= fsync_began and fsync_ended <= returned for _, fsync_began, fsync_ended in fsyncs.calls)
+    assert 1 <= len(fsyncs.calls) < 20  # shared
+    assert not syncs._folders  # nothing kept once nobody waits
+
+
+def test_adopt_fsyncs_the_new_series_and_study_folders_into_their_parents(tmp_path: Path, monkeypatch) -> None:
+    from node.store.spool import Spool
+
+    fsyncs = RecordedFsyncs(monkeypatch)
+    spool = Spool(tmp_path / "spool")
+    for sop in ("1.1", "1.2"):
+        incoming = tmp_path / f"{sop}.tmp"
+        incoming.write_bytes(b"data")
+        spool.adopt(incoming, "1.2.3", "1.2.3.4", sop)
+    study, series = spool.root / "1.2.3", spool.root / "1.2.3" / "1.2.3.4"
+    assert [folder for folder, _, _ in fsyncs.calls] == [str(series), str(study), str(spool.root), str(series)]

@@ -380,3 +380,32 @@ def test_a_header_that_cannot_be_parsed_is_refused_saying_what(
     assert "cannot parse the data set header: error: Error -3 while decompressing data" in caplog.text
     assert not scp.spooled() and not scp.incoming and not scp.jobs.known_paths()
     assert scp.handler.metrics.snapshot()["instances_refused"]["cannot_parse"] == 3
+
+
+def test_the_file_meta_of_streamed_files_is_pydicoms_byte_for_byte() -> None:
+    """node.receive.scp writes the file meta of each streamed data set itself (pydicom took 0.25 ms each)."""
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID, AllTransferSyntaxes
+    from pynetdicom.dsutils import create_file_meta
+
+    from node.receive.scp import _encoded_file_meta, _write_file_meta_info
+
+    for syntax in AllTransferSyntaxes:
+        for length in range(20, 65):  # odd and even lengths: padded with NUL
+            uid = (generate_uid(prefix=None) + "0" * 64)[:length].rstrip(".")
+            meta = create_file_meta(sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"), sop_instance_uid=UID(uid),
+                                    transfer_syntax=syntax)
+            expected = io.BytesIO()
+            write_file_meta_info(expected, create_file_meta(sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"),
+                                                            sop_instance_uid=UID(uid), transfer_syntax=syntax))
+            assert _encoded_file_meta(meta) == expected.getvalue(), (syntax, uid)
+    unusual = create_file_meta(sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"), sop_instance_uid=UID("1.2.3"),
+                               transfer_syntax=AllTransferSyntaxes[0])
+    unusual.SourceApplicationEntityTitle = "SENDER"
+    assert _encoded_file_meta(unusual) is None  # anything else: pydicom writes it
+    written, expected = io.BytesIO(), io.BytesIO()
+    _write_file_meta_info(written, unusual)
+    write_file_meta_info(expected, unusual)
+    assert written.getvalue() == expected.getvalue()

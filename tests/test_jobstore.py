@@ -498,3 +498,27 @@ def test_a_discard_overtaken_by_a_new_instance_keeps_every_record(store) -> None
     assert not jobs.set_outcome(job, SeriesState.DISCARDED, "discard route")
     assert jobs.series(job.id)["state"] == "receiving"
     assert jobs.forget_discarded_instances(job) == 0 and len(jobs.instances(job.id)) == 2
+
+
+def test_record_instances_is_record_instance_in_one_transaction_all_or_none(store, tmp_path: Path) -> None:
+    jobs, _ = store
+    rows = [dict(study_uid="1.2.3", series_uid=series, sop_uid=sop, sop_class_uid="1.2.840",
+                 path=Path(f"/spool/{sop}.dcm"), size=10, modality="CT", calling_ae="SCU", received_at=1000.0 + i)
+            for i, (series, sop) in enumerate([("1.2.3.4", "1.1"), ("1.2.3.4", "1.2"), ("1.2.3.5", "2.1"),
+                                               ("1.2.3.4", "1.2")])]  # the last: a resend, not new
+    assert jobs.record_instances(rows) == 3
+    one_by_one = JobStore(tmp_path / "one-by-one.sqlite")
+    try:
+        assert [one_by_one.record_instance(**row) for row in rows] == [True, True, True, False]
+        for series_id in (1, 2):
+            batched, single = jobs.series(series_id), one_by_one.series(series_id)
+            assert {k: batched[k] for k in ("series_uid", "instances", "state", "generation", "last_received")} == \
+                   {k: single[k] for k in ("series_uid", "instances", "state", "generation", "last_received")}
+            assert jobs.instances(series_id) == one_by_one.instances(series_id)
+    finally:
+        one_by_one.close()
+    broken = [dict(rows[0], sop_uid="3.1", series_uid="1.2.3.6"), dict(rows[0], sop_uid="3.2", size=None)]
+    with pytest.raises(Exception):  # NOT NULL size: the whole batch is refused
+        jobs.record_instances(broken)
+    assert "/spool/3.1.dcm" not in jobs.known_paths()
+    assert [s["series_uid"] for s in jobs.list_series()].count("1.2.3.6") == 0

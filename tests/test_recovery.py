@@ -168,3 +168,36 @@ def test_recovery_removes_what_a_killed_writer_left_in_the_outputs(tmp_path: Pat
     with NodeProcess(node_config(tmp_path / "var", port), tmp_path, port=port) as node:
         assert "recovery: 0 temporary spool files and 2 temporary output files removed" in node.log()
     assert not temporaries(outputs) and kept.read_bytes() == b"a finished output" and other.exists()
+
+
+def test_instances_answered_just_before_a_kill_are_recorded_once_at_the_next_start(tmp_path: Path) -> None:
+    """Success is answered once the spool file and its folder entry are fsync'd; the job store row is
+    written a moment later (node.store.pending). A node killed mid-push records at start-up what it spooled."""
+    port = free_port()
+    sources = copy_as_series([bundled("CT_small.dcm")] * 40, tmp_path / "in")
+    config = node_config(tmp_path / "var", port, settle=3600)
+    spool, database = tmp_path / "var" / "spool", tmp_path / "var" / "jobs.sqlite"
+
+    def recorded() -> tuple[int, int]:
+        with __import__("sqlite3").connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+            return (db.execute("SELECT COUNT(*) FROM instances").fetchone()[0],
+                    db.execute("SELECT COALESCE(SUM(instances), 0) FROM series").fetchone()[0])
+
+    with NodeProcess(config, tmp_path, port=port) as node:
+        push = subprocess.Popen(["/usr/bin/storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, sources)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= 20, 60, "20 instances spooled", node.log)
+            node.kill()  # mid-push: rows of the last C-STOREs answered are not written yet
+        finally:
+            push.wait(timeout=60)
+    spooled = len(list(spool.rglob("*.dcm")))
+    with NodeProcess(config, tmp_path, port=port) as node:
+        start = len(node.log())
+        wait_for(lambda: recorded() == (spooled, spooled), 30, f"the {spooled} spooled instances recorded", node.log)
+        again = storescu("127.0.0.1", port, sources, called_aet="DICOMNODE")  # all again: only the rest is new
+        assert again.returncode == 0, again.stdout + again.stderr
+        wait_for(lambda: "association from STORESCU released" in node.log()[start:], 30, "the resend's end", node.log)
+        node.stop()
+    assert recorded() == (40, 40)
+    assert "Traceback" not in node.log()

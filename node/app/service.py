@@ -44,11 +44,10 @@ from node.store.fsutil import remove_empty_parents, remove_temporaries
 from node.app.http.server import StatusServer
 from node.app.http.auth import HttpGuard
 from node.imaging.source import DecodeLimits
-from node.receive.scp import StoreHandler, build_application_entity, enable_streamed_receive
 from node.store.jobstore import job_store_for
 from node.telemetry.logsetup import LogSettings, Throttle, first_line
 from node.telemetry.metrics import Metrics
-from node.receive.guard import ConnectionGuard, ConnectionLimits, start_guarded_server
+from node.receive.guard import start_guarded_server
 from node.receive.poller import DicomWebPoller, schedule
 from node.store.pending import PendingRecords
 from node.deliver.sender import Sender
@@ -57,6 +56,7 @@ from node.store.spool import Spool, shared_dir_problem
 from node.net.pynetdicom_setup import configure_pynetdicom
 from node.net.tls import check_certificate_expiry, https_server_context, server_context
 from node.receive.tls_listener import start_tls_server
+from node.app.receivers import ReceiverPool, receiving
 from node.app.workers import DISCARDED, PROCESSED, WorkerPool
 
 __all__ = ["ListenerError", "NodeService"]
@@ -131,8 +131,11 @@ class NodeService:
         self._pending: PendingRecords | list = []  # the SCP's instances waiting for the job store
         self._store_ok = True  # the assembler's last use of the job store worked (for /readyz)
         self._store_trouble = Throttle(60.0)
+        self._log_settings = log_settings or LogSettings()
         self.workers = WorkerPool(config, self.jobs, count=config.node.workers,
-                                  log_settings=log_settings or LogSettings(), on_report=self._worker_report)
+                                  log_settings=self._log_settings, on_report=self._worker_report)
+        #: The receiver processes beside this one on the DICOM port (``[node] receivers`` > 1), once started.
+        self.receivers: ReceiverPool | None = None
         lanes = DeliveryLanes(self.jobs, config.destinations, self.senders, config.delivery, self.metrics)
         self.deliveries: DeliveryLanes | DispatchedDeliveries = (
             lanes if config.store.url is None else DispatchedDeliveries(lanes, config.store, config.node.shared))
@@ -181,25 +184,22 @@ class NodeService:
         node = self.config.node
         tls = self.config.tls
         if node.port or tls is not None:
-            ae = build_application_entity(
-                node.ae_title, allowed_calling_aets=node.allowed_calling_aets, max_associations=node.max_associations,
-                association_timeout=node.association_timeout_seconds,
-            )
-            guard = ConnectionGuard(ConnectionLimits(
-                timeout=node.association_timeout_seconds, max_negotiating=node.max_negotiating_connections,
-                max_per_address=node.max_connections_per_address,
-            ), metrics=self.metrics)  # one for both listeners: their limits are over both
-            min_free = node.min_free_disk_mb * 2**20
-            enable_streamed_receive(self.spool.root, min_free_bytes=min_free)  # process-wide: see its docstring
-            handler = StoreHandler(self.spool, self.jobs, metrics=self.metrics, min_free_bytes=min_free,
-                                   match_tls_ae_title=tls is not None and tls.match_ae_title,
-                                   decode_limits=self.decode_limits)
+            parts = receiving(self.config, self.spool, self.jobs, self.metrics,
+                              match_tls_ae_title=tls is not None and tls.match_ae_title)
+            ae, guard, handler = parts.ae, parts.guard, parts.handler  # one guard: its limits are over both listeners
             self._pending = handler.pending
             self._spawn("recorder", self._record_loop)
             if node.port:
+                shared = node.receivers > 1  # SO_REUSEPORT: the receiver processes listen beside this one
                 with _binding(self.config, "the DICOM listener", "node.port", node.host, node.port):
-                    self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard)
-                log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+                    self._server = start_guarded_server(ae, (node.host, node.port), handler.handlers(), guard,
+                                                        reuse_port=shared)
+                log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port,
+                         f" with {node.receivers - 1} more receiving process(es)" if shared else "")
+                if shared:
+                    self.receivers = ReceiverPool(self.config, count=node.receivers - 1,
+                                                  log_settings=self._log_settings, metrics=self.metrics)
+                    self.receivers.start()
             if tls is not None:
                 with _binding(self.config, "the DICOM TLS listener", "tls.port", node.host, tls.port):
                     self._tls_server = start_tls_server(ae, node.host, tls, handler.handlers(),
@@ -236,10 +236,14 @@ class NodeService:
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.works:
             self.workers.stop()
         for thread in self._threads:
             thread.join(timeout=60)
+        if isinstance(self._pending, PendingRecords):
+            self._pending.flush()  # rows of C-STOREs answered while the listeners stopped
         if self.works:
             self.deliveries.stop()
         self.http.stop()
@@ -265,12 +269,14 @@ class NodeService:
     def _alive(self) -> bool:
         """For /healthz: every thread, the worker supervisor and the delivery lanes run."""
         return (not self._stop.is_set() and all(t.is_alive() for t in self._threads)
+                and (self.receivers is None or self.receivers.alive())
                 and (not self.works or (self.workers.alive() and self.deliveries.alive())))
 
     def _is_ready(self) -> bool:
-        """For /readyz: started, the job store answering (now, and to the assembler), nothing waiting to
-        be recorded, and (a worker) the shared folder usable."""
-        if not self._ready.is_set() or self._stop.is_set() or self._pending or not self._store_ok:
+        """For /readyz: started, the job store answering (now, to the assembler and to the recorder of
+        received instances), and (a worker) the shared folder usable."""
+        if not self._ready.is_set() or self._stop.is_set() or not self._store_ok or (
+                isinstance(self._pending, PendingRecords) and self._pending.failing):
             return False
         if not self.jobs.reachable():
             return False
@@ -323,10 +329,8 @@ class NodeService:
                       counts["series_failed"], attempts)
 
     def _record_loop(self) -> None:
-        """Record the instances the SCP spooled while the job store was unavailable."""
-        while not self._stop.wait(1.0):
-            if self._pending:
-                self._pending.flush()
+        """Record the instances the SCP spooled (after their C-STOREs were answered), in batches."""
+        self._pending.run(self._stop)
 
     # -- series assembly --------------------------------------------------------------------------
 

@@ -165,6 +165,9 @@ class NodeSettings(Table):
     failed_retention_hours : float
         Failed series (their spool files, outputs and records) are removed this long after they
         failed; 0: kept for ever (``dicom-node retry`` can still run them).
+    receivers : int
+        Processes receiving on ``port`` (``SO_REUSEPORT``, :mod:`node.app.receivers`): 1 is the
+        service alone; each process has its own ``max_associations`` and connection limits.
     """
 
     __pydantic_config__ = _DEFAULTS_CHECKED
@@ -196,6 +199,7 @@ class NodeSettings(Table):
     unrouted: Annotated[Unrouted, OneOf(Unrouted, quoted=True)] = embedded_default("node", "unrouted")
     failed_retention_hours: Annotated[float, TIME_SPANS["failed_retention_hours"]] = embedded_default(
         "node", "failed_retention_hours")
+    receivers: Annotated[int, Whole(1, 16)] = embedded_default("node", "receivers")
 
     @property
     def shared(self) -> Path:

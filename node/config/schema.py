@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -109,6 +110,7 @@ class ConfigFile(Table):
             destinations = {destination.name: destination for destination in self.destinations}
             routes_deliverable(self.routes, pipelines, destinations)
             listeners_apart(listeners(self.node, self.tls, self.http), file_context(info).locator, {})
+            receivers_possible(self.node)
         except Refusal as exc:
             refuse(exc.message, *exc.path)
         return self
@@ -176,6 +178,16 @@ def listeners(node: NodeSettings, tls: TlsSettings | None, http: HttpSettings) -
         out.append(Listener("the DICOM TLS listener", node.host, ("node", "host"), tls.port, ("tls", "port")))
     out.append(Listener("the HTTP listener", http.host, ("http", "host"), http.port, ("http", "port")))
     return out
+
+
+def receivers_possible(node: NodeSettings) -> None:
+    """``[node] receivers`` above 1 needs ``SO_REUSEPORT`` and the plain listener whose port they share."""
+    if node.receivers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise Refusal(("node", "receivers"), f"{node.receivers} receiving processes need SO_REUSEPORT, which this "
+                      "platform has not: set 1")
+    if node.receivers > 1 and not node.port:
+        raise Refusal(("node", "receivers"), f"{node.receivers} receiving processes share the plain listener's "
+                      "port, and port = 0 turns it off: set 1, or a port")
 
 
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -20,8 +20,11 @@ switch                            value  why
                                          before.
 ================================  =====  ====================================================
 
-The receiving side's switch (``STORE_RECV_CHUNKED_DATASET``) is still set by
-:func:`node.receive.scp.enable_streamed_receive`, with the spool folder it needs.
+The receiving side's process-wide changes are made at the same start-up, where the SCP is built
+(:meth:`node.app.service.NodeService.start`): ``STORE_RECV_CHUNKED_DATASET`` (and the names it
+uses in ``pynetdicom.dimse_messages``) by :func:`node.receive.scp.enable_streamed_receive`, with the
+spool folder it needs; and the ``time`` stand-in of :func:`node.net.fastpath.enable`, which only
+changes the associations the SCP attaches.
 """
 
 from __future__ import annotations

@@ -450,6 +450,21 @@ class Negotiation:
     peer: str
 
 
+class SharedContexts(list):
+    """The server's supported presentation contexts, handed to each association as they are.
+
+    pynetdicom deep-copies them for every association (``RequestHandler._create_association``):
+    for the node's ~150 storage SOP classes in every transfer syntax that is some 6,000 pydicom UIDs
+    made and validated again, 60-70 ms of CPU for each association, measured with storescu - most
+    of what ten associations at once cost beyond their instances.  Negotiation only reads them
+    (``negotiate_as_acceptor`` builds the accepted contexts anew) and the node never changes them
+    once the listener runs, so a copy of the list holding the same contexts does.
+    """
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return list(self)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server, with each connection's negotiation bounded.
 
@@ -465,18 +480,32 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         As for ``AssociationServer``.
     guard : ConnectionGuard, optional
         Shared with the node's other listener; default: one of its own with default limits.
+    reuse_port : bool
+        Bind with ``SO_REUSEPORT``, so that other processes of the node (``[node] receivers``)
+        listen on the same address and the kernel shares the connections out among them.
     """
 
     #: The listen backlog (socketserver's default is 5): under a flood of connections, a sender's
     #: connection waits its turn instead of having its SYN dropped (retried by its kernel after 1 s).
     request_queue_size = 128
 
-    def __init__(self, *args: Any, guard: ConnectionGuard | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, guard: ConnectionGuard | None = None, reuse_port: bool = False,
+                 **kwargs: Any) -> None:
         self.guard = guard if guard is not None else ConnectionGuard()
+        self.reuse_port = reuse_port  # before super(): it binds
         self._negotiations: set[Negotiation] = set()  # before super(): a failed bind calls server_close
         self._negotiations_lock = threading.Lock()
         self._closing = False
         super().__init__(*args, **kwargs)
+        contexts = getattr(self, "contexts", None)
+        if isinstance(contexts, list):
+            self.contexts = SharedContexts(contexts)
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, with ``SO_REUSEPORT`` first when asked (it must be set before bind)."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     @property
     def closing(self) -> bool:
@@ -609,7 +638,7 @@ def serve_in_background(ae: Any, server: ThreadedAssociationServer, name: str) -
 
 
 def start_guarded_server(ae: Any, address: tuple[str, int], handlers: Sequence[tuple], guard: ConnectionGuard,
-                         ) -> GuardedAssociationServer:
+                         *, reuse_port: bool = False) -> GuardedAssociationServer:
     """The plain listener: a :class:`GuardedAssociationServer` on *address*, serving in its own thread.
 
     Parameters
@@ -622,12 +651,15 @@ def start_guarded_server(ae: Any, address: tuple[str, int], handlers: Sequence[t
         pynetdicom event handlers, as for ``start_server``.
     guard : ConnectionGuard
         Timeout, limits, counting and warnings (shared with the TLS listener).
+    reuse_port : bool
+        Share the port with the node's other receiving processes (``SO_REUSEPORT``).
 
     Returns
     -------
     GuardedAssociationServer
         Stop it with ``shutdown()``.
     """
-    server = ae.make_server(address, evt_handlers=list(handlers), server_class=GuardedAssociationServer, guard=guard)
+    server = ae.make_server(address, evt_handlers=list(handlers), server_class=GuardedAssociationServer, guard=guard,
+                            reuse_port=reuse_port)
     serve_in_background(ae, server, "AcceptorServer")
     return server

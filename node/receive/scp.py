@@ -33,7 +33,9 @@ import contextlib
 import io
 import logging
 import os
+import re
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -44,6 +46,7 @@ from pathlib import Path
 import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_partial
+from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
 from pydicom.uid import AllTransferSyntaxes, UID
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dsutils import encode_file_meta
@@ -54,6 +57,7 @@ from node.store.fsutil import start_writeback
 from node.imaging.source import DecodeLimits, OverLimit
 from node.store.jobstore import JobStore
 from node.telemetry.metrics import Metrics
+from node.net import fastpath
 from node.store.pending import PendingRecords
 from node.net.sockets import no_delay
 from node.store.spool import INCOMING, InvalidUID, Spool
@@ -100,6 +104,7 @@ _SPACE_CHECK_BYTES = 4 << 20  # while a data set streams in, free space is check
 # senders send 16 KiB PDUs); each write is handed to the kernel's writeback straight away.
 _WRITE_BYTES = 64 << 10
 _HEAD_BYTES = 64 << 10  # the first bytes of each file, kept in memory for the header parse
+
 
 
 class _IncomingFile:
@@ -247,6 +252,55 @@ def _remove_left_by(thread: object) -> int:
     return removed
 
 
+# -- the file meta of each streamed file ---------------------------------------------------------
+
+# What pynetdicom's create_file_meta puts in the file meta of a streamed data set (PS3.10 7.1), in
+# tag order, with each value's VR and padding; (0002,0000) goes first with the length of the rest.
+_FILE_META = ((0x00020001, b"OB", None), (0x00020002, b"UI", b"\x00"), (0x00020003, b"UI", b"\x00"),
+              (0x00020010, b"UI", b"\x00"), (0x00020012, b"UI", b"\x00"), (0x00020013, b"SH", b" "))
+_FILE_META_TAGS = {0x00020000, *(tag for tag, _, _ in _FILE_META)}
+_PLAIN_UID = re.compile(rb"^[0-9.]{1,64}$")
+_PLAIN_SH = re.compile(rb"^[ -~]{0,16}$")  # printable ASCII, no backslash issue for one value
+
+
+def _encoded_file_meta(file_meta: Dataset) -> bytes | None:
+    """*file_meta* (as pynetdicom's ``create_file_meta`` makes it) in Explicit VR Little Endian, or
+    None when it holds anything else (then pydicom writes it).
+
+    The same bytes as ``pydicom.filewriter.write_file_meta_info`` (tests/test_ingest.py compares
+    them), 50 times faster: pydicom validates and encodes a Dataset element by element, 0.25 ms
+    for every instance received (0.6 ms on a busy machine), in the association's reader thread.
+    """
+    if set(file_meta.keys()) != _FILE_META_TAGS:
+        return None
+    parts = []
+    for tag, vr, pad in _FILE_META:
+        value = file_meta[tag].value
+        if pad is None:  # (0002,0001) OB, the version: two bytes
+            if value != b"\x00\x01":
+                return None
+            parts.append(struct.pack("<HH2sHL", 0x0002, tag & 0xFFFF, vr, 0, 2) + value)
+            continue
+        raw = value.encode("ascii") if isinstance(value, str) else None
+        if raw is None or not (_PLAIN_UID if vr == b"UI" else _PLAIN_SH).match(raw):
+            return None
+        if len(raw) % 2:
+            raw += pad
+        parts.append(struct.pack("<HH2sH", 0x0002, tag & 0xFFFF, vr, len(raw)) + raw)
+    rest = b"".join(parts)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(rest)) + rest
+
+
+def _write_file_meta_info(fp, file_meta: Dataset, enforce_standard: bool = True) -> None:
+    """Stands in for ``write_file_meta_info`` inside pynetdicom's streamed receive (see
+    :func:`_encoded_file_meta`); anything unusual goes to pydicom's."""
+    encoded = _encoded_file_meta(file_meta) if enforce_standard else None
+    if encoded is None:
+        pydicom_write_file_meta_info(fp, file_meta, enforce_standard=enforce_standard)
+    else:
+        fp.write(encoded)
+
+
 def enable_streamed_receive(spool_root: str | os.PathLike, *, min_free_bytes: int = 0) -> Path:
     """Receive every C-STORE data set straight into a file in ``<spool_root>/.incoming``.
 
@@ -268,12 +322,16 @@ def enable_streamed_receive(spool_root: str | os.PathLike, *, min_free_bytes: in
     process-wide: set ``tempfile.tempdir``, which would move *every* temporary file of every library
     in the node into the spool, or replace the ``NamedTemporaryFile`` name that pynetdicom imported
     into ``pynetdicom.dimse_messages``, whose only use there is this C-STORE receive.  This does the
-    second, the narrower one, with a stand-in that also gathers PDUs into 1 MiB writes, turns a
+    second, the narrower one, with a stand-in that also gathers PDUs into 64 KiB writes, turns a
     write the disk refuses into 0xA700 instead of a dead association, and checks *min_free_bytes*
     (give the :class:`StoreHandler` disk guard's value) every 4 MiB while a data set arrives, so a
     huge object cannot fill the disk before its C-STORE is refused.  If a pynetdicom release no
     longer has that name, the files stay in the default temporary folder (a warning says so) and
     :meth:`Spool.adopt` copies them instead of renaming: slower, still correct.
+
+    It also replaces ``dimse_messages.write_file_meta_info`` (pydicom's, whose only use there is
+    the file meta of these files) with :func:`_write_file_meta_info`: the same bytes without
+    building them element by element through pydicom (0.25 ms of every C-STORE).
     """
     folder = Path(spool_root).absolute() / INCOMING
     folder.mkdir(parents=True, exist_ok=True)
@@ -284,6 +342,8 @@ def enable_streamed_receive(spool_root: str | os.PathLike, *, min_free_bytes: in
         log.warning("this pynetdicom (%s) does not create its receive files through "
                     "dimse_messages.NamedTemporaryFile: they go to %s and are copied into the spool",
                     getattr(pynetdicom, "__version__", "?"), tempfile.gettempdir())
+    if getattr(dimse_messages, "write_file_meta_info", None) in (pydicom_write_file_meta_info, _write_file_meta_info):
+        dimse_messages.write_file_meta_info = _write_file_meta_info
     _config.STORE_RECV_CHUNKED_DATASET = True
     return folder
 
@@ -293,6 +353,8 @@ def disable_streamed_receive() -> None:
     _config.STORE_RECV_CHUNKED_DATASET = False
     if isinstance(getattr(dimse_messages, "NamedTemporaryFile", None), _IncomingFiles):
         dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile
+    if getattr(dimse_messages, "write_file_meta_info", None) is _write_file_meta_info:
+        dimse_messages.write_file_meta_info = pydicom_write_file_meta_info
 
 
 @dataclass(frozen=True)
@@ -332,7 +394,8 @@ def _pixel_value(name: str, raw: bytes, little_endian: bool) -> int | str | None
 
 
 def _past_header(tag: int, vr: object, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
+    # int's own comparison: pydicom's BaseTag.__gt__ is Python (== then <), called for every element
+    return int.__gt__(tag, _LAST_HEADER_TAG)
 
 
 def _header(values: dict[str, str], request, pixels: Mapping[str, int | str] | None = None) -> _Header:
@@ -479,16 +542,23 @@ class StoreHandler:
         Number of Frames, Samples per Pixel, Bits Allocated, Photometric Interpretation) asks
         for more decoded pixel data is refused with 0xC000 and nothing is stored.  Missing or
         unreadable values are not refused here (processing reports them).  None: no check.
+    record_later : bool
+        Answer Success once the instance is spooled (file and folder entry fsync'd) and leave its
+        job store row to :attr:`pending`, whose ``run`` the caller runs in a thread (the service
+        does; :mod:`node.store.pending`).  False: the row is written before Success, as a test
+        harness without that thread needs.
     """
 
     def __init__(
         self, spool: Spool, jobs: JobStore, *, metrics: Metrics | None = None, min_free_bytes: int = 0,
-        match_tls_ae_title: bool = False, decode_limits: DecodeLimits | None = None,
+        match_tls_ae_title: bool = False, decode_limits: DecodeLimits | None = None, record_later: bool = False,
     ) -> None:
         self.spool = spool
         self.jobs = jobs
-        #: Spooled instances the job store could not record yet (the service records them later).
+        #: Spooled instances not recorded yet: all of them with *record_later* (a thread runs
+        #: ``pending.run``), else those the job store refused (the service records them later).
         self.pending = PendingRecords(jobs)
+        self.record_later = record_later
         self.metrics = metrics
         self.min_free_bytes = max(0, int(min_free_bytes))
         self.decode_limits = decode_limits
@@ -517,8 +587,10 @@ class StoreHandler:
         ]
 
     def on_connection_open(self, event: evt.Event) -> None:
-        """Nagle off: each C-STORE-RSP goes out at once instead of waiting for a delayed ACK."""
+        """Nagle off: each C-STORE-RSP goes out at once instead of waiting for a delayed ACK; and
+        pynetdicom's hot path made quicker for this association (:mod:`node.net.fastpath`)."""
         no_delay(event.assoc)
+        fastpath.attach(event.assoc)
 
     def on_echo(self, event: evt.Event) -> int:
         """C-ECHO: always Success (also when the disk guard refuses C-STOREs)."""
@@ -546,14 +618,15 @@ class StoreHandler:
                 incoming.finish()
                 if incoming.failure is not None:
                     return self._failed_receive(event, incoming)
-            return self._store(event, path, incoming.head if incoming is not None else b"")
+            return self._store(event, path, incoming)
         finally:
             with contextlib.suppress(FileNotFoundError):  # not adopted: refused, resent or failed
                 path.unlink()
             _forget(path)
 
-    def _store(self, event: evt.Event, path: Path | None, head: bytes = b"") -> int | Dataset:
+    def _store(self, event: evt.Event, path: Path | None, incoming: _IncomingFile | None = None) -> int | Dataset:
         calling = event.assoc.requestor.ae_title
+        head = incoming.head if incoming is not None else b""
         raw = b""
         try:
             if path is None:
@@ -610,10 +683,13 @@ class StoreHandler:
         row = dict(study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
                    sop_class_uid=header.sop_class_uid, path=stored.path, size=stored.size,
                    modality=header.modality, calling_ae=calling, received_at=time.time())
-        try:
-            self.jobs.record_instance(**row)
-        except Exception as exc:  # the file is safe on disk, which is the record: written to the store later
-            self.pending.add(row, exc)
+        if self.record_later:
+            self.pending.submit(row)  # the file is safe on disk, which is the record
+        else:
+            try:
+                self.jobs.record_instance(**row)
+            except Exception as exc:  # the file is safe on disk, which is the record: written to the store later
+                self.pending.add(row, exc)
         if self.metrics is not None:
             self.metrics.instance_received()
         if replacing:

@@ -8,14 +8,15 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
-    "TEMPORARY_GLOB", "atomic_output", "fsync_dir", "remove_empty_parents", "remove_temporaries", "start_writeback",
-    "untouched_for",
+    "TEMPORARY_GLOB", "FolderSyncs", "atomic_output", "fsync_dir", "remove_empty_parents", "remove_temporaries",
+    "start_writeback", "untouched_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,68 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None and length > 0:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # the result is advice: ignored
+
+
+class FolderSyncs:
+    """:func:`fsync_dir` shared by the threads that need one of the same folder at the same time.
+
+    A group commit: a thread that renamed a file into a folder calls :meth:`sync`; if an fsync of
+    that folder is under way it waits for it to end, then one fsync (started after every rename
+    that asked meanwhile) serves all of them.  Each caller returns only after an fsync that began
+    after its own call, so what it put in the folder before calling is durable.  With ten
+    associations sending one series, the instances completing together share the folder's fsync
+    instead of queueing for it one by one.  Thread-safe; one object per spool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[str, _FolderSync] = {}
+
+    def sync(self, folder: str | os.PathLike) -> None:
+        """fsync *folder* (no-op where unsupported, as :func:`fsync_dir`), sharing it with concurrent callers."""
+        key = os.fspath(folder)
+        with self._lock:
+            state = self._folders.get(key)
+            if state is None:
+                state = self._folders[key] = _FolderSync()
+            state.users += 1
+        try:
+            state.sync(key)
+        finally:
+            with self._lock:
+                state.users -= 1
+                if not state.users:
+                    del self._folders[key]
+
+
+class _FolderSync:
+    """One folder's group commit: tickets asked, tickets an fsync covered, whether one runs."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self._changed = threading.Condition()
+        self._asked = 0
+        self._covered = 0
+        self._running = False
+
+    def sync(self, folder: str) -> None:
+        with self._changed:
+            self._asked += 1
+            ticket = self._asked
+            while self._covered < ticket:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._running = True
+                covers = self._asked  # every caller so far made its change before this fsync starts
+                self._changed.release()
+                try:
+                    fsync_dir(folder)
+                finally:
+                    self._changed.acquire()
+                    self._running = False
+                    self._covered = max(self._covered, covers)
+                    self._changed.notify_all()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

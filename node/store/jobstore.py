@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -465,41 +465,60 @@ class JobStore:
         received_at: float | None = None,
     ) -> bool:
         """Record a spooled instance and (re-)open its series; True if the instance is new."""
-        now = self._clock() if received_at is None else received_at
         with self._transaction() as db:
-            row = db.execute("SELECT id, state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-            if row is None:
-                series_id = db.execute(
-                    "INSERT INTO series(study_uid, series_uid, state, modality, calling_ae, first_received,"
-                    " last_received, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now, now),
-                ).fetchone()[0]
-                self._event(db, series_id, SeriesState.RECEIVING.value, f"first instance from {calling_ae}")
+            return self._record(db, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                                sop_class_uid=sop_class_uid, path=path, size=size, modality=modality,
+                                calling_ae=calling_ae, received_at=received_at)
+
+    def record_instances(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Record several spooled instances in one transaction (a group commit); returns how many are new.
+
+        Each row holds :meth:`record_instance`'s keyword arguments; they are recorded in order, each
+        exactly as :meth:`record_instance` would. All or none: on an error nothing is recorded.
+        """
+        if not rows:
+            return 0
+        with self._transaction() as db:
+            return sum(self._record(db, **row) for row in rows)
+
+    def _record(self, db: Database, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
+                path: Path, size: int, modality: str | None = None, calling_ae: str | None = None,
+                received_at: float | None = None) -> bool:
+        """:meth:`record_instance` inside the transaction *db*."""
+        now = self._clock() if received_at is None else received_at
+        row = db.execute("SELECT id, state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        if row is None:
+            series_id = db.execute(
+                "INSERT INTO series(study_uid, series_uid, state, modality, calling_ae, first_received,"
+                " last_received, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (study_uid, series_uid, SeriesState.RECEIVING.value, modality, calling_ae, now, now, now, now),
+            ).fetchone()[0]
+            self._event(db, series_id, SeriesState.RECEIVING.value, f"first instance from {calling_ae}")
+        else:
+            series_id = row["id"]
+            state = row["state"]
+            if state == SeriesState.PROCESSING.value:
+                new_state = state  # the worker sees the generation change and lets it settle again
             else:
-                series_id = row["id"]
-                state = row["state"]
-                if state == SeriesState.PROCESSING.value:
-                    new_state = state  # the worker sees the generation change and lets it settle again
-                else:
-                    new_state = SeriesState.RECEIVING.value
-                    if state != new_state:
-                        self._event(db, series_id, new_state, f"re-opened from {state} by a new instance")
-                reopened = state not in (SeriesState.RECEIVING.value, SeriesState.PROCESSING.value)
-                db.execute(
-                    "UPDATE series SET state = ?, generation = generation + 1, last_received = ?,"
-                    " opened_at = CASE WHEN ? THEN ? ELSE opened_at END, updated_at = ? WHERE id = ?",
-                    (new_state, now, reopened, now, now, series_id),
-                )
-            known = db.execute("SELECT series_id FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+                new_state = SeriesState.RECEIVING.value
+                if state != new_state:
+                    self._event(db, series_id, new_state, f"re-opened from {state} by a new instance")
+            reopened = state not in (SeriesState.RECEIVING.value, SeriesState.PROCESSING.value)
             db.execute(
-                "INSERT INTO instances(sop_uid, series_id, sop_class_uid, path, size, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET"
-                " path = excluded.path, size = excluded.size, received_at = excluded.received_at",
-                (sop_uid, series_id, sop_class_uid, str(path), size, now),
+                "UPDATE series SET state = ?, generation = generation + 1, last_received = ?,"
+                " opened_at = CASE WHEN ? THEN ? ELSE opened_at END, updated_at = ? WHERE id = ?",
+                (new_state, now, reopened, now, now, series_id),
             )
-            if known is None:
-                db.execute("UPDATE series SET instances = instances + 1 WHERE id = ?", (series_id,))
-            return known is None
+        known = db.execute("SELECT series_id FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        db.execute(
+            "INSERT INTO instances(sop_uid, series_id, sop_class_uid, path, size, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET"
+            " path = excluded.path, size = excluded.size, received_at = excluded.received_at",
+            (sop_uid, series_id, sop_class_uid, str(path), size, now),
+        )
+        if known is None:
+            db.execute("UPDATE series SET instances = instances + 1 WHERE id = ?", (series_id,))
+        return known is None
 
     def is_derived(self, series_uid: str) -> bool:
         """Whether *series_uid* is a series this node produced (so it is never taken as new work)."""

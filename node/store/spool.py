@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.store.fsutil import (
-    atomic_output, fsync_dir, remove_empty_parents, remove_temporaries, untouched_for,
+    FolderSyncs, atomic_output, remove_empty_parents, remove_temporaries, untouched_for,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._folder_syncs = FolderSyncs()  # fsyncs of a folder shared by instances completing together
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The spool path of an instance; every UID is checked first."""
@@ -137,7 +138,9 @@ class Spool:
         """Move the finished file *path* into the spool durably and return where it is.
 
         The file is fsync'd, renamed over the instance's spool path in one step (an older copy is
-        replaced atomically, as by :meth:`store`) and the folder fsync'd.  *path* should be on the
+        replaced atomically, as by :meth:`store`) and the folder fsync'd (one fsync shared by the
+        instances that complete together: :class:`node.store.fsutil.FolderSyncs`); a series or study
+        folder made for it is fsync'd into its parent too.  *path* should be on the
         spool's filesystem (``<spool>/.incoming``); from elsewhere it is copied beside its
         destination first (slower, same guarantees) and then removed.
 
@@ -149,7 +152,7 @@ class Spool:
             The disk refused; the spool is left as it was.
         """
         target = self.path_for(study_uid, series_uid, sop_uid)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        created = self._make_folders(target.parent)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fchmod(fd, _FILE_MODE)  # temporary files are 0600; the spool is for other programs too
@@ -166,8 +169,20 @@ class Spool:
                 shutil.copyfileobj(source, handle, _CHUNK)
             os.unlink(path)
         else:
-            fsync_dir(target.parent)
+            self._folder_syncs.sync(target.parent)
+        for folder in created:  # a new series (and study) folder: its own entry too
+            self._folder_syncs.sync(folder.parent)
         return SpooledInstance(study_uid, series_uid, sop_uid, target, size)
+
+    def _make_folders(self, folder: Path) -> list[Path]:
+        """Create *folder* and its missing parents below the spool; returns those created, innermost first."""
+        missing = []
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        if missing:
+            missing[0].mkdir(parents=True, exist_ok=True)
+        return missing
 
     def holds_file(self, study_uid: str, series_uid: str, sop_uid: str, path: str | os.PathLike) -> bool:
         """Whether the file *path* has exactly the bytes already spooled for this instance (a resend).

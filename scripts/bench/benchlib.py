@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -42,7 +43,8 @@ ECHOSCU = shutil.which("echoscu", path="/usr/bin:/usr/local/bin") or "echoscu"
 
 __all__ = [
     "CACHE", "ROOT", "LOCALHOST", "free_port", "ct_series", "push", "echo", "Background",
-    "machine_info", "print_table", "median", "tempdir", "count_files", "sync_disks",
+    "machine_info", "print_table", "median", "tempdir", "count_files", "sync_disks", "negotiated_pdu",
+    "wait_quiet", "process_group_cpu", "checkout",
 ]
 
 
@@ -141,6 +143,49 @@ def push_started(port: int, paths: Sequence[Path], *, called_aet: str, calling_a
                             env=nodelay_env(), stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def negotiated_pdu(port: int, called_aet: str) -> str:
+    """What a receiver negotiates with dcmtk, from one C-ECHO (no instance stored).
+
+    Returns e.g. ``"accepts 0 (unlimited); storescu sends PDVs of 131060"``: the maximum PDU length
+    the receiver advertises in its A-ASSOCIATE-AC (0 is unlimited), and the largest PDV dcmtk then
+    sends it (storescu and echoscu negotiate alike; dcmtk caps what it sends at 128 KiB).
+    """
+    result = subprocess.run([ECHOSCU, "-d", "-aec", called_aet, "-to", "5", LOCALHOST, str(port)],
+                            capture_output=True, text=True, env=nodelay_env(), timeout=30, stdin=subprocess.DEVNULL)
+    text = result.stdout + result.stderr
+    accepted = re.findall(r"Their Max PDU Receive Size:\s*(\d+)", text)
+    sent = re.search(r"Max Send PDV:\s*(\d+)", text)
+    if result.returncode != 0 or not accepted or not sent:
+        return f"unknown (echoscu exited {result.returncode})"
+    advertised = int(accepted[-1])  # the last one is parsed from the A-ASSOCIATE-AC
+    return f"accepts {advertised}{' (unlimited)' if advertised == 0 else ''}; storescu sends PDVs of {sent.group(1)}"
+
+
+def process_group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of process group *pgid* (from /proc)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(pgid: int, *, timeout: float = 30.0, window: float = 0.5, busy: float = 0.05) -> float:
+    """Wait until process group *pgid* uses less than *busy* of a CPU over *window* s (its worker
+    processes done importing, say); returns the seconds waited (at most *timeout*)."""
+    started = time.monotonic()
+    last = process_group_cpu(pgid)
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        now = process_group_cpu(pgid)
+        if now - last < busy * window:
+            break
+        last = now
+    return time.monotonic() - started
+
+
 def echo(port: int, called_aet: str) -> bool:
     """True when a dcmtk C-ECHO to 127.0.0.1:*port* succeeds."""
     result = subprocess.run([ECHOSCU, "-aec", called_aet, "-to", "5", LOCALHOST, str(port)],
@@ -211,6 +256,18 @@ def count_files(folder: Path, pattern: str = "*") -> int:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def checkout(revision: str) -> Path:
+    """A ``git worktree`` of *revision* in the cache folder (made once), to run an older node beside this one."""
+    path = CACHE / f"checkout-{revision}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), revision], check=True,
+                       capture_output=True)
+    shadow = path / "node" / "process" / "__init__.py"
+    if shadow.exists() and (path / "node" / "process.py").exists() and len(shadow.read_text().splitlines()) <= 1:
+        shadow.unlink()  # revisions between issue 13's empty stage folders and its move: the package hid process.py
+    return path
 
 
 def machine_info() -> str:

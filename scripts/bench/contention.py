@@ -22,7 +22,6 @@ with the node of another revision (a ``git worktree`` in the cache folder), inte
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,15 +88,6 @@ def one_run(a: list[Path], b: list[Path], work: Path, code_root: Path, warmup: f
     return {"idle": idle, "busy": busy, "overlap": overlap, "process": processed - claimed}
 
 
-def checkout(revision: str) -> Path:
-    """A worktree of *revision* in the cache folder (made once)."""
-    path = bl.CACHE / f"checkout-{revision}"
-    if not path.exists():
-        subprocess.run(["git", "-C", str(bl.ROOT), "worktree", "add", "--detach", str(path), revision], check=True,
-                       capture_output=True)
-    return path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -110,7 +100,7 @@ def main() -> int:
     bl.warm_cache(files)
     roots = {"this checkout": bl.ROOT}
     if args.before:
-        roots[f"before ({args.before})"] = checkout(args.before)
+        roots[f"before ({args.before})"] = bl.checkout(args.before)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in roots}
     for rep in range(args.reps):
         for name, root in roots.items():

@@ -40,9 +40,11 @@ class NodeProcess:
 
     def start_without_echo(self, ready: Callable[[], bool], timeout: float = 30, what: str = "get ready") -> NodeProcess:
         """Start and wait until *ready()* (a node without a DICOM listener: a worker)."""
+        # a checkout from before node/__main__.py (benchmarks run older revisions) starts as node.cli
+        module = "node" if (Path(self.code_root) / "node" / "__main__.py").exists() else "node.cli"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "serve", "--config", str(self.config_path), *self.args],
+            [sys.executable, "-m", module, "serve", "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=node_env(code_root=self.code_root), start_new_session=True,
             cwd=self.workdir,
         )
