@@ -87,6 +87,9 @@ def test_a_killed_receiver_is_started_again_and_the_port_keeps_answering(tmp_pat
         assert push_all(port, [sources[i::10] for i in range(10)]) == [0] * 10  # the service's listener answers
         wait_for(lambda: len(_named(node, "receiver-2")) == 2, 30, "receiver-2 started again", node.log)
         assert f"receiver-2 (pid {first}) was killed by SIGKILL" in node.log()
+        # rows are written after Success: what it spooled but had not recorded is recorded before the restart
+        wait_for(lambda: "a receiver process died: 0 spooled instances it had not recorded are recorded now"
+                 in node.log(), 30, "the spool recorded again", node.log)
         wait_for(lambda: node.log().count("receiver-2: listening as DICOMNODE") == 2, 30, "listening again", node.log)
         assert push_all(port, [sources[i::10] for i in range(10)]) == [0] * 10  # the same again: resends
         wait_for(lambda: recorded(tmp_path / "var" / "jobs.sqlite") == (20, 20), 30, "20 recorded once", node.log)

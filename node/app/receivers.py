@@ -32,6 +32,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -216,13 +217,19 @@ class ReceiverPool:
         How they log.
     metrics : Metrics
         Where their counts go.
+    rerecord : callable, optional
+        Called (in the supervisor's thread) when a receiver died: it answered Success for instances
+        it spooled but may not have recorded yet (rows are written after Success), so the service
+        records the spool again (:meth:`node.store.jobstore.JobStore.reconcile`) before the restart.
     """
 
-    def __init__(self, config: Config, *, count: int, log_settings: LogSettings, metrics: Metrics) -> None:
+    def __init__(self, config: Config, *, count: int, log_settings: LogSettings, metrics: Metrics,
+                 rerecord: Callable[[], object] | None = None) -> None:
         self.config = config
         self.count = count
         self.log_settings = log_settings
         self.metrics = metrics
+        self.rerecord = rerecord
         self._context = multiprocessing.get_context("spawn")
         self._receivers: list[_Receiver] = []
         self._stop = threading.Event()
@@ -317,6 +324,12 @@ class ReceiverPool:
             return
         log.error("%s (pid %s) %s; starting it again", receiver.name, receiver.process.pid,
                   _death(receiver.process.exitcode))
+        if self.rerecord is not None:
+            try:
+                self.rerecord()
+            except Exception:  # noqa: BLE001 - the files stay in the spool; the next start records them
+                log.exception("%s died: recording its spooled instances failed (the next start records them)",
+                              receiver.name)
         quick = time.monotonic() - receiver.started < RESTART_DELAY_SECONDS
         receiver.restart_at = time.monotonic() + (RESTART_DELAY_SECONDS if quick else 0.0)
 

@@ -198,7 +198,8 @@ class NodeService:
                          f" with {node.receivers - 1} more receiving process(es)" if shared else "")
                 if shared:
                     self.receivers = ReceiverPool(self.config, count=node.receivers - 1,
-                                                  log_settings=self._log_settings, metrics=self.metrics)
+                                                  log_settings=self._log_settings, metrics=self.metrics,
+                                                  rerecord=self._rerecord_spool)
                     self.receivers.start()
             if tls is not None:
                 with _binding(self.config, "the DICOM TLS listener", "tls.port", node.host, tls.port):
@@ -299,6 +300,12 @@ class NodeService:
             self.metrics.series_failed()
 
     # -- recovery -------------------------------------------------------------------------------
+
+    def _rerecord_spool(self) -> None:
+        """Record spooled instances the store lacks (a receiver process died with rows not yet written)."""
+        recorded = self.jobs.reconcile(self.spool)
+        log.warning("a receiver process died: %d spooled instances it had not recorded are recorded now",
+                    recorded.instances)
 
     def _recover(self) -> None:
         """Half-written files removed, spooled instances the store missed recorded, interrupted work resumed.
