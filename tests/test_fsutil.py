@@ -100,3 +100,11 @@ def test_adopt_fsyncs_the_new_series_and_study_folders_into_their_parents(tmp_pa
         spool.adopt(incoming, "1.2.3", "1.2.3.4", sop)
     study, series = spool.root / "1.2.3", spool.root / "1.2.3" / "1.2.3.4"
     assert [folder for folder, _, _ in fsyncs.calls] == [str(series), str(study), str(spool.root), str(series)]
+
+
+def test_a_folder_that_cannot_be_fsynced_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A failed folder fsync is not swallowed: what was renamed into it may not survive a crash."""
+    fsutil.fsync_dir(tmp_path)  # a real folder: fine
+    missing = tmp_path / "gone"
+    with pytest.raises(OSError, match=f"cannot open folder {missing} to fsync it"):
+        fsutil.fsync_dir(missing)

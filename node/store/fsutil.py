@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ctypes
 import logging
 import os
@@ -123,16 +124,29 @@ class _FolderSync:
                     self._changed.notify_all()
 
 
+#: What a filesystem that cannot fsync a folder answers (the rename is still atomic there).
+_FOLDER_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
-    """fsync a folder so a rename or new file in it survives a crash (no-op where unsupported)."""
+    """fsync a folder so a rename or new file in it survives a crash (no-op where unsupported).
+
+    Raises
+    ------
+    OSError
+        The folder cannot be opened, or its fsync failed (an I/O error): what was renamed into it
+        may not survive a crash, so the caller must not report it as stored.  The message names
+        the folder.
+    """
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open folder {folder} to fsync it: {exc.strerror}") from exc
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
+    except OSError as exc:
+        if exc.errno not in _FOLDER_FSYNC_UNSUPPORTED:
+            raise OSError(exc.errno, f"fsync of folder {folder} failed: {exc.strerror}") from exc
     finally:
         os.close(fd)
 
