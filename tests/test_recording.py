@@ -62,3 +62,19 @@ def test_rows_wait_while_the_store_fails_and_are_recorded_when_it_answers(tmp_pa
         assert back.series(1)["instances"] == 3
     finally:
         back.close()
+
+
+def test_a_row_the_store_refuses_is_set_aside_and_the_rows_after_it_are_recorded(
+        tmp_path: Path, caplog) -> None:
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    pending = PendingRecords(jobs)
+    bad = row("1.2.3.4", "1.1") | {"sop_class_uid": ["not", "bindable"]}  # sqlite3 cannot bind a list
+    for item in (row("1.2.3.4", "1.0"), bad, row("1.2.3.4", "1.2")):
+        pending.submit(item)
+    try:
+        pending.flush()
+        assert len(pending) == 0 and not pending.failing
+        assert jobs.known_paths() == {str(Path("/spool/1.2.3.4/1.0.dcm")), str(Path("/spool/1.2.3.4/1.2.dcm"))}
+        assert "job store refused the record of spooled file /spool/1.2.3.4/1.1.dcm" in caplog.text
+    finally:
+        jobs.close()

@@ -18,6 +18,7 @@ always did: a row is never needed for an instance to be safe.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -96,9 +97,11 @@ class PendingRecords:
                     break
                 try:
                     self.jobs.record_instances(batch)
-                except Exception as exc:  # still away: keep them, try again later
-                    self._failing(exc, len(self))
-                    return written
+                except Exception as exc:  # away (keep them, try again later), or one row the store refuses
+                    if not self._set_aside_refused(batch):
+                        self._failing(exc, len(self))
+                        return written
+                    continue
                 with self._lock:
                     for _ in batch:
                         self._rows.popleft()
@@ -108,6 +111,29 @@ class PendingRecords:
                         time.monotonic() - self._failing_since, written)
             self._failing_since = None
         return written
+
+    def _set_aside_refused(self, batch: list[dict[str, Any]]) -> bool:
+        """After *batch* failed: when the store answers, record its rows one by one and drop those it
+        refuses from the queue, each logged with its spool file (which stays: the next start's
+        :meth:`~node.store.jobstore.JobStore.reconcile` tries it again), so one bad row cannot hold
+        back every instance after it.  Returns whether any row was set aside (False: the store is away).
+        """
+        if not self.jobs.reachable():
+            return False
+        refused = False
+        for row in batch:
+            try:
+                self.jobs.record_instances([row])
+            except Exception as exc:  # noqa: BLE001 - the store refuses this row, or went away
+                if not self.jobs.reachable():
+                    return refused
+                log.error("job store refused the record of spooled file %s: %s (the file stays in the spool; "
+                          "the next start records it again)", row.get("path"), first_line(exc))
+                refused = True
+            with self._lock:  # recorded or refused: not written again
+                with contextlib.suppress(ValueError):
+                    self._rows.remove(row)
+        return True
 
     def run(self, stop: threading.Event) -> None:
         """Write rows as they come until *stop* is set, then what is left (the service's recorder thread)."""
