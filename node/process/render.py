@@ -133,7 +133,7 @@ class FrameRenderer:
         grey = self._grey(values, frame)
         table = self._coloured(grey)
         histograms = self.histograms
-        before = None if histograms is None else self._unclipped(entries, frame, values)
+        before = values if not self.pipeline.clip else rescaled_values(entries, self.image, self.pipeline, frame)
 
         def lookup(block: np.ndarray) -> np.ndarray:
             index = np.subtract(block, low, dtype=np.intp)
@@ -214,15 +214,23 @@ class FrameRenderer:
 
         *statistics* stand in for the frame's own values where the display reads them (a block).
         """
-        values = modality_values(arr, self.image, self.pipeline, frame)
+        unclipped, values = self._modality_values(arr, frame)
         grey = self._grey(values, frame, statistics)
         if self.histograms is not None:
-            self.histograms.add_pixels(self._unclipped(arr, frame, values), grey)
+            self.histograms.add_pixels(unclipped, grey)
         return self._coloured(grey)
 
-    def _unclipped(self, arr: np.ndarray, frame: int, values: np.ndarray) -> np.ndarray:
-        """The modality values of *arr* before clipping (*values*, its clipped ones, when nothing is clipped)."""
-        return values if not self.pipeline.clip else rescaled_values(arr, self.image, self.pipeline, frame)
+    def _modality_values(self, arr: np.ndarray, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """The modality values of a block of pixels before and after the pipeline's clip (the Modality LUT once).
+
+        The table path rescales its few entries twice instead (:meth:`render`): cheaper than a pixel's.
+        """
+        clipping = self.pipeline.clip
+        if not clipping:
+            values = modality_values(arr, self.image, self.pipeline, frame)
+            return values, values
+        unclipped = rescaled_values(arr, self.image, self.pipeline, frame)
+        return unclipped, clip(unclipped, clipping.min, clipping.max)  # as modality_values, without rescaling again
 
     def _grey(self, values: np.ndarray, frame: int, statistics: _FrameStatistics | None = None) -> np.ndarray:
         """Modality values (clipped) to output levels: ``uint8``/``uint16``, or RGB for channels."""
