@@ -5,8 +5,10 @@ storage SOP class in every transfer syntax pydicom knows (like the node), and wr
 instance's ``event.encoded_dataset()`` bytes (preamble, file meta, dataset as received) to
 ``DIR/<SOPInstanceUID>.dcm``: no parsing, no fsync, no database. Stops on SIGTERM/SIGINT.
 
-A fair floor: everything pynetdicom itself does is set up as the node sets it up, so the
-difference is the node's own work (durable spool, header parse, job store):
+A fair floor: stock pynetdicom given every setting the node gives it, so the difference is the
+node's own work - what it adds (durable spool, header parse, job store) and what it replaces (its
+quicker hot path for its own associations, :mod:`node.net.fastpath`, which is why the node can
+come out below 1.0x):
 
 * the same maximum PDU the node's AE advertises (``node.receive.scp.build_application_entity``:
   0, unlimited). pynetdicom's default is 16382, which makes a sender cut a 512x512 CT slice into

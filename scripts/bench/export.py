@@ -85,7 +85,7 @@ def main() -> int:
         "dicom-node export (nifti .nii.gz)": lambda out: [*python, "export", str(folder), "--out", str(out)],
         "dicom-node export --format npz": lambda out: [*python, "export", str(folder), "--out", str(out),
                                                        "--format", "npz"],
-        "dcm2niix -z y (.nii.gz)": lambda out: [DCM2NIIX, "-z", "y", "-o", str(out), str(folder)],
+        "dcm2niix -z y (.nii.gz)": lambda out: [DCM2NIIX, "-1", "-z", "y", "-o", str(out), str(folder)],
         "dcm2niix -z n (.nii)": lambda out: [DCM2NIIX, "-z", "n", "-o", str(out), str(folder)],
     }
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
@@ -120,7 +120,7 @@ def main() -> int:
             rows = []
             for name, command in (
                 ("dicom-node export (nifti)", [*python, "export", str(big[0].parent), "--out", str(work / "big")]),
-                ("dcm2niix -z y", [DCM2NIIX, "-z", "y", "-o", str(work / "big-d2n"), str(big[0].parent)]),
+                ("dcm2niix -z y", [DCM2NIIX, "-1", "-z", "y", "-o", str(work / "big-d2n"), str(big[0].parent)]),
             ):
                 (work / "big-d2n").mkdir(exist_ok=True)
                 seconds, rss = timed(command)

@@ -120,7 +120,8 @@ def run_bare(groups: list[list[Path]], work: Path) -> tuple[float, str]:
     port = bl.free_port()
     out = work / "bare"
     with bl.Background([sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), str(out), "BARE"],
-                       port=port, aet="BARE", log_path=work / "bare.log"):
+                       port=port, aet="BARE", log_path=work / "bare.log") as bare:
+        bl.wait_quiet(bare.proc.pid)  # the same warm-up as the node's
         bl.sync_disks()
         seconds = parallel_push(port, groups, "BARE")
         stored = bl.count_files(out, "*.dcm")
