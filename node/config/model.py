@@ -11,7 +11,8 @@ the routing builds routes in its inner loop. They pickle (worker processes get t
 
 Defaults: the values of ``[node]``, ``[http]`` and ``[delivery]`` come from the embedded default
 configuration, ``node/config/default.toml`` (read once, here), and nowhere else;
-``node.workers`` defaults to the number of CPUs, at most 4. Keys of the items of
+``node.workers`` defaults to the number of CPUs, at most 4, and the optional keys whose absence
+means "not set" (``node.shared_dir``, ``http.auth``, ``http.cert_file``, ``http.key_file``) to None. Keys of the items of
 ``[[destinations]]``, ``[[sources]]``, ``[[routes]]`` and of ``[tls]``, ``[store]`` and ``auth``
 default to the values written in their class.
 
