@@ -177,6 +177,11 @@ def export_series(task: SeriesTask, out: Path, pipeline: Pipeline, limits: Decod
     outcome.failures.extend(str(f) for f in failures if not isinstance(f, NotDicom))
     retry = False
     for series in group_series(images):  # one, unless headers changed since the scan
+        if series.series_uid != task.series_uid:  # its own folder is another task's: never written over this one
+            outcome.failures.append(f"{len(series.images)} files of series {task.series_uid} now name series "
+                                    f"{series.series_uid} (changed since the scan): not exported, run again")
+            retry = True
+            continue
         result = write_series_volumes(series, pipeline, folder)
         outcome.failures.extend(str(f) for f in result.failures)
         outcome.rows.extend(dict(volume.index_row(out), pipeline=pipeline.describe()) for volume in result.volumes)
