@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
+from node import SOFTWARE
 from node.store.fsutil import atomic_output
 
 __all__ = ["traceability_text", "write_png"]
@@ -30,13 +30,6 @@ _KEYWORD = re.compile(r"^(?! )(?!.*  )(?!.* $)[\x20-\x7e\xa1-\xff]{1,79}$")
 
 # The source UIDs written, under the keyword "Source" + the DICOM keyword.
 _SOURCE_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-def _software() -> str:
-    try:
-        return f"dicom-node {metadata.version('dicom-node')}"
-    except metadata.PackageNotFoundError:  # running from a checkout
-        return "dicom-node"
 
 
 def traceability_text(
@@ -63,7 +56,7 @@ def traceability_text(
         ``SourceFrameNumber`` (multi-frame only), ``Pipeline`` and ``DerivationDescription``.
         Never the patient's name, ID or any other patient attribute.
     """
-    text = {"Software": _software()}
+    text = {"Software": SOFTWARE}
     for keyword in _SOURCE_UID_KEYWORDS:
         uid = str(source.get(keyword) or "")
         if len(uid) <= 64 and RE_VALID_UID.match(uid):

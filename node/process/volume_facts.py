@@ -7,11 +7,11 @@ names of a site's export often carry the patient's name).
 from __future__ import annotations
 
 import dataclasses
-from importlib import metadata
 from typing import Any
 
 import nibabel as nib
 
+from node import SOFTWARE
 from node.config.pipeline import Pipeline
 from node.process.volume import PLACEMENT_MM, SPLIT_MM, Placement, VolumePlan
 from node.process.voxels import Voxels
@@ -24,13 +24,6 @@ def orientation_code(placement: Placement) -> str:
     if not placement.placed:
         return "-"
     return "".join(str(code) for code in nib.aff2axcodes(placement.affine))
-
-
-def _software() -> str:
-    try:
-        return f"dicom-node {metadata.version('dicom-node')}"
-    except metadata.PackageNotFoundError:  # running from a checkout
-        return "dicom-node"
 
 
 def _pipeline_facts(pipeline: Pipeline) -> dict[str, Any]:
@@ -93,7 +86,7 @@ def sidecar_facts(plan: VolumePlan, voxels: Voxels, pipeline: Pipeline) -> dict[
              "ImagePositionPatient": _number_list(s.position)}
             for k, s in enumerate(plan.slices)
         ],
-        "software": _software(),
+        "software": SOFTWARE,
     }
     if pipeline.keep_patient:
         facts["PatientName"] = str(header.get("PatientName") or "")

@@ -7,14 +7,13 @@ itself; :func:`check_source` what needs the source too), then build, one IOD mod
 from __future__ import annotations
 
 import datetime
-from importlib import metadata
 
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node import MANUFACTURER
+from node import MANUFACTURER, __version__
 from node.outputs.sc.attributes import (
     copy_anatomy,
     copy_lossy_compression,
@@ -125,7 +124,7 @@ def secondary_capture_header(
     """
     check_header_arguments(source, image, series, content_datetime)
     when = _local_datetime(source, content_datetime)
-    version = _software_version()
+    version = __version__
     ds = Dataset()
     copy_sop_common(source, ds)
     ds.SOPClassUID = image.sop_class_uid
@@ -337,13 +336,6 @@ def _tm(value: datetime.datetime) -> str:
     if value.microsecond:
         text += f".{value.microsecond:06d}"
     return text
-
-
-def _software_version() -> str:
-    try:
-        return metadata.version("dicom-node")
-    except metadata.PackageNotFoundError:  # running from a checkout
-        return "unknown"
 
 
 def _implementation_version_name(version: str) -> str:
