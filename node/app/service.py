@@ -268,7 +268,10 @@ class NodeService:
         self._threads.append(thread)
 
     def _alive(self) -> bool:
-        """For /healthz: every thread, the worker supervisor and the delivery lanes run."""
+        """For /healthz: every thread, the worker supervisor and the delivery lanes run (while starting:
+        not stopped; the parts start one after the other, and readiness is /readyz's to say)."""
+        if not self._ready.is_set():
+            return not self._stop.is_set()
         return (not self._stop.is_set() and all(t.is_alive() for t in self._threads)
                 and (self.receivers is None or self.receivers.alive())
                 and (not self.works or (self.workers.alive() and self.deliveries.alive())))
